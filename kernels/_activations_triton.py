@@ -1,0 +1,149 @@
+"""Triton gated activations act(gate) * up, forward and backward, act in silu / gelu / gelu_tanh.
+
+Elementwise over [rows, cols] with any row stride (a chunk of a fused gate_up projection is
+read in place). Backward saves only gate and up and recomputes the activation. The forward
+rounds act(gate) to the gate dtype before the product, as the reference ``act(g) * u`` does,
+so half-precision outputs match it bit for bit in the common case.
+
+    silu'(g)      = s * (1 + g * (1 - s)),  s = sigmoid(g)
+    gelu'(g)      = Phi(g) + g * phi(g)
+    gelu_tanh'(g) = 0.5 * (1 + t) + 0.5 * g * (1 - t^2) * c * (1 + 3 * 0.044715 * g^2),
+                    t = tanh(c * (g + 0.044715 * g^3)),  c = sqrt(2 / pi)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import geglu_reference, swiglu_reference
+
+_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+_BLOCK_MAX = 2048
+
+
+@triton.jit
+def _act_and_grad(g, KIND: tl.constexpr):
+    if KIND == 0:
+        s = tl.sigmoid(g)
+        act = g * s
+        dact = s * (1.0 + g * (1.0 - s))
+    elif KIND == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        act = g * cdf
+        dact = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh, in core ops only
+        act = 0.5 * g * (1.0 + t)
+        dact = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 0.134145 * g * g)
+    return act, dact
+
+
+@triton.jit
+def _gated_fwd_kernel(g_ptr, u_ptr, o_ptr, n_cols, sg, su, so, KIND: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g_raw = tl.load(g_ptr + row * sg + cols, mask=mask, other=0.0)
+    g = g_raw.to(tl.float32)
+    u = tl.load(u_ptr + row * su + cols, mask=mask, other=0.0).to(tl.float32)
+    act, _ = _act_and_grad(g, KIND)
+    act = act.to(g_raw.dtype).to(tl.float32)
+    tl.store(o_ptr + row * so + cols, (act * u).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_bwd_kernel(do_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_cols, sdo, sg, su, sdg, sdu,
+                      KIND: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g_raw = tl.load(g_ptr + row * sg + cols, mask=mask, other=0.0)
+    g = g_raw.to(tl.float32)
+    u = tl.load(u_ptr + row * su + cols, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + row * sdo + cols, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _act_and_grad(g, KIND)
+    act = act.to(g_raw.dtype).to(tl.float32)
+    tl.store(du_ptr + row * sdu + cols, (do * act).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + row * sdg + cols, (do * u * dact).to(dg_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _grid_and_block(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
+    block = min(triton.next_power_of_2(n_cols), _BLOCK_MAX)
+    num_warps = 4 if block <= 1024 else 8
+    return (n_rows, triton.cdiv(n_cols, block)), block, num_warps
+
+
+@torch.library.custom_op("sloth_plugins::gated_act_fwd", mutates_args=())
+def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+    g2, u2 = _as_rows(gate), _as_rows(up)
+    out = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    if out.numel() > 0:
+        grid, block, num_warps = _grid_and_block(*g2.shape)
+        _gated_fwd_kernel[grid](g2, u2, out, g2.shape[1], g2.stride(0), u2.stride(0), out.stride(0),
+                                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+    return out.view(gate.shape)
+
+
+@_gated_fwd.register_fake
+def _(gate, up, kind):
+    return torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype),
+                       device=gate.device)
+
+
+@torch.library.custom_op("sloth_plugins::gated_act_bwd", mutates_args=())
+def _gated_bwd(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+               kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    do2, g2, u2 = _as_rows(d_out), _as_rows(gate), _as_rows(up)
+    d_gate = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty(u2.shape, dtype=up.dtype, device=up.device)
+    if d_gate.numel() > 0:
+        grid, block, num_warps = _grid_and_block(*g2.shape)
+        _gated_bwd_kernel[grid](do2, g2, u2, d_gate, d_up, g2.shape[1], do2.stride(0), g2.stride(0),
+                                u2.stride(0), d_gate.stride(0), d_up.stride(0),
+                                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+    return d_gate.view(gate.shape), d_up.view(up.shape)
+
+
+@_gated_bwd.register_fake
+def _(d_out, gate, up, kind):
+    return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+            torch.empty(up.shape, dtype=up.dtype, device=up.device))
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, kind = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.kind = kind
+
+
+def _backward(ctx, d_out):
+    gate, up = ctx.saved_tensors
+    d_gate, d_up = _gated_bwd(d_out, gate, up, ctx.kind)
+    return (d_gate if ctx.needs_input_grad[0] else None), (
+        d_up if ctx.needs_input_grad[1] else None), None
+
+
+_gated_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.shape != up.shape or gate.dim() == 0:
+        return swiglu_reference(gate, up)
+    return _gated_fwd(gate, up, "silu")
+
+
+def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"geglu approximate must be 'none' or 'tanh', got {approximate!r}")
+    if gate.shape != up.shape or gate.dim() == 0:
+        return geglu_reference(gate, up, approximate)
+    return _gated_fwd(gate, up, "gelu" if approximate == "none" else "gelu_tanh")

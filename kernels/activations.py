@@ -1,0 +1,42 @@
+"""Gated MLP activations: SwiGLU silu(g) * u and GeGLU gelu(g) * u (erf or tanh)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate, up):
+        from ._activations_triton import swiglu_triton
+        return swiglu_triton(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"geglu approximate must be 'none' or 'tanh', got {approximate!r}")
+    if use_triton(gate, up):
+        from ._activations_triton import geglu_triton
+        return geglu_triton(gate, up, approximate)
+    return geglu_reference(gate, up, approximate)
+
+
+def gated_activation(kind: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """kind is one of 'swiglu', 'geglu', 'geglu_tanh' (the names the architecture table uses)."""
+    if kind == "swiglu":
+        return swiglu(gate, up)
+    if kind == "geglu":
+        return geglu(gate, up, "none")
+    if kind == "geglu_tanh":
+        return geglu(gate, up, "tanh")
+    raise ValueError(f"unknown gated activation {kind!r}; expected swiglu, geglu or geglu_tanh")

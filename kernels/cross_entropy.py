@@ -1,0 +1,149 @@
+"""Cross-entropy of a linear head without materialising the [tokens x vocab] logits.
+
+``fused_linear_cross_entropy(hidden, weight, labels)`` takes hidden states already aligned
+with their targets (``hidden[i]`` predicts ``labels[i]``). Ignored tokens are dropped before
+any matmul. Tokens are processed in chunks; for each chunk the logits are formed, the loss
+summed in fp32, and the gradients of the hidden states (and of the weight, when it requires
+grad) computed right away, so backward is a multiply by the incoming scalar.
+
+Reduction follows Hugging Face's causal-LM contract: ``sum / num_items_in_batch`` when given
+(gradient accumulation), else the mean over non-ignored tokens; all-ignored gives 0.
+Logit soft-capping (Gemma 2/3) is ``cap * tanh(logits / cap)`` before the softmax.
+
+``chunked_cross_entropy`` is the generic variant for a head that is not a plain weight (a
+LoRA-wrapped or quantised lm_head): each chunk is recomputed in backward instead.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ._dispatch import use_triton
+
+Divisor = Union[float, int, torch.Tensor, None]
+
+_MIN_CHUNK = 64
+
+
+def auto_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
+    """Tokens per chunk so that one chunk of fp32 logits stays small next to free memory."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = min(256 * 2**20, free // 16)
+    else:
+        budget = 64 * 2**20
+    chunk = max(_MIN_CHUNK, budget // (vocab * 4))
+    chunk = (chunk // _MIN_CHUNK) * _MIN_CHUNK
+    return int(max(1, min(chunk, n_tokens)))
+
+
+def _select_valid(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    labels = labels.reshape(-1)
+    hidden = hidden.reshape(labels.shape[0], -1)
+    idx = (labels != ignore_index).nonzero().squeeze(1)
+    return hidden.index_select(0, idx), labels.index_select(0, idx)
+
+
+def _softcap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    # Keeps the autograd graph connected so backward runs and yields zero gradients.
+    return sum((t.sum() * 0.0).float() for t in tensors)
+
+
+class _FusedLinearCrossEntropyTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, softcap, chunk_size):
+        n = hidden.shape[0]
+        grad_h = torch.empty_like(hidden)
+        want_dw = weight.requires_grad
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            h = hidden[start:start + chunk_size]
+            y = labels[start:start + chunk_size]
+            raw = (h @ weight.t()).float()
+            logits = _softcap(raw, softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            loss_sum += (lse - target).sum()
+            g = torch.exp(logits - lse[:, None])
+            g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+            if softcap is not None:
+                g *= 1.0 - (logits / softcap) ** 2
+            g = (g / divisor).to(hidden.dtype)
+            torch.matmul(g, weight, out=grad_h[start:start + chunk_size])
+            if want_dw:
+                grad_w.addmm_(g.t().float(), h.float())
+        ctx.save_for_backward(grad_h, grad_w if want_dw else None)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / divisor
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype)
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def _divisor(num_items_in_batch: Divisor, n_valid: int, device) -> Union[float, torch.Tensor]:
+    if num_items_in_batch is None:
+        return float(max(n_valid, 1))
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.to(device=device, dtype=torch.float32)
+    return float(num_items_in_batch)
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100, softcap=None,
+                                         num_items_in_batch: Divisor = None, chunk_size=None):
+    h, y = _select_valid(hidden, labels, ignore_index)
+    if h.shape[0] == 0:
+        return _zero_loss(hidden, weight)
+    divisor = _divisor(num_items_in_batch, h.shape[0], h.device)
+    chunk = chunk_size or auto_chunk_size(h.shape[0], weight.shape[0], h.device)
+    return _FusedLinearCrossEntropyTorch.apply(h, weight, y, divisor, softcap, chunk)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                               ignore_index: int = -100, softcap: Optional[float] = None,
+                               num_items_in_batch: Divisor = None,
+                               chunk_size: Optional[int] = None) -> torch.Tensor:
+    if use_triton(hidden, weight):
+        from ._cross_entropy_triton import fused_linear_cross_entropy_triton
+        return fused_linear_cross_entropy_triton(hidden, weight, labels, ignore_index=ignore_index,
+                                                 softcap=softcap, num_items_in_batch=num_items_in_batch,
+                                                 chunk_size=chunk_size)
+    return fused_linear_cross_entropy_reference(hidden, weight, labels, ignore_index=ignore_index,
+                                                softcap=softcap, num_items_in_batch=num_items_in_batch,
+                                                chunk_size=chunk_size)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                          labels: torch.Tensor, vocab_size: int, *, ignore_index: int = -100,
+                          softcap: Optional[float] = None, num_items_in_batch: Divisor = None,
+                          chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Same contract, for any callable head; each chunk's logits are recomputed in backward."""
+    h, y = _select_valid(hidden, labels, ignore_index)
+    if h.shape[0] == 0:
+        return _zero_loss(hidden)
+    divisor = _divisor(num_items_in_batch, h.shape[0], h.device)
+    chunk = chunk_size or auto_chunk_size(h.shape[0], vocab_size, h.device)
+
+    def chunk_loss(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        logits = _softcap(head(hc).float(), softcap)
+        return F.cross_entropy(logits, yc, reduction="sum")
+
+    total = None
+    for start in range(0, h.shape[0], chunk):
+        hc, yc = h[start:start + chunk], y[start:start + chunk]
+        part = checkpoint(chunk_loss, hc, yc, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(hc, yc)
+        total = part if total is None else total + part
+    return total / divisor

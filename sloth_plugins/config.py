@@ -1,0 +1,105 @@
+"""SlothConfig: the one typed configuration every adapter maps its own settings onto."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+KERNEL_NAMES = ("rms_norm", "rope", "mlp", "lora_mlp", "lora_qkv", "lora_o")
+LOSS_MODES = ("chunked", "off")
+CHECKPOINTING_MODES = ("auto", "offload", "recompute", "off")
+
+
+class SlothConfigError(ValueError):
+    """A configuration value or key that sloth_plugins does not accept."""
+
+
+class SlothUnsupported(RuntimeError):
+    """A piece of the model cannot be patched (raised instead of falling back under ``strict=True``)."""
+
+
+@dataclass(frozen=True)
+class SlothConfig:
+    """What to patch and how.
+
+    kernels: True (all), False (none) or an iterable of names from KERNEL_NAMES.
+    loss: "chunked" computes the causal-LM loss from the final hidden states in token chunks,
+        never materialising the [tokens x vocab] logits; "off" leaves the model's loss alone.
+    loss_chunk_size: tokens per chunk; None sizes chunks from free memory.
+    return_logits: also return full logits in training (costs the memory the loss saves).
+    gradient_checkpointing: "auto" | "offload" | "recompute" | "off" (see README).
+    memory_budget_gb: device memory the "auto" plan may fill; None means 90% of the device.
+    strict: raise instead of falling back when something cannot be patched.
+    """
+
+    kernels: Any = True
+    loss: str = "chunked"
+    loss_chunk_size: Optional[int] = None
+    return_logits: bool = False
+    gradient_checkpointing: str = "auto"
+    memory_budget_gb: Optional[float] = None
+    strict: bool = False
+    enabled_kernels: Tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __init__(self, **options: Any) -> None:
+        valid = [f.name for f in dataclasses.fields(self) if f.init]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise SlothConfigError(
+                f"unknown SlothConfig key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"valid keys: {', '.join(valid)}")
+        for f in dataclasses.fields(self):
+            if f.init:
+                object.__setattr__(self, f.name, options.get(f.name, f.default))
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]] = None) -> "SlothConfig":
+        return cls(**dict(options or {}))
+
+    def replace(self, **changes: Any) -> "SlothConfig":
+        return SlothConfig(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def kernel_enabled(self, name: str) -> bool:
+        return name in self.enabled_kernels
+
+    def _validate(self) -> None:
+        object.__setattr__(self, "enabled_kernels", _parse_kernels(self.kernels))
+        _choice("loss", self.loss, LOSS_MODES)
+        _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING_MODES)
+        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int)
+                                                 or isinstance(self.loss_chunk_size, bool)
+                                                 or self.loss_chunk_size <= 0):
+            raise SlothConfigError(f"loss_chunk_size must be a positive int or None, got {self.loss_chunk_size!r}")
+        if self.memory_budget_gb is not None and (isinstance(self.memory_budget_gb, bool)
+                                                  or not isinstance(self.memory_budget_gb, (int, float))
+                                                  or self.memory_budget_gb <= 0):
+            raise SlothConfigError(f"memory_budget_gb must be a positive number or None, got {self.memory_budget_gb!r}")
+        for name in ("strict", "return_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise SlothConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+def _choice(key: str, value: Any, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SlothConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _parse_kernels(value: Any) -> Tuple[str, ...]:
+    if value is True:
+        return KERNEL_NAMES
+    if value is False or value is None:
+        return ()
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise SlothConfigError(f"kernels must be true, false or a list of {', '.join(KERNEL_NAMES)}; got {value!r}")
+    bad = [n for n in names if n not in KERNEL_NAMES]
+    if bad:
+        raise SlothConfigError(f"unknown kernel name(s) {', '.join(map(repr, bad))}; valid: {', '.join(KERNEL_NAMES)}")
+    return names

@@ -1,0 +1,56 @@
+"""The extension API: every hook sloth_plugins calls, and what it expects back.
+
+Plugins implement these with ``@sloth_plugins.hookimpl`` and register through the
+``sloth_plugins`` entry-point group (or ``get_plugin_manager().register(obj)``). The three
+built-in plugins (kernels, loss, gradient checkpointing) are ordinary implementations.
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "sloth"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def sloth_architectures():
+    """Return an iterable of ``Architecture`` entries this plugin knows about.
+
+    Later registrations win for the same ``model_type``, so a plugin can refine a built-in.
+    """
+
+
+@hookspec
+def sloth_patch_model(model, config, report, arch, patcher):
+    """Patch the modules this plugin owns.
+
+    model: the transformers CausalLM (PEFT wrappers already peeled off).
+    config: the SlothConfig. report: the PatchReport to record into (``report.patched`` /
+    ``report.fallback`` with a one-line reason). arch: the ``Architecture`` entry or None for
+    an unknown family (only generic patches apply then). patcher: the ``InstancePatcher`` to
+    make every change through, so ``unpatch`` can undo it exactly.
+    Raise ``SlothUnsupported`` for a fall back that ``config.strict`` must turn into an error.
+    """
+
+
+@hookspec
+def sloth_unpatch_model(model):
+    """Release any state the plugin keeps outside the InstancePatcher (buffers, streams)."""
+
+
+@hookspec(firstresult=True)
+def sloth_causal_lm_loss(hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
+    """Return the scalar causal-LM loss without materialising full logits, or None to pass.
+
+    hidden_states: [tokens, hidden] already aligned with ``labels`` [tokens] (shifted; -100
+    ignored). Reduction: sum / num_items_in_batch when given, else mean over valid tokens.
+    """
+
+
+@hookspec(firstresult=True)
+def sloth_checkpoint_plan(model, config, layers, budget_bytes):
+    """Return a list with one of "keep" | "recompute" | "offload" per decoder layer, or None.
+
+    budget_bytes is the device memory the plan may fill (None when unknown, e.g. on CPU).
+    """

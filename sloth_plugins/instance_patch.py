@@ -1,0 +1,51 @@
+"""Reversible, per-instance patching.
+
+Every change sloth_plugins makes to a model goes through an ``InstancePatcher``: it sets an
+attribute on one object (usually ``forward`` on one module) and remembers what was there, so
+``restore()`` puts back exactly the previous state, in reverse order. Classes and modules
+are never modified.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Callable, List, Tuple
+
+_MISSING = object()
+
+
+class InstancePatcher:
+    def __init__(self) -> None:
+        self._records: List[Tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        previous = obj.__dict__.get(name, _MISSING)
+        self._records.append((obj, name, previous))
+        setattr(obj, name, value)
+
+    def bind(self, obj: Any, name: str, fn: Callable, wraps: Callable = None) -> None:
+        """Bind ``fn(self, ...)`` as an instance method ``obj.name``.
+
+        ``wraps`` (the method being replaced) keeps its signature visible to ``inspect``:
+        Trainer and PEFT read forward signatures to decide which batch columns to pass.
+        """
+        if wraps is not None:
+            # wrap the underlying function (with self), so binding drops exactly one parameter
+            fn = functools.wraps(getattr(wraps, "__func__", wraps))(fn)
+        self.set(obj, name, types.MethodType(fn, obj))
+
+    def restore(self) -> None:
+        while self._records:
+            obj, name, previous = self._records.pop()
+            if previous is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, previous)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+def has_instance_override(obj: Any, name: str = "forward") -> bool:
+    """True when someone else already replaced ``name`` on this instance (e.g. accelerate hooks)."""
+    return name in getattr(obj, "__dict__", {})

@@ -1,0 +1,146 @@
+"""The plugin manager and the two public verbs, ``patch`` and ``unpatch``."""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pluggy
+import torch
+
+from . import hookspecs
+from .architectures import BUILTIN_ARCHITECTURES, ArchitectureTable
+from .config import SlothConfig, SlothUnsupported
+from .instance_patch import InstancePatcher
+from .report import PatchReport
+
+logger = logging.getLogger("sloth_plugins")
+
+ENTRY_POINT_GROUP = "sloth_plugins"
+_STATE_ATTR = "_sloth_state"
+_manager: Optional[pluggy.PluginManager] = None
+
+
+class _BuiltinArchitectures:
+    @hookspecs.hookimpl
+    def sloth_architectures(self):
+        return BUILTIN_ARCHITECTURES
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The one PluginManager: built-in plugins plus the ``sloth_plugins`` entry-point group."""
+    global _manager
+    if _manager is None:
+        from .plugins import builtin_plugins
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        pm.register(_BuiltinArchitectures(), name="sloth.architectures")
+        for name, plugin in builtin_plugins():
+            pm.register(plugin, name=name)
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _manager = pm
+    return _manager
+
+
+def architecture_table(pm: Optional[pluggy.PluginManager] = None) -> ArchitectureTable:
+    pm = pm or get_plugin_manager()
+    table = ArchitectureTable()
+    # pluggy calls the most recently registered plugin first; apply oldest first so later ones win
+    for entries in reversed(pm.hook.sloth_architectures()):
+        for arch in entries or ():
+            table.add(arch)
+    return table
+
+
+@dataclass
+class SlothState:
+    config: SlothConfig
+    report: PatchReport
+    patcher: InstancePatcher
+
+
+def resolve_causal_lm(model: Any) -> torch.nn.Module:
+    """Peel PEFT / DDP wrappers off to the transformers CausalLM, or raise a clear TypeError."""
+    inner = model
+    for _ in range(8):
+        if hasattr(inner, "get_base_model") and callable(inner.get_base_model) and inner is not inner.get_base_model():
+            inner = inner.get_base_model()          # peft.PeftModel
+        elif isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+            inner = inner.module
+        else:
+            break
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as exc:  # pragma: no cover - transformers is an optional extra
+        raise ImportError("sloth_plugins.patch needs transformers: pip install 'sloth_plugins[hf]'") from exc
+    if not isinstance(inner, PreTrainedModel):
+        raise TypeError(f"sloth_plugins.patch expects a transformers causal LM (e.g. LlamaForCausalLM) or a PEFT "
+                        f"model wrapping one; got {type(model).__name__}")
+    if inner.get_output_embeddings() is None:
+        raise TypeError(f"{type(inner).__name__} has no language-model head (get_output_embeddings() is None): "
+                        f"sloth_plugins patches causal LMs; load the model with AutoModelForCausalLM")
+    return inner
+
+
+def get_state(model: Any) -> Optional[SlothState]:
+    try:
+        inner = resolve_causal_lm(model)
+    except TypeError:
+        return None
+    return inner.__dict__.get(_STATE_ATTR)
+
+
+def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> PatchReport:
+    """Patch ``model`` in place and return the PatchReport. Idempotent.
+
+    Patching again with the same config re-asserts the same patches; with another config the
+    old patches are undone first.
+    """
+    if config is None:
+        config = SlothConfig(**options)
+    elif options:
+        config = config.replace(**options)
+    lm = resolve_causal_lm(model)
+    if lm.__dict__.get(_STATE_ATTR) is not None:
+        unpatch(lm)
+
+    from .kernels import triton_status
+    pm = get_plugin_manager()
+    model_type = getattr(lm.config, "model_type", "unknown")
+    arch = architecture_table(pm).lookup(model_type)
+    device = next(lm.parameters()).device
+    report = PatchReport(model_type=model_type, architecture=arch.name if arch else None, device=str(device),
+                         triton=triton_status())
+    if arch is None:
+        message = (f"model_type {model_type!r} has no architecture entry (known: "
+                   f"{', '.join(architecture_table(pm).model_types())}); only the generic loss and "
+                   f"checkpointing patches apply")
+        if config.strict:
+            raise SlothUnsupported(message + " (strict=True)")
+        warnings.warn(message, stacklevel=2)
+        report.note(message)
+
+    patcher = InstancePatcher()
+    try:
+        pm.hook.sloth_patch_model(model=lm, config=config, report=report, arch=arch, patcher=patcher)
+    except BaseException:
+        patcher.restore()
+        raise
+    if config.strict and report.fallbacks():
+        patcher.restore()
+        raise SlothUnsupported("strict=True and some modules fell back:\n" + str(report))
+    lm.__dict__[_STATE_ATTR] = SlothState(config=config, report=report, patcher=patcher)
+    logger.info("%s", report)
+    return report
+
+
+def unpatch(model: Any) -> bool:
+    """Undo every patch on ``model`` exactly. Returns False when it was not patched."""
+    lm = resolve_causal_lm(model)
+    state: Optional[SlothState] = lm.__dict__.pop(_STATE_ATTR, None)
+    if state is None:
+        return False
+    state.patcher.restore()
+    get_plugin_manager().hook.sloth_unpatch_model(model=lm)
+    return True

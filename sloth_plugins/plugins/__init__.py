@@ -1,0 +1,10 @@
+"""Built-in plugins: the three levers (kernels, loss, gradient checkpointing)."""
+from __future__ import annotations
+
+
+def builtin_plugins():
+    from .checkpointing import CheckpointingPlugin
+    from .kernel_patching import KernelPlugin
+    from .loss import LossPlugin
+    return [("sloth.kernels", KernelPlugin()), ("sloth.loss", LossPlugin()),
+            ("sloth.checkpointing", CheckpointingPlugin())]

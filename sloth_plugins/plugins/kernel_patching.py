@@ -1,0 +1,148 @@
+"""Built-in plugin: swap RMSNorm, rotary application and the gated MLP for our kernels.
+
+Each module keeps its parameters; only its ``forward`` (bound to that instance) changes, and
+the new forward calls into ``sloth_plugins.kernels``, which picks Triton on CUDA and the
+torch reference elsewhere.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Optional
+
+import torch
+
+from ..architectures import Architecture
+from ..hookspecs import hookimpl
+from ..instance_patch import InstancePatcher, has_instance_override
+from ..kernels import apply_rope, gated_activation, rms_norm
+from ..report import PatchReport
+from ._modules import decoder_layers, get_path, rebind_global
+
+_ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
+
+
+class KernelPlugin:
+    @hookimpl
+    def sloth_patch_model(self, model, config, report: PatchReport, arch: Optional[Architecture],
+                          patcher: InstancePatcher):
+        if arch is None or not config.enabled_kernels:
+            return
+        for layer_path, layer in decoder_layers(model, arch.layers):
+            if config.kernel_enabled("rms_norm"):
+                for name in arch.norms:
+                    _patch_norm(get_path(layer, name), f"{layer_path}.{name}", arch, report, patcher)
+            attn = get_path(layer, arch.attention)
+            if config.kernel_enabled("rms_norm"):
+                for name in arch.qk_norm:
+                    _patch_norm(get_path(attn, name), f"{layer_path}.{arch.attention}.{name}", arch, report, patcher)
+            if config.kernel_enabled("rope") and attn is not None:
+                _patch_rope(attn, f"{layer_path}.{arch.attention}", report, patcher)
+            mlp = get_path(layer, arch.mlp)
+            if mlp is not None:
+                _patch_mlp(mlp, f"{layer_path}.{arch.mlp}", model.config, arch, config, report, patcher)
+        if config.kernel_enabled("rms_norm"):
+            _patch_norm(get_path(model, arch.final_norm), arch.final_norm, arch, report, patcher)
+
+
+def _norm_eps(module) -> Optional[float]:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def _patch_norm(module, path: str, arch: Architecture, report: PatchReport, patcher: InstancePatcher) -> None:
+    if module is None:
+        return
+    weight = getattr(module, "weight", None)
+    eps = _norm_eps(module)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or eps is None:
+        report.fallback("rms_norm", f"{type(module).__name__} has no 1-D weight and float eps", path)
+        return
+    if getattr(module, "with_scale", True) is False:
+        report.fallback("rms_norm", "norm without scale", path)
+        return
+    if has_instance_override(module):
+        report.fallback("rms_norm", "forward already replaced on this instance by another library", path)
+        return
+    offset, cast_first = arch.norm_offset, arch.norm_cast_before_weight
+
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, eps, offset, cast_first)
+
+    patcher.bind(module, "forward", forward, wraps=module.forward)
+    report.patched("rms_norm", path, f"rms_norm(offset={offset:g})")
+
+
+def _sloth_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    return apply_rope(q, k, cos, sin, unsqueeze_dim)
+
+
+def _patch_rope(attn, path: str, report: PatchReport, patcher: InstancePatcher) -> None:
+    cls_forward = type(attn).forward
+    modeling = sys.modules.get(type(attn).__module__)
+    original = getattr(modeling, "apply_rotary_pos_emb", None)
+    if original is None:
+        report.fallback("rope", f"{type(attn).__module__} has no apply_rotary_pos_emb", path)
+        return
+    params = list(inspect.signature(original).parameters)
+    if params != _ROPE_PARAMS:
+        report.fallback("rope", f"apply_rotary_pos_emb{tuple(params)} is not the rotate-half signature we know", path)
+        return
+    if has_instance_override(attn):
+        report.fallback("rope", "attention forward already replaced on this instance by another library", path)
+        return
+    rebuilt = _rebuilt_attention_forward(cls_forward, original)
+    if rebuilt is None:
+        report.fallback("rope", "attention forward does not call apply_rotary_pos_emb where we can reach it", path)
+        return
+    patcher.set(attn, "forward", rebuilt.__get__(attn))
+    report.patched("rope", path, "apply_rope(q, k)")
+
+
+_REBUILT = {}
+
+
+def _rebuilt_attention_forward(cls_forward, original):
+    key = (cls_forward, original)
+    if key not in _REBUILT:
+        _REBUILT[key] = rebind_global(cls_forward, "apply_rotary_pos_emb", original, _sloth_apply_rotary_pos_emb)
+    return _REBUILT[key]
+
+
+def _patch_mlp(mlp, path: str, model_config, arch: Architecture, config, report: PatchReport,
+               patcher: InstancePatcher) -> None:
+    if not config.kernel_enabled("mlp"):
+        return
+    kind = arch.activation(model_config)
+    if kind is None:
+        act = getattr(model_config, arch.activation_attr, None)
+        report.fallback("mlp", f"activation {act!r} has no fused gated kernel", path)
+        return
+    if has_instance_override(mlp):
+        report.fallback("mlp", "forward already replaced on this instance by another library", path)
+        return
+    # Projections are looked up on every call: PEFT may wrap them after we patch.
+    down = arch.down_proj
+    if arch.gate_up_proj:
+        gate_up = arch.gate_up_proj
+        if get_path(mlp, gate_up) is None or get_path(mlp, down) is None:
+            report.fallback("mlp", f"missing {gate_up}/{down}", path)
+            return
+
+        def forward(self, x):
+            g, u = getattr(self, gate_up)(x).chunk(2, dim=-1)
+            return getattr(self, down)(gated_activation(kind, g, u))
+    else:
+        gate, up = arch.gate_proj, arch.up_proj
+        if get_path(mlp, gate) is None or get_path(mlp, up) is None or get_path(mlp, down) is None:
+            report.fallback("mlp", f"missing {gate}/{up}/{down}", path)
+            return
+
+        def forward(self, x):
+            return getattr(self, down)(gated_activation(kind, getattr(self, gate)(x), getattr(self, up)(x)))
+
+    patcher.bind(mlp, "forward", forward, wraps=mlp.forward)
+    report.patched("mlp", path, kind)
