@@ -28,16 +28,39 @@ class SlothCallback(TrainerCallback):
         self.report: Optional[PatchReport] = None
         self._printed = False
 
-    def _patch(self, model) -> None:
+    def _patch(self, model, args) -> None:
         if model is None:
             raise RuntimeError("SlothCallback got no model from the Trainer: pass model=... to the Trainer")
-        self.report = patch(model, self.config)
+        config, note = self.config, None
+        if _trl_reads_full_logits(model, args) and config.loss != "off":
+            config = config.replace(loss="off")
+            note = (f"TRL SFTTrainer with loss_type={args.loss_type!r} computes its token metrics from the full "
+                    f"logits, so sloth's chunked loss is off for this trainer; use loss_type='chunked_nll' (or TRL "
+                    f">= 1.16) for a loss without full logits")
+        self.report = patch(model, config)
+        if note:
+            self.report.note(note)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._patch(model)
+        self._patch(model, args)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._patch(model)
+        self._patch(model, args)
         if self.verbose and not self._printed and state.is_world_process_zero:
             print(self.report)
             self._printed = True
+
+
+def _trl_reads_full_logits(model, args) -> bool:
+    """SFTTrainer (TRL < 1.16, loss_type 'nll'/'dft', no Liger) reads ``outputs.logits`` after the loss."""
+    if not hasattr(args, "loss_type") or getattr(args, "use_liger_kernel", False):
+        return False
+    from ..instance_patch import has_instance_override
+    from ..manager import resolve_causal_lm
+    lm = resolve_causal_lm(model)
+    if has_instance_override(lm) and lm.__dict__.get("_sloth_state") is None:
+        return False   # TRL installed its own chunked head: it does not read logits
+    state = lm.__dict__.get("_sloth_state")
+    if state is not None and state.report.count("loss", patched=False):
+        return False   # an earlier pass found TRL's head already in charge
+    return args.loss_type in ("nll", "dft")

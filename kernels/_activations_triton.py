@@ -34,7 +34,9 @@ def _act_and_grad(g, KIND: tl.constexpr):
         dact = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
     else:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh, in core ops only
+        # tanh from core ops; exp of a non-positive argument never overflows
+        e = tl.exp(-2.0 * tl.abs(inner))
+        t = tl.where(inner >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
         act = 0.5 * g * (1.0 + t)
         dact = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
             1.0 + 0.134145 * g * g)

@@ -4,8 +4,9 @@ One program normalises one row in fp32. Backward recomputes 1/rms from x (the ro
 anyway), so only x is saved. dW: each program walks a contiguous block of rows and keeps an
 fp32 partial sum; the partials are summed by torch.
 
-Rounding follows ``rms_norm_reference`` exactly in the forward pass: the Llama flavour rounds
-the normalised row to x's dtype (and ``offset + w`` to w's dtype) before the weight product.
+The forward pass rounds where ``rms_norm_reference`` rounds: the Llama flavour rounds the
+normalised row to x's dtype (and ``offset + w`` to w's dtype) before the weight product, so
+half-precision outputs match Hugging Face's modules (bit for bit in the fp16 tests).
 
 Wrapped as ``torch.library.custom_op`` so torch.compile treats it as one opaque op.
 """
@@ -58,7 +59,6 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr,
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = _effective_weight(w_ptr, cols, mask, offset, CAST_BEFORE_WEIGHT, HAS_OFFSET)
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     for i in range(0, rows_per_program):
@@ -69,6 +69,8 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr,
             dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
             h = x * rstd
+            # reloaded per row (an L1/L2 hit) rather than held in registers next to dw_acc
+            w = _effective_weight(w_ptr, cols, mask, offset, CAST_BEFORE_WEIGHT, HAS_OFFSET)
             dh = dy * w
             # d/dx of x*rstd(x): rstd * (dh - h * mean(dh * h))
             dx = rstd * (dh - h * (tl.sum(dh * h, axis=0) / n_cols))
@@ -81,9 +83,12 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr,
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
 
-def _launch_params(n_cols: int) -> tuple[int, int]:
+def _launch_params(n_cols: int, backward: bool = False) -> tuple[int, int]:
     block = triton.next_power_of_2(n_cols)
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    if backward:  # more live rows (x, dy, dw_acc): spread them over more threads
+        num_warps = 8 if block <= 1024 else 16 if block <= 4096 else 32
+    else:
+        num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16 if block <= 8192 else 32
     return block, num_warps
 
 
@@ -96,10 +101,10 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _bwd_programs(x: torch.Tensor, n_rows: int, block: int) -> int:
+def _bwd_programs(x: torch.Tensor, n_rows: int) -> int:
     if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        target = sms * (2 if block >= 8192 else 4)
+        # ptxas (sm_90, bf16): one program fills an SM's registers from hidden 4096 up
+        target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
         target = 4  # interpreter: few programs, still more than one partial to reduce
     return max(1, min(n_rows, target))
@@ -133,15 +138,16 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: 
     x2, dy2 = _as_rows(x), _as_rows(dy)
     n_rows = x2.shape[0]
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    block, num_warps = _launch_params(n_cols)
-    programs = _bwd_programs(x, n_rows, block)
+    block, num_warps = _launch_params(n_cols, backward=True)
+    programs = _bwd_programs(x, n_rows)
     rows_per_program = triton.cdiv(n_rows, programs)
     # Without dW the kernel never touches the partials; dx stands in for the unused pointer.
     partial = torch.empty((programs if compute_dw else 0, n_cols), dtype=torch.float32,
                           device=x.device)
     if n_rows > 0:
         _rms_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight.contiguous(), dx, partial if compute_dw else dx, dy2.stride(0), x2.stride(0), dx.stride(0),
+            dy2, x2, weight.contiguous(), dx, partial if compute_dw else dx,
+            dy2.stride(0), x2.stride(0), dx.stride(0),
             n_rows, n_cols, rows_per_program, eps, offset,
             CAST_BEFORE_WEIGHT=cast_before_weight, HAS_OFFSET=offset != 0.0,
             COMPUTE_DW=compute_dw, BLOCK=block, num_warps=num_warps)

@@ -5,7 +5,7 @@ Two flavours exist in the wild and they round differently in half precision:
     then multiply by the weight.
   * Gemma-style (``cast_before_weight=False``, usually ``offset=1``): multiply by (1 + w) in
     fp32, cast last.
-The reference reproduces each exactly; the Triton path computes in fp32 and casts once.
+The reference reproduces each exactly; the Triton path computes in fp32 and rounds where the reference does.
 """
 from __future__ import annotations
 

@@ -35,6 +35,11 @@ def sloth_patch_model(model, config, report, arch, patcher):
 
 
 @hookspec
+def sloth_reassert(model, config):
+    """``patch`` was called again with the same config: re-apply state a framework may have reset."""
+
+
+@hookspec
 def sloth_unpatch_model(model):
     """Release any state the plugin keeps outside the InstancePatcher (buffers, streams)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from typing import Any, Callable, List, Tuple
 
 _MISSING = object()
@@ -16,12 +17,12 @@ _MISSING = object()
 
 class InstancePatcher:
     def __init__(self) -> None:
-        self._records: List[Tuple[Any, str, Any]] = []
+        self._records: List[Tuple[Any, str, Any, Any]] = []
 
     def set(self, obj: Any, name: str, value: Any) -> None:
         previous = obj.__dict__.get(name, _MISSING)
-        self._records.append((obj, name, previous))
         setattr(obj, name, value)
+        self._records.append((obj, name, previous, obj.__dict__.get(name, _MISSING)))
 
     def bind(self, obj: Any, name: str, fn: Callable, wraps: Callable = None) -> None:
         """Bind ``fn(self, ...)`` as an instance method ``obj.name``.
@@ -36,7 +37,13 @@ class InstancePatcher:
 
     def restore(self) -> None:
         while self._records:
-            obj, name, previous = self._records.pop()
+            obj, name, previous, ours = self._records.pop()
+            if obj.__dict__.get(name, _MISSING) is not ours:
+                # Someone wrapped our attribute after we set it (accelerate does this to forward):
+                # removing ours would remove theirs too. Leave both and say so.
+                warnings.warn(f"{type(obj).__name__}.{name} was replaced by another library after sloth_plugins "
+                              f"patched it; leaving it in place", stacklevel=3)
+                continue
             if previous is _MISSING:
                 obj.__dict__.pop(name, None)
             else:

@@ -94,15 +94,21 @@ def get_state(model: Any) -> Optional[SlothState]:
 def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> PatchReport:
     """Patch ``model`` in place and return the PatchReport. Idempotent.
 
-    Patching again with the same config re-asserts the same patches; with another config the
-    old patches are undone first.
+    Patching again with the same config re-asserts the patches (e.g. the checkpointing plan
+    after a framework called ``gradient_checkpointing_enable()``) and returns the same report;
+    with another config the old patches are undone first.
     """
     if config is None:
         config = SlothConfig(**options)
     elif options:
         config = config.replace(**options)
     lm = resolve_causal_lm(model)
-    if lm.__dict__.get(_STATE_ATTR) is not None:
+    state: Optional[SlothState] = lm.__dict__.get(_STATE_ATTR)
+    if state is not None and state.config == config:
+        # Re-assert without re-patching: frameworks may have wrapped our forwards since (accelerate).
+        get_plugin_manager().hook.sloth_reassert(model=lm, config=config)
+        return state.report
+    if state is not None:
         unpatch(lm)
 
     from .kernels import triton_status

@@ -2,37 +2,65 @@
 
 transformers' ``GradientCheckpointingLayer`` calls ``self._gradient_checkpointing_func(fn,
 *args)`` whenever ``self.gradient_checkpointing`` is true in training (from ``forward`` in
-transformers >= 5.17, from ``__call__`` before). We set both attributes on each decoder
-layer instance, per the plan, and wrap the model's ``_set_gradient_checkpointing`` so that a
-later ``gradient_checkpointing_enable()`` (Trainer, TRL, Lightning, Axolotl) is recorded and
-our plan re-asserted instead of silently replaced. ``unpatch`` replays the framework's last
-request, so the model ends up exactly as the framework left it.
+transformers >= 5.17, from ``__call__`` before). We set ``gradient_checkpointing = True`` and
+our ``LayerCheckpointer`` on each decoder layer instance, so every training forward of every
+layer goes through ``CheckpointController.run_layer``, which keeps, recomputes or offloads
+that layer as the current plan says. The model's ``_set_gradient_checkpointing`` is wrapped
+so a later ``gradient_checkpointing_enable()`` (Trainer, TRL, Lightning, Axolotl) is recorded
+and our attributes re-asserted instead of silently replaced; ``unpatch`` replays the
+framework's last request, so the model ends up exactly as the framework left it.
+
+Modes:
+* ``recompute``: every layer is checkpointed (non-reentrant; RNG replayed for dropout).
+* ``offload``: every layer but the last is checkpointed with its input parked in (pinned)
+  host memory, fetched back on a side stream before its backward (``checkpoint_offload``).
+* ``auto``: the first training forward recomputes every layer and counts, per layer, the
+  bytes autograd would save without checkpointing (a probe forward under a counting
+  ``saved_tensors_hooks``, RNG forked so dropout is untouched); on CUDA it also measures the
+  step's peak to calibrate what the plan does not control. From then on each forward gets
+  the plan of ``checkpoint_plan.plan_layers`` for its token count and the memory allocated
+  when it starts. Larger inputs than the measured one trigger a new measurement. Without a
+  device budget (CPU, no ``memory_budget_gb``) ``auto`` recomputes exactly when the framework
+  enabled checkpointing.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import functools
+import logging
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint_offload import ActivationOffloader, offload_min_bytes
+from ..checkpoint_plan import (KEEP, OFFLOAD, RECOMPUTE, CheckpointPlan, LayerMemory, MemoryModel, activation_peaks,
+                               plan_layers)
 from ..hookspecs import hookimpl
 from ..instance_patch import InstancePatcher
 from ..report import PatchReport
 from ._modules import decoder_layers
 
-KEEP, RECOMPUTE, OFFLOAD, FRAMEWORK = "keep", "recompute", "offload", "framework"
+logger = logging.getLogger("sloth_plugins")
+
+FRAMEWORK, AUTO = "framework", "auto"
+PLAN_DECISIONS = (KEEP, RECOMPUTE, OFFLOAD, FRAMEWORK, AUTO)
+_CONTROLLER_ATTR = "_sloth_checkpointing"
+_MAX_VERIFICATIONS = 4        # steps whose peak auto measures to check a new plan (each resets CUDA peak stats)
+_MAX_FAILED_MEASUREMENTS = 3  # measuring forwards without a backward before auto stops waiting for one
+GiB = float(2 ** 30)
 
 
 class LayerCheckpointer:
     """The ``_gradient_checkpointing_func`` of one decoder layer."""
 
-    def __init__(self, decision: str):
-        self.decision = decision
+    def __init__(self, controller: "CheckpointController", index: int):
+        self.controller, self.index = controller, index
 
     def __call__(self, function, *args, **kwargs):
-        # Non-reentrant: gradients are identical to no checkpointing, inputs need not require
-        # grad (PEFT), and RNG state (dropout) is replayed in the recompute.
-        return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        return self.controller.run_layer(self.index, function, args, kwargs)
 
 
 class CheckpointingPlugin:
@@ -40,68 +68,129 @@ class CheckpointingPlugin:
     def sloth_patch_model(self, model, config, report: PatchReport, arch, patcher: InstancePatcher):
         if config.gradient_checkpointing == "off":
             return
-        layers = [(path, layer) for path, layer in decoder_layers(model, arch.layers if arch else "model.layers")
-                  if hasattr(layer, "_gradient_checkpointing_func") or hasattr(type(layer), "gradient_checkpointing")]
-        if not layers:
+        found = [(path, layer) for path, layer in decoder_layers(model, arch.layers if arch else "model.layers")
+                 if hasattr(layer, "_gradient_checkpointing_func") or hasattr(type(layer), "gradient_checkpointing")]
+        if not found:
             report.fallback("gradient_checkpointing", f"{type(model).__name__} has no transformers "
                                                       f"GradientCheckpointingLayer decoder layers")
             return
+        paths, layers = [p for p, _ in found], [layer for _, layer in found]
+        budget = _budget(config, model)
         from ..manager import get_plugin_manager
-        plan = get_plugin_manager().hook.sloth_checkpoint_plan(
-            model=model, config=config, layers=[layer for _, layer in layers], budget_bytes=_budget(config, model))
-        state = _PlanState(model, [layer for _, layer in layers], plan)
-        state.apply(patcher)
+        plan = get_plugin_manager().hook.sloth_checkpoint_plan(model=model, config=config, layers=layers,
+                                                               budget_bytes=budget)
+        plan = _validated(plan, len(layers))
+        controller = CheckpointController(model, paths, layers, plan, budget, report)
+        controller.apply(patcher)
         original = model._set_gradient_checkpointing
 
         def _set_gradient_checkpointing(self, *args, **kwargs):
             original(*args, **kwargs)
-            state.framework_request = (args, kwargs)
-            state.apply(None)
+            controller.framework_request = (args, kwargs)
+            controller.apply(None)
 
         patcher.bind(model, "_set_gradient_checkpointing", _set_gradient_checkpointing, wraps=original)
         # kept outside the patcher: it must still be there after the patcher restored everything
-        model.__dict__["_sloth_checkpoint_replay"] = state.replay_framework_request
-        for (path, _), decision in zip(layers, plan):
-            report.patched("gradient_checkpointing", path,
-                           "recompute when the framework enables checkpointing" if decision == FRAMEWORK
-                           else decision)
-        if config.gradient_checkpointing in ("auto", "offload"):
-            report.note(f"gradient_checkpointing={config.gradient_checkpointing!r}: the measured memory plan and "
-                        f"host offload are not implemented yet; layers recompute exactly when the framework "
-                        f"enables gradient checkpointing" if config.gradient_checkpointing == "auto" else
-                        "gradient_checkpointing='offload' is not implemented yet: every layer recomputes instead")
+        model.__dict__[_CONTROLLER_ATTR] = controller
+        controller.record_patch(config)
 
     @hookimpl(trylast=True)
     def sloth_checkpoint_plan(self, model, config, layers, budget_bytes) -> List[str]:
-        mode = config.gradient_checkpointing
-        if mode in ("recompute", "offload"):
-            return [RECOMPUTE] * len(layers)
-        return [FRAMEWORK] * len(layers)
+        mode, n = config.gradient_checkpointing, len(layers)
+        if mode == "recompute":
+            return [RECOMPUTE] * n
+        if mode == "offload":
+            return [OFFLOAD] * (n - 1) + [RECOMPUTE] if n else []
+        return [AUTO] * n if budget_bytes is not None else [FRAMEWORK] * n
+
+    @hookimpl
+    def sloth_reassert(self, model, config):
+        controller = model.__dict__.get(_CONTROLLER_ATTR)
+        if controller is not None:
+            controller.apply(None)
 
     @hookimpl
     def sloth_unpatch_model(self, model):
-        replay = model.__dict__.pop("_sloth_checkpoint_replay", None)
-        if replay is not None:
-            replay()
+        controller = model.__dict__.pop(_CONTROLLER_ATTR, None)
+        if controller is not None:
+            controller.close()
+            controller.replay_framework_request()
 
 
-class _PlanState:
-    def __init__(self, model, layers, plan):
-        self.model, self.layers, self.plan = model, layers, plan
+def get_checkpoint_controller(model) -> Optional["CheckpointController"]:
+    """The controller of a patched model (PEFT / DDP wrappers are peeled off), or None."""
+    from ..manager import resolve_causal_lm
+    try:
+        return resolve_causal_lm(model).__dict__.get(_CONTROLLER_ATTR)
+    except TypeError:
+        return None
+
+
+@dataclass
+class _Window:
+    """One forward+backward whose CUDA peak memory is being measured."""
+    generation: int
+    device: torch.device
+    tokens: Optional[int]
+    decisions: Tuple[str, ...]
+    base: int
+    plan: Optional[CheckpointPlan]    # None while measuring; the plan being verified otherwise
+    forward_peak: int = 0
+    in_backward: bool = False
+
+    def pause(self) -> None:
+        self.forward_peak = max(self.forward_peak, torch.cuda.max_memory_allocated(self.device))
+
+    def resume(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class CheckpointController:
+    """Per patched model: the plan in force, the auto measurements, the offloader."""
+
+    def __init__(self, model, paths: Sequence[str], layers: Sequence[torch.nn.Module], plan: Sequence[str],
+                 budget_bytes: Optional[int], report: PatchReport):
+        self.model, self.paths, self.layers = model, list(paths), list(layers)
+        self.requested_plan = tuple(plan)
+        self.auto = bool(plan) and all(d == AUTO for d in plan)
+        self.budget_bytes = budget_bytes
+        self.report = report
         self.framework_request = None
+        self._framework_at_patch = is_checkpointing_enabled(model)
+        self.checkpointers = [LayerCheckpointer(self, i) for i in range(len(layers))]
+        self.offloader = ActivationOffloader()
+        self.generation = 0
+        self.decisions: Tuple[str, ...] = self._static_decisions()
+        # auto
+        self.plan: Optional[CheckpointPlan] = None
+        self.layer_memory: Optional[List[LayerMemory]] = None
+        self.measured_tokens: Optional[int] = None
+        self.forward_overhead: Optional[int] = None
+        self.backward_overhead: Optional[int] = None
+        self.measured_peak_bytes: Optional[int] = None
+        self.measurements = 0
+        self._failed_measurements = 0
+        self._probing: Optional[List[Optional[LayerMemory]]] = None
+        self._probe_tokens: Optional[int] = None
+        self._window: Optional[_Window] = None
+        self._verified: set = set()
+        self._plans: "OrderedDict[tuple, CheckpointPlan]" = OrderedDict()
+        self._entries: list = []
+        self._note_index: Optional[int] = None
+        self._warned_over_budget = False
 
-    def _framework_enabled(self) -> bool:
+    # ---- attributes on the layers -------------------------------------------------------------
+    def framework_enabled(self) -> bool:
         if self.framework_request is None:
-            return is_checkpointing_enabled(self.model)
+            return self._framework_at_patch
         args, kwargs = self.framework_request
         return bool(kwargs.get("enable", args[0] if args else True))
 
     def apply(self, patcher: Optional[InstancePatcher]) -> None:
-        follow = self._framework_enabled()
-        for layer, decision in zip(self.layers, self.plan):
-            enabled = decision in (RECOMPUTE, OFFLOAD) or (decision == FRAMEWORK and follow)
-            for name, value in (("_gradient_checkpointing_func", LayerCheckpointer(decision)),
-                                ("gradient_checkpointing", enabled)):
+        # Always on, always ours: run_layer decides per forward (FRAMEWORK follows the request),
+        # so the attributes never change after patch and unpatch restores them exactly.
+        for layer, checkpointer in zip(self.layers, self.checkpointers):
+            for name, value in (("_gradient_checkpointing_func", checkpointer), ("gradient_checkpointing", True)):
                 if patcher is not None:
                     patcher.set(layer, name, value)
                 else:
@@ -112,6 +201,273 @@ class _PlanState:
         if self.framework_request is not None:
             args, kwargs = self.framework_request
             self.model._set_gradient_checkpointing(*args, **kwargs)
+
+    def close(self) -> None:
+        self._window = None
+        self._probing = None
+        self.offloader.clear()
+
+    def _static_decisions(self) -> Tuple[str, ...]:
+        follow = RECOMPUTE if self.framework_enabled() else KEEP
+        return tuple(follow if d == FRAMEWORK else (RECOMPUTE if d == AUTO else d) for d in self.requested_plan)
+
+    # ---- the training forward -------------------------------------------------------------------
+    def run_layer(self, index: int, function, args: tuple, kwargs: dict):
+        if not torch.is_grad_enabled():
+            return function(*args, **kwargs)
+        if index == 0:
+            self._begin_forward(function, args)
+        generation, decision = self.generation, self.decisions[index]
+        if self._probing is not None:
+            self._probe(index, function, args, kwargs)
+        if decision == KEEP:
+            out = function(*args, **kwargs)
+        elif decision == OFFLOAD:
+            with self.offloader.hooks(generation, index):
+                out = checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        else:
+            # Non-reentrant: gradients are identical to no checkpointing, inputs need not require
+            # grad (PEFT), and RNG state (dropout) is replayed in the recompute.
+            out = checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        if self._wants_backward_hook(index):
+            _on_backward_start(out, functools.partial(self._layer_backward_started, generation, index))
+        if self._probing is not None and index == len(self.layers) - 1:
+            self._finish_probe()
+        return out
+
+    def _begin_forward(self, function, args: tuple) -> None:
+        self.generation += 1
+        self._window = None       # a window whose backward never came
+        if not self.auto:
+            self.decisions = self._static_decisions()
+            return
+        hidden = _hidden_states(function, args)
+        tokens = int(hidden.shape[:-1].numel()) if hidden is not None and hidden.dim() > 0 else None
+        device = hidden.device if hidden is not None else next(self.model.parameters()).device
+        self._probing = None
+        if self._needs_measurement(tokens, device):
+            self.measurements += 1
+            self.decisions = (RECOMPUTE,) * len(self.layers)
+            self._probing, self._probe_tokens = [None] * len(self.layers), tokens
+            self._open_window(device, tokens, None)
+            return
+        plan = self._plan_for(tokens, device)
+        if self.plan is None or plan.decisions != self.plan.decisions:
+            self._record_plan(plan, tokens, device)
+        self.plan, self.decisions = plan, plan.decisions
+        if device.type == "cuda" and plan.decisions not in self._verified and len(self._verified) < _MAX_VERIFICATIONS:
+            self._verified.add(plan.decisions)
+            self._open_window(device, tokens, plan)
+
+    def _wants_backward_hook(self, index: int) -> bool:
+        window = self._window
+        if window is not None and window.generation == self.generation and index == len(self.layers) - 1:
+            return True
+        return OFFLOAD in self.decisions[:index + 1]
+
+    def _layer_backward_started(self, generation: int, index: int) -> None:
+        if OFFLOAD in self.decisions[:index + 1]:
+            self.offloader.prefetch(generation, index)
+            self.offloader.prefetch_below(generation, index)
+        window = self._window
+        if (window is not None and window.generation == generation and index == len(self.layers) - 1
+                and not window.in_backward):
+            window.in_backward = True
+            window.pause()
+            window.resume()
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._close_window, window))
+
+    # ---- auto: measuring ----------------------------------------------------------------------
+    def _needs_measurement(self, tokens: Optional[int], device: torch.device) -> bool:
+        if self.layer_memory is None:
+            return True
+        if tokens is not None and self.measured_tokens is not None and tokens > self.measured_tokens:
+            return True
+        if device.type == "cuda" and self.forward_overhead is None:
+            self._failed_measurements += 1
+            return self._failed_measurements <= _MAX_FAILED_MEASUREMENTS
+        return False
+
+    def _probe(self, index: int, function, args: tuple, kwargs: dict) -> None:
+        """Count the bytes autograd saves in this layer's forward when it is not checkpointed."""
+        hidden = _hidden_states(function, args)
+        layer = self.layers[index]
+        skip = {_storage_key(t) for t in list(layer.parameters()) + list(layer.buffers())}
+        skip |= {_storage_key(t) for t in _tensors_in((args, kwargs, getattr(function, "args", ()),
+                                                        getattr(function, "keywords", {})))}
+        saved = {}
+
+        def count(t: torch.Tensor) -> torch.Tensor:
+            key = _storage_key(t)
+            if key not in skip:
+                saved[key] = t.untyped_storage().nbytes()
+            return t
+
+        window = self._window
+        if window is not None:
+            window.pause()
+        device = hidden.device if hidden is not None else torch.device("cpu")
+        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), \
+                torch.autograd.graph.saved_tensors_hooks(count, _identity):
+            out = function(*args, **kwargs)
+        del out
+        if window is not None:
+            window.resume()
+        input_bytes = hidden.numel() * hidden.element_size() if hidden is not None else 0
+        self._probing[index] = LayerMemory(sum(saved.values()) + input_bytes, input_bytes)
+
+    def _finish_probe(self) -> None:
+        probed, self._probing = self._probing, None
+        known = [m for m in probed if m is not None]
+        if not known:
+            return
+        fallback = max(known, key=lambda m: m.full_bytes)
+        self.layer_memory = [m if m is not None else fallback for m in probed]
+        self.measured_tokens = self._probe_tokens
+        self._plans.clear()
+        if self._window is None and self.budget_bytes is not None:      # CPU: nothing more to wait for
+            logger.info("sloth_plugins auto checkpointing measured %s", self.layer_memory)
+
+    def _open_window(self, device: torch.device, tokens: Optional[int], plan: Optional[CheckpointPlan]) -> None:
+        if device.type != "cuda":
+            return
+        self._window = _Window(self.generation, device, tokens, self.decisions,
+                               torch.cuda.memory_allocated(device), plan)
+        self._window.resume()
+
+    def _close_window(self, window: _Window) -> None:
+        if window is not self._window:
+            return
+        self._window = None
+        backward_peak = torch.cuda.max_memory_allocated(window.device)
+        if self.layer_memory is None:
+            return
+        layers = self._scaled(window.tokens)
+        forward_act, backward_act = activation_peaks(layers, window.decisions, offload_min_bytes(window.device))
+        forward_overhead = window.forward_peak - window.base - forward_act
+        backward_overhead = backward_peak - window.base - backward_act
+        # The largest seen: a step where gradients or optimizer state appear mid-step must not be forgotten.
+        self.forward_overhead = max(forward_overhead, self.forward_overhead or forward_overhead)
+        self.backward_overhead = max(backward_overhead, self.backward_overhead or backward_overhead)
+        self._plans.clear()
+        if window.plan is not None:
+            self.measured_peak_bytes = max(window.forward_peak, backward_peak)
+            self._update_note(window.plan, window.tokens, window.device)
+
+    # ---- auto: planning -----------------------------------------------------------------------
+    def _scaled(self, tokens: Optional[int]) -> List[LayerMemory]:
+        if not tokens or not self.measured_tokens or tokens == self.measured_tokens:
+            return list(self.layer_memory)
+        # Linear in tokens: exact for the input and SDPA/flash attention, an overestimate for
+        # eager attention's quadratic part (larger inputs than measured are measured again).
+        factor = tokens / self.measured_tokens
+        return [m.scaled(factor) for m in self.layer_memory]
+
+    def memory_model(self, device: torch.device) -> MemoryModel:
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        return MemoryModel(base, self.forward_overhead or 0, self.backward_overhead or 0, offload_min_bytes(device))
+
+    def _plan_for(self, tokens: Optional[int], device: torch.device) -> CheckpointPlan:
+        model = self.memory_model(device)
+        key = (tokens, model.base_bytes >> 26)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_layers(self._scaled(tokens), self.budget_bytes, model)
+            self._plans[key] = plan
+            while len(self._plans) > 64:
+                self._plans.popitem(last=False)
+        if not plan.fits and not self._warned_over_budget:
+            self._warned_over_budget = True
+            warnings.warn(f"sloth_plugins gradient_checkpointing='auto': {plan.summary()}", RuntimeWarning,
+                          stacklevel=2)
+        return plan
+
+    # ---- report -------------------------------------------------------------------------------
+    def record_patch(self, config) -> None:
+        for path, decision in zip(self.paths, self.requested_plan):
+            detail = {FRAMEWORK: "recompute when the framework enables checkpointing",
+                      AUTO: "auto: planned after measuring the first training step"}.get(decision, decision)
+            self.report.patched("gradient_checkpointing", path, detail)
+            self._entries.append(self.report.entries[-1])
+        if config.gradient_checkpointing == "auto" and not self.auto:
+            self.report.note("gradient_checkpointing='auto' without a device memory budget (no CUDA device and no "
+                             "memory_budget_gb): layers recompute exactly when the framework enables checkpointing")
+        elif self.auto:
+            device = next(self.model.parameters()).device
+            tail = ("" if device.type == "cuda" else
+                    "; no device memory counters here, so the budget applies to the layers' activations alone")
+            self.report.note(f"gradient_checkpointing='auto': budget {self.budget_bytes / GiB:.2f} GiB; the first "
+                             f"training forward recomputes every layer and measures, then each layer is kept, "
+                             f"recomputed or offloaded{tail}")
+            self._note_index = len(self.report.notes) - 1
+
+    def _record_plan(self, plan: CheckpointPlan, tokens: Optional[int], device: torch.device) -> None:
+        for entry, decision in zip(self._entries, plan.decisions):
+            entry.detail = f"auto: {decision}"
+        self.measured_peak_bytes = None
+        self._update_note(plan, tokens, device)
+        logger.info("sloth_plugins gradient_checkpointing auto plan: %s", plan.summary())
+
+    def _update_note(self, plan: CheckpointPlan, tokens: Optional[int], device: torch.device) -> None:
+        text = f"gradient_checkpointing auto plan for {tokens} tokens: {plan.summary()}"
+        if self.measured_peak_bytes is not None:
+            text += f"; measured peak {self.measured_peak_bytes / GiB:.2f} GiB"
+        elif device.type != "cuda":
+            text += " (activations only: no device memory counters on this device)"
+        if self._note_index is None:
+            self.report.note(text)
+            self._note_index = len(self.report.notes) - 1
+        else:
+            self.report.notes[self._note_index] = text
+
+
+def _validated(plan: Optional[Sequence[str]], n: int) -> List[str]:
+    plan = list(plan) if plan is not None else [FRAMEWORK] * n
+    bad = sorted(set(plan) - set(PLAN_DECISIONS))
+    if len(plan) != n or bad:
+        raise ValueError(f"sloth_checkpoint_plan returned {plan!r}: need one of {', '.join(PLAN_DECISIONS)} "
+                         f"for each of the {n} decoder layers")
+    if AUTO in plan and set(plan) != {AUTO}:
+        raise ValueError("sloth_checkpoint_plan: 'auto' must be given for every layer or none")
+    return plan
+
+
+def _on_backward_start(out: Any, callback) -> None:
+    """Call ``callback()`` when the gradient of the layer's output arrives, i.e. its backward starts."""
+    candidates = out if isinstance(out, (tuple, list)) else (out,)
+    for t in candidates:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(lambda grad: callback())
+            return
+
+
+def _hidden_states(function, args: tuple) -> Optional[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    hidden = getattr(function, "keywords", {}).get("hidden_states")
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _tensors_in(obj: Any, depth: int = 3):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0 and isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors_in(item, depth - 1)
+    elif depth > 0 and isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors_in(item, depth - 1)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _identity(t):
+    return t
 
 
 def is_checkpointing_enabled(model) -> bool:

@@ -56,6 +56,9 @@ def _norm_eps(module) -> Optional[float]:
 def _patch_norm(module, path: str, arch: Architecture, report: PatchReport, patcher: InstancePatcher) -> None:
     if module is None:
         return
+    if "rmsnorm" not in type(module).__name__.lower() or getattr(module, "bias", None) is not None:
+        report.fallback("rms_norm", f"{type(module).__name__} is not an RMSNorm", path)
+        return
     weight = getattr(module, "weight", None)
     eps = _norm_eps(module)
     if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or eps is None:
@@ -87,7 +90,9 @@ def _patch_rope(attn, path: str, report: PatchReport, patcher: InstancePatcher) 
     if original is None:
         report.fallback("rope", f"{type(attn).__module__} has no apply_rotary_pos_emb", path)
         return
-    params = list(inspect.signature(original).parameters)
+    # Hugging Face's `kernels` package (installed with axolotl) turns the function into a module
+    target = original.forward if isinstance(original, torch.nn.Module) else inspect.unwrap(original)
+    params = list(inspect.signature(target).parameters)
     if params != _ROPE_PARAMS:
         report.fallback("rope", f"apply_rotary_pos_emb{tuple(params)} is not the rotate-half signature we know", path)
         return

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..architectures import Architecture
 from ..hookspecs import hookimpl
-from ..instance_patch import InstancePatcher
+from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import chunked_cross_entropy, fused_linear_cross_entropy
 from ..report import PatchReport
 
@@ -30,7 +30,7 @@ class LossPlugin:
                           patcher: InstancePatcher):
         if config.loss == "off":
             return
-        reason = _unsupported_reason(model, arch)
+        reason = _unsupported_reason(model, arch) or _foreign_forward_reason(model)
         if reason:
             report.fallback("loss", reason)
             return
@@ -39,9 +39,6 @@ class LossPlugin:
         impl = "fused linear CE" if _plain_linear(model.get_output_embeddings()) else "chunked CE (module head)"
         report.patched("loss", "", f"{impl}, chunk={config.loss_chunk_size or 'auto'}"
                                    + (f", softcap={softcap:g}" if softcap else ""))
-        if "fused_lm_head" in _forward_params(model.forward):
-            report.note("TRL's fused_lm_head is installed on this model: SFTTrainer computes its own chunked "
-                        "loss (no full logits either); sloth's loss serves every model(labels=...) call")
 
     @hookimpl(trylast=True)
     def sloth_causal_lm_loss(self, hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
@@ -78,11 +75,15 @@ def _unsupported_reason(model, arch) -> Optional[str]:
     return None
 
 
-def _forward_params(forward) -> list:
-    try:
-        return list(inspect.signature(forward).parameters)
-    except (TypeError, ValueError):
-        return []
+def _foreign_forward_reason(model) -> Optional[str]:
+    if not has_instance_override(model):
+        return None
+    func = getattr(model.__dict__["forward"], "__func__", model.__dict__["forward"])
+    owner = getattr(func, "__module__", None) or "another library"
+    if owner.startswith("trl."):
+        return (f"TRL's SFTTrainer already replaced this model's forward with its own chunked loss ({owner}), "
+                f"which never builds full logits either; sloth leaves it in charge of the loss")
+    return f"the model's forward was already replaced by {owner}; sloth leaves that loss in charge"
 
 
 def _patch_forward(model, config, softcap, patcher: InstancePatcher) -> None:

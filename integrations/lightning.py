@@ -1,0 +1,323 @@
+"""Lightning adapter: ``lightning.Trainer(strategy=SlothStrategy())``.
+
+``SlothStrategy()`` is a real ``SingleDeviceStrategy`` (on the device Lightning's automatic
+choice would use), ``SlothStrategy("ddp")`` a real ``DDPStrategy`` and ``SlothStrategy("fsdp")``
+a real ``FSDPStrategy``: Lightning picks precision plugins and launchers by strategy class,
+so each one is a subclass of the strategy it extends and changes nothing but one step of
+``setup()``: the Hugging Face causal LMs held by the LightningModule are patched after the
+module is converted to its precision and moved to its device, and before it is wrapped (DDP,
+FSDP) and before the optimizers exist. The names ``"sloth"``, ``"sloth_ddp"`` and
+``"sloth_fsdp"`` are registered in Lightning's strategy registry once this module is imported
+(``import sloth_plugins.integrations.lightning``, or touching ``sloth_plugins.SlothStrategy``).
+
+Lightning ships twice (``lightning.pytorch`` and ``pytorch_lightning``) and each Trainer only
+accepts strategies of its own namespace. Classes exist for both; ``SlothStrategy`` picks the
+namespace that is imported (``lightning.pytorch`` when both are), or ``namespace=`` says which.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..config import SlothConfig, SlothConfigError
+from ..manager import patch, resolve_causal_lm
+from ..report import PatchReport
+
+logger = logging.getLogger("sloth_plugins")
+
+KINDS = ("single", "ddp", "fsdp")
+REGISTRY_NAMES = {"single": "sloth", "ddp": "sloth_ddp", "fsdp": "sloth_fsdp"}
+NAMESPACES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+_KIND_ALIASES = {"single": "single", "single_device": "single", "auto": "single", "sloth": "single",
+                 "ddp": "ddp", "sloth_ddp": "ddp", "fsdp": "fsdp", "sloth_fsdp": "fsdp"}
+_CLASS_NAMES = {"single": "SlothSingleDeviceStrategy", "ddp": "SlothDDPStrategy", "fsdp": "SlothFSDPStrategy"}
+_BASES = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}
+_CONFIG_KEYS = tuple(SlothConfig().to_dict())
+
+
+def _split_sloth_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_KEYS}
+
+
+def _make_config(config: Optional[SlothConfig], options: Dict[str, Any]) -> SlothConfig:
+    if config is not None and not isinstance(config, SlothConfig):
+        raise SlothConfigError(f"config must be a SlothConfig, got {type(config).__name__}")
+    if config is None:
+        return SlothConfig(**options)
+    return config.replace(**options) if options else config
+
+
+def find_hf_models(root: torch.nn.Module, model_attr: Union[str, Sequence[str], None] = None
+                   ) -> List[Tuple[str, torch.nn.Module]]:
+    """The Hugging Face causal LMs (or PEFT models wrapping one) held by ``root``, outermost first.
+
+    With ``model_attr`` (a dotted attribute path or a list of them) only those are taken.
+    Raises RuntimeError naming what was found when there is nothing to patch.
+    """
+    if model_attr is not None:
+        names = [model_attr] if isinstance(model_attr, str) else list(model_attr)
+        out = []
+        for name in names:
+            obj: Any = root
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+            if not isinstance(obj, torch.nn.Module):
+                raise RuntimeError(f"SlothStrategy(model_attr={name!r}): {type(root).__name__}.{name} is "
+                                   f"{type(obj).__name__ if obj is not None else 'missing'}, not a model")
+            _check_causal_lm(name, obj)
+            out.append((name, obj))
+        return out
+
+    candidates: List[Tuple[str, torch.nn.Module]] = []
+    for name, module in root.named_modules():
+        if name and _is_hf_model(module) and not any(name.startswith(c + ".") for c, _ in candidates):
+            candidates.append((name, module))
+    found, rejected = [], []
+    for name, module in candidates:
+        try:
+            resolve_causal_lm(module)
+        except TypeError as exc:
+            rejected.append(f"{name} ({type(module).__name__}: {exc})")
+        else:
+            found.append((name, module))
+    if not found:
+        seen = "; ".join(rejected) if rejected else (
+            "children: " + (", ".join(f"{n} ({type(m).__name__})" for n, m in root.named_children()) or "none"))
+        raise RuntimeError(
+            f"SlothStrategy found no Hugging Face causal LM in {type(root).__name__} ({seen}). It patches "
+            f"transformers *ForCausalLM models, or PEFT models wrapping one, held as attributes of the "
+            f"LightningModule: assign the model in __init__ or configure_model(), or name it with "
+            f"SlothStrategy(model_attr='...')")
+    return found
+
+
+def _is_hf_model(module: torch.nn.Module) -> bool:
+    # Only what is already imported can be an instance: no heavy imports here.
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(module, peft.PeftModel):
+        return True
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+
+
+def _check_causal_lm(name: str, module: torch.nn.Module) -> None:
+    try:
+        resolve_causal_lm(module)
+    except TypeError as exc:
+        raise RuntimeError(f"SlothStrategy(model_attr={name!r}): {exc}") from None
+
+
+class _SlothStrategyMixin:
+    """What every Sloth strategy adds to its Lightning base class: the patch step in ``setup``."""
+
+    _sloth_namespace = "lightning.pytorch"
+    # FSDP places (and shards) parameters itself while wrapping: patch before, where they are.
+    _sloth_patch_after_device_move = True
+
+    def _sloth_init(self, config: Optional[SlothConfig], options: Dict[str, Any],
+                    model_attr: Union[str, Sequence[str], None], verbose: bool) -> None:
+        self.sloth_config = _make_config(config, options)
+        self.sloth_reports: Dict[str, PatchReport] = {}
+        self._sloth_model_attr = model_attr
+        self._sloth_verbose = verbose
+        self._sloth_logged = False
+        self._sloth_pending = False
+
+    @property
+    def sloth_report(self) -> Optional[PatchReport]:
+        """The PatchReport of the (first) patched model, None before ``setup``."""
+        return next(iter(self.sloth_reports.values()), None)
+
+    def setup(self, trainer) -> None:
+        self._sloth_pending = True
+        if not self._sloth_patch_after_device_move:
+            self._sloth_patch_models()
+        super().setup(trainer)
+        self._sloth_patch_models()  # only if no step below ran (a base class that skips them)
+
+    def model_to_device(self) -> None:
+        super().model_to_device()
+        self._sloth_patch_models()
+
+    # Safety nets: whichever of these runs first during setup patches, still before wrapping
+    # and before the optimizers; later calls are no-ops until the next setup.
+    def _setup_model(self, model):
+        self._sloth_patch_models()
+        return super()._setup_model(model)
+
+    def setup_optimizers(self, trainer) -> None:
+        self._sloth_patch_models()
+        super().setup_optimizers(trainer)
+
+    def _sloth_patch_models(self) -> None:
+        if not self._sloth_pending:
+            return
+        self._sloth_pending = False
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("SlothStrategy.setup ran without a LightningModule attached")
+        self.sloth_reports = {name: patch(model, self.sloth_config)
+                              for name, model in find_hf_models(module, self._sloth_model_attr)}
+        if not self._sloth_logged:
+            self._sloth_logged = True
+            text = "\n".join(f"sloth_plugins patched {type(module).__name__}.{name}:\n{report}"
+                             for name, report in self.sloth_reports.items())
+            if self._sloth_verbose:
+                importlib.import_module(self._sloth_namespace + ".utilities").rank_zero_info(text)
+            else:
+                logger.debug("%s", text)
+
+    def __repr__(self) -> str:
+        # Shown by the other namespace's Trainer when it rejects this instance.
+        other = "pytorch_lightning" if self._sloth_namespace == "lightning.pytorch" else "lightning"
+        return (f"<{type(self).__name__} for {self._sloth_namespace}.Trainer; with a {NAMESPACES[other]}.Trainer "
+                f"use sloth_plugins.SlothStrategy(..., namespace={other!r})>")
+
+
+class _SingleDeviceMixin(_SlothStrategyMixin):
+    def __init__(self, device: Union[str, torch.device, None] = None, accelerator=None, checkpoint_io=None,
+                 precision_plugin=None, *, config: Optional[SlothConfig] = None,
+                 model_attr: Union[str, Sequence[str], None] = None, verbose: bool = True, **sloth_options: Any):
+        unknown = sorted(set(sloth_options) - set(_CONFIG_KEYS))
+        if unknown:
+            raise SlothConfigError(
+                f"SlothStrategy() got unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))};"
+                f" sloth options: {', '.join(_CONFIG_KEYS)}; strategy options: device, accelerator, checkpoint_io, "
+                f"precision_plugin, config, model_attr, verbose")
+        super().__init__(device=device if device is not None else "cpu", accelerator=accelerator,
+                         checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
+        self._sloth_device_given = device is not None
+        self._sloth_init(config, sloth_options, model_attr, verbose)
+
+    # The accelerator connector hands its device list to strategies that have this attribute
+    # (after choosing the accelerator); an explicit ``device=`` is handed the other way.
+    @property
+    def parallel_devices(self) -> List[torch.device]:
+        return [self._root_device] if self._sloth_device_given else []
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: Optional[List[torch.device]]) -> None:
+        if self._sloth_device_given or not devices:
+            return
+        root = devices[0] if isinstance(devices[0], torch.device) else torch.device(devices[0])
+        if len(devices) > 1:
+            importlib.import_module(self._sloth_namespace + ".utilities").rank_zero_warn(
+                f"SlothStrategy() trains on one device ({root}) but the Trainer was given {len(devices)}; "
+                f"use SlothStrategy('ddp') (or strategy='sloth_ddp') to use all of them")
+        self._root_device = root
+
+
+class _DDPMixin(_SlothStrategyMixin):
+    def __init__(self, *args: Any, config: Optional[SlothConfig] = None,
+                 model_attr: Union[str, Sequence[str], None] = None, verbose: bool = True, **kwargs: Any):
+        options = _split_sloth_options(kwargs)
+        super().__init__(*args, **kwargs)
+        self._sloth_init(config, options, model_attr, verbose)
+
+
+class _FSDPMixin(_DDPMixin):
+    _sloth_patch_after_device_move = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self._activation_checkpointing_kwargs and self.sloth_config.gradient_checkpointing in ("recompute",
+                                                                                                   "offload"):
+            raise SlothConfigError(
+                f"FSDP activation_checkpointing(_policy) and gradient_checkpointing="
+                f"{self.sloth_config.gradient_checkpointing!r} would checkpoint the same layers twice: drop the FSDP "
+                f"argument, or pass gradient_checkpointing='off' (or 'auto', which follows the model's own setting)")
+
+
+_MIXINS = {"single": _SingleDeviceMixin, "ddp": _DDPMixin, "fsdp": _FSDPMixin}
+_CLASSES: Dict[str, Dict[str, type]] = {}
+
+
+def strategy_classes(namespace: str = "lightning") -> Dict[str, type]:
+    """``{"single": cls, "ddp": cls, "fsdp": cls}`` for ``"lightning"`` or ``"pytorch_lightning"``."""
+    if namespace not in NAMESPACES:
+        raise ValueError(f"namespace must be one of {', '.join(NAMESPACES)} (or 'auto'); got {namespace!r}")
+    if namespace not in _CLASSES:
+        package = NAMESPACES[namespace]
+        try:
+            strategies = importlib.import_module(package + ".strategies")
+        except ImportError as exc:
+            pip_name = "lightning" if namespace == "lightning" else "pytorch-lightning"
+            raise ImportError(f"SlothStrategy(namespace={namespace!r}) needs {package}: pip install {pip_name}") from exc
+        prefix = "" if namespace == "lightning" else "PL"
+        classes = {}
+        for kind in KINDS:
+            name = prefix + _CLASS_NAMES[kind]
+            cls = type(name, (_MIXINS[kind], getattr(strategies, _BASES[kind])),
+                       {"strategy_name": REGISTRY_NAMES[kind], "_sloth_namespace": package,
+                        "__module__": __name__, "__qualname__": name,
+                        "__doc__": f"{_BASES[kind]} that patches the LightningModule's HF models in setup() "
+                                   f"({package} namespace). Build it with sloth_plugins.SlothStrategy."})
+            globals()[name] = cls  # importable by name, so instances pickle (ddp_spawn)
+            classes[kind] = cls
+        _CLASSES[namespace] = classes
+        _register(strategies.StrategyRegistry, classes)
+    return _CLASSES[namespace]
+
+
+def _register(registry, classes: Dict[str, type]) -> None:
+    for kind, cls in classes.items():
+        name = REGISTRY_NAMES[kind]
+        if name not in registry:
+            registry.register(name, cls, description=f"sloth_plugins: {_BASES[kind]} that patches HF models in setup")
+
+
+def _detect_namespace() -> str:
+    if "lightning.pytorch" in sys.modules:
+        return "lightning"
+    if "pytorch_lightning" in sys.modules:
+        return "pytorch_lightning"
+    if importlib.util.find_spec("lightning") is None and importlib.util.find_spec("pytorch_lightning") is not None:
+        return "pytorch_lightning"
+    return "lightning"
+
+
+def SlothStrategy(kind: str = "single", *, namespace: str = "auto", config: Optional[SlothConfig] = None,
+                  **options: Any):
+    """A Lightning strategy that patches the LightningModule's Hugging Face causal LMs in ``setup()``.
+
+    kind: ``"single"`` (default; one device, chosen as Lightning's automatic strategy would,
+    or ``device=``), ``"ddp"`` or ``"fsdp"``.
+    options: ``SlothConfig`` keys (``kernels``, ``loss``, ``gradient_checkpointing``, ...) plus the
+    base strategy's own arguments (e.g. ``find_unused_parameters`` for DDP,
+    ``auto_wrap_policy`` for FSDP), ``model_attr`` (which attribute(s) hold the model; found
+    automatically otherwise) and ``verbose`` (log the PatchReport once, on rank 0).
+    namespace: ``"lightning"`` (``import lightning``) or ``"pytorch_lightning"``; ``"auto"``
+    takes the one that is imported (``lightning`` when both are).
+    """
+    key = _KIND_ALIASES.get(str(kind).lower())
+    if key is None:
+        raise ValueError(f"SlothStrategy kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    classes = strategy_classes(_detect_namespace() if namespace == "auto" else namespace)
+    return classes[key](config=config, **options)
+
+
+def _register_imported_namespaces() -> None:
+    loaded = [ns for ns, package in NAMESPACES.items() if package in sys.modules]
+    for namespace in loaded or [_detect_namespace()]:
+        try:
+            strategy_classes(namespace)
+        except ImportError:
+            if loaded:
+                raise
+
+
+_register_imported_namespaces()
+
+
+def __getattr__(name: str):
+    # PLSloth*Strategy for pytorch_lightning users who import the classes by name
+    for namespace, prefix in (("lightning", ""), ("pytorch_lightning", "PL")):
+        for kind, class_name in _CLASS_NAMES.items():
+            if name == prefix + class_name:
+                return strategy_classes(namespace)[kind]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

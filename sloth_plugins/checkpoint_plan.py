@@ -1,0 +1,140 @@
+"""The gradient-checkpointing memory plan: pure functions from per-layer numbers to decisions.
+
+Memory model (bytes on the device, one training step):
+
+* ``keep``: a layer holds everything autograd saved in its forward (``full_bytes``, its input
+  included) until its backward.
+* ``recompute``: it holds only its input (``input_bytes``); its backward re-runs the forward,
+  which briefly materialises ``full_bytes`` again.
+* ``offload``: its input waits in host memory, so it holds nothing; when the layer above
+  starts its backward, the input is fetched back (prefetch), and then it behaves like
+  ``recompute``.
+
+Two moments can set the peak. The end of the forward (and the loss), where every layer's
+resident bytes are alive; and the backward of layer j, where the layers below j are still
+resident, layer j has ``full_bytes`` materialised, and the input of the next offloaded layer
+below j is being prefetched. Everything that does not depend on the plan (weights,
+optimizer state, logits, gradients, workspaces) is ``base_bytes`` plus a per-phase overhead,
+calibrated by measuring one step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+KEEP, RECOMPUTE, OFFLOAD = "keep", "recompute", "offload"
+DECISIONS = (KEEP, RECOMPUTE, OFFLOAD)
+GiB = float(2 ** 30)
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    full_bytes: int     # held for backward when the layer keeps its activations (input included)
+    input_bytes: int    # held when the layer is checkpointed: its input hidden states
+
+    def scaled(self, factor: float) -> "LayerMemory":
+        return LayerMemory(int(round(self.full_bytes * factor)), int(round(self.input_bytes * factor)))
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    base_bytes: int = 0          # allocated when the forward starts: weights, optimizer state, ...
+    forward_overhead: int = 0    # non-layer bytes at the forward / loss peak (embeddings, logits, loss)
+    backward_overhead: int = 0   # non-layer bytes during the layers' backward (gradients, temporaries)
+    offload_min_bytes: int = 0   # inputs smaller than this are not worth a host round trip
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    decisions: Tuple[str, ...]
+    predicted_peak_bytes: int
+    budget_bytes: int
+    fits: bool
+
+    def counts(self) -> Dict[str, int]:
+        return {d: self.decisions.count(d) for d in DECISIONS}
+
+    def summary(self) -> str:
+        c = self.counts()
+        text = (f"{c[KEEP]} keep, {c[RECOMPUTE]} recompute, {c[OFFLOAD]} offload; predicted peak "
+                f"{self.predicted_peak_bytes / GiB:.2f} GiB of a {self.budget_bytes / GiB:.2f} GiB budget")
+        return text if self.fits else text + " (does not fit even with every layer offloaded)"
+
+
+def is_offloaded(layer: LayerMemory, decision: str, offload_min_bytes: int) -> bool:
+    return decision == OFFLOAD and layer.input_bytes >= offload_min_bytes
+
+
+def resident_bytes(layer: LayerMemory, decision: str, offload_min_bytes: int = 0) -> int:
+    """Device bytes a layer holds between its forward and its backward."""
+    if decision == KEEP:
+        return layer.full_bytes
+    if is_offloaded(layer, decision, offload_min_bytes):
+        return 0
+    return layer.input_bytes
+
+
+def activation_peaks(layers: Sequence[LayerMemory], decisions: Sequence[str],
+                     offload_min_bytes: int = 0) -> Tuple[int, int]:
+    """(forward-end peak, backward peak) of the decoder layers' activations alone."""
+    _check(layers, decisions)
+    forward = sum(resident_bytes(m, d, offload_min_bytes) for m, d in zip(layers, decisions))
+    backward, below, prefetched = 0, 0, 0
+    for m, d in zip(layers, decisions):
+        backward = max(backward, below + m.full_bytes + prefetched)
+        below += resident_bytes(m, d, offload_min_bytes)
+        if is_offloaded(m, d, offload_min_bytes):
+            prefetched = m.input_bytes      # the next offloaded layer below the ones that follow
+    return forward, backward
+
+
+def predict_peak(layers: Sequence[LayerMemory], decisions: Sequence[str], model: MemoryModel = MemoryModel()) -> int:
+    forward, backward = activation_peaks(layers, decisions, model.offload_min_bytes)
+    return model.base_bytes + max(model.forward_overhead + forward, model.backward_overhead + backward)
+
+
+def plan_layers(layers: Sequence[LayerMemory], budget_bytes: int, model: MemoryModel = MemoryModel(),
+                allow_offload: bool = True) -> CheckpointPlan:
+    """Per layer keep / recompute / offload: the least recompute and offload that fits the budget.
+
+    Greedy on the exact peak: keep everything; while over budget, recompute the layers that
+    free the most (earliest first among equals, the last layer last, since its activations
+    are materialised at the start of the backward anyway); then offload recomputed layers,
+    earliest first, never the last one. A change that does not lower the peak is not made.
+    """
+    n = len(layers)
+    decisions: List[str] = [KEEP] * n
+
+    def peak() -> int:
+        return predict_peak(layers, decisions, model)
+
+    current = peak()
+    if current > budget_bytes:
+        order = sorted(range(n - 1), key=lambda i: (-(layers[i].full_bytes - layers[i].input_bytes), i))
+        current = _convert(decisions, order + [n - 1] if n else [], RECOMPUTE, peak, current, budget_bytes)
+    if current > budget_bytes and allow_offload:
+        order = [i for i in range(n - 1) if layers[i].input_bytes >= model.offload_min_bytes]
+        current = _convert(decisions, order, OFFLOAD, peak, current, budget_bytes)
+    return CheckpointPlan(tuple(decisions), current, int(budget_bytes), current <= budget_bytes)
+
+
+def _convert(decisions: List[str], order: Sequence[int], to: str, peak, current: int, budget: int) -> int:
+    for i in order:
+        if current <= budget:
+            break
+        before = decisions[i]
+        decisions[i] = to
+        lowered = peak()
+        if lowered < current:
+            current = lowered
+        else:
+            decisions[i] = before
+    return current
+
+
+def _check(layers: Sequence[LayerMemory], decisions: Sequence[str]) -> None:
+    if len(layers) != len(decisions):
+        raise ValueError(f"{len(decisions)} decisions for {len(layers)} layers")
+    bad = sorted(set(decisions) - set(DECISIONS))
+    if bad:
+        raise ValueError(f"unknown checkpoint decision(s) {bad}; valid: {', '.join(DECISIONS)}")

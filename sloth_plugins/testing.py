@@ -1,0 +1,74 @@
+"""Tiny models, a locally trained tokenizer and the shipped data: for tests, examples, smoke runs.
+
+Nothing here touches a hub: configs are built in code, tokenizers trained on local text.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, List, Optional
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+DATA_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "examples", "data", "tiny_instructions.jsonl")
+PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
+
+
+def load_instructions(path: Optional[str] = None, limit: Optional[int] = None) -> List[dict]:
+    """The instruction set shipped in the repo (examples/data/tiny_instructions.jsonl)."""
+    path = path or DATA_FILE
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run from a checkout of the repo (the data ships there)")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def format_example(row: dict) -> str:
+    return PROMPT.format(instruction=row["instruction"]) + row["response"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on ``texts``, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   padding_side="right")
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 384, hidden_size: int = 64, layers: int = 2,
+                **overrides):
+    """A small config of one of FAMILIES, built from transformers' own config class."""
+    from transformers import CONFIG_MAPPING
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+    if family in ("gemma", "gemma2", "gemma3_text", "qwen3"):
+        kw["head_dim"] = hidden_size // 4
+    if family in ("gemma2", "gemma3_text"):
+        kw.update(final_logit_softcapping=30.0, sliding_window=64, query_pre_attn_scalar=hidden_size // 4)
+    if family == "gemma3_text":
+        kw["layer_types"] = ["sliding_attention", "full_attention"][:layers] + ["full_attention"] * max(0, layers - 2)
+    kw.update(overrides)
+    return CONFIG_MAPPING[family](**kw)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_overrides), dtype=dtype)
+    return model

@@ -1,0 +1,158 @@
+"""Triton SwiGLU / GeGLU vs the torch reference: CPU under the interpreter, real shapes on GPU."""
+import pytest
+import torch
+
+from sloth_plugins.kernels._activations_triton import _gated_fwd, geglu_triton, swiglu_triton
+from sloth_plugins.kernels.activations import geglu, geglu_reference, swiglu, swiglu_reference
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+KINDS = {  # name: (Triton function, reference, public dispatching function)
+    "swiglu": (swiglu_triton, swiglu_reference, swiglu),
+    "geglu_erf": (lambda g, u: geglu_triton(g, u, "none"),
+                  lambda g, u: geglu_reference(g, u, "none"),
+                  lambda g, u: geglu(g, u, "none")),
+    "geglu_tanh": (lambda g, u: geglu_triton(g, u, "tanh"),
+                   lambda g, u: geglu_reference(g, u, "tanh"),
+                   lambda g, u: geglu(g, u, "tanh")),
+}
+PER_KIND = pytest.mark.parametrize("kind", list(KINDS))
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty():
+    """torch.empty hands out NaN-filled memory, so any element a kernel forgets to write fails."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _check(kind, gate, up, tol, leaves=None):
+    leaves = leaves or (gate, up)
+    fast, reference, _ = KINDS[kind]
+    before = [t.detach().clone() for t in leaves]
+    out, out_ref = fast(gate, up), reference(gate, up)
+    assert out.dtype == out_ref.dtype and out.shape == out_ref.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, out_ref, **tol)
+    grad_out = torch.randn_like(out_ref)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    want = torch.autograd.grad(out_ref, leaves, grad_out)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, **tol)
+    assert all(torch.equal(t.detach(), b) for t, b in zip(leaves, before))
+
+
+@PER_KIND
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference(kind, dtype):
+    # scale 3 reaches both tails of the activations
+    gate = (torch.randn(3, 5, 70) * 3).to(dtype).requires_grad_()
+    up = torch.randn(3, 5, 70, dtype=dtype, requires_grad=True)
+    _check(kind, gate, up, TOL[dtype])
+
+
+@PER_KIND
+def test_chunks_of_fused_gate_up_projection(kind):
+    # Phi-3 style gate_up.chunk(2, dim=-1): both halves are row-strided views of one tensor
+    gate_up = (torch.randn(2, 6, 2 * 40) * 2).requires_grad_()
+    gate, up = gate_up.chunk(2, dim=-1)
+    _check(kind, gate, up, TOL[torch.float32], leaves=(gate_up,))
+
+
+def test_transposed_inputs_and_wide_rows():
+    # last dim not stride 1, and a row wider than one block (several programs per row)
+    gate = torch.randn(2100, 3).t().requires_grad_()
+    up = torch.randn(3, 2100, requires_grad=True)
+    _check("swiglu", gate, up, TOL[torch.float32])
+
+
+# the interpreter's numpy warns when exp overflows to inf, which the formulas handle
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_extreme_gate_values_stay_finite():
+    gate = torch.tensor([[-100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0, 5.0]], requires_grad=True)
+    up = torch.randn(1, 8, requires_grad=True)
+    for kind in KINDS:
+        _check(kind, gate, up, TOL[torch.float32])
+
+
+def test_frozen_up_gets_no_grad():
+    gate = torch.randn(4, 16, requires_grad=True)
+    up = torch.randn(4, 16)
+    swiglu_triton(gate, up).sum().backward()
+    (dgate,) = torch.autograd.grad(swiglu_reference(gate, up).sum(), (gate,))
+    torch.testing.assert_close(gate.grad, dgate, **TOL[torch.float32])
+    assert up.grad is None
+
+
+def test_bad_approximate_is_an_error():
+    with pytest.raises(ValueError, match="approximate"):
+        geglu_triton(torch.randn(2, 4), torch.randn(2, 4), "sigmoid")
+
+
+def test_opcheck():
+    gate, up = torch.randn(4, 24, requires_grad=True), torch.randn(4, 24, requires_grad=True)
+    for kind in ("silu", "gelu", "gelu_tanh"):
+        torch.library.opcheck(_gated_fwd, (gate, up, kind))
+
+
+def test_compiles_without_graph_breaks():
+    gate, up = torch.randn(4, 24, requires_grad=True), torch.randn(4, 24, requires_grad=True)
+    def fn(g, u):
+        return (swiglu_triton(g, u) + geglu_triton(g, u, "tanh")).square().sum()
+
+    loss = torch.compile(fn, backend="aot_eager", fullgraph=True)(gate, up)
+    got = torch.autograd.grad(loss, (gate, up))
+    loss_ref = (swiglu_reference(gate, up) + geglu_reference(gate, up, "tanh")).square().sum()
+    want = torch.autograd.grad(loss_ref, (gate, up))
+    torch.testing.assert_close(loss, loss_ref, **TOL[torch.float32])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- GPU (H200)
+
+def _rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.gpu
+@PER_KIND
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_matches_fp32_reference(kind, dtype):
+    _, reference, public = KINDS[kind]
+    tokens, intermediate = 4096, 14336
+    gate = torch.randn(tokens, intermediate, device="cuda", dtype=dtype, requires_grad=True)
+    up = torch.randn(tokens, intermediate, device="cuda", dtype=dtype, requires_grad=True)
+    out = public(gate, up)  # public entry point: CUDA takes the Triton path
+    grad_out = torch.randn_like(out)
+    d_gate, d_up = torch.autograd.grad(out, (gate, up), grad_out)
+
+    g32, u32 = gate.detach().float().requires_grad_(), up.detach().float().requires_grad_()
+    out_ref = reference(g32, u32)
+    d_gate_ref, d_up_ref = torch.autograd.grad(out_ref, (g32, u32), grad_out.float())
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in [(out, out_ref), (d_gate, d_gate_ref), (d_up, d_up_ref)]:
+        assert torch.isfinite(got).all()
+        assert _rel_err(got, want) <= bound
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_on_fused_gate_up():
+    gate_up = torch.randn(2, 2048, 2 * 8192, device="cuda", dtype=torch.bfloat16,
+                          requires_grad=True)
+
+    def mlp_act(t):
+        gate, up = t.chunk(2, dim=-1)
+        return swiglu(gate, up)
+
+    out = torch.compile(mlp_act, fullgraph=True)(gate_up)
+    grad_out = torch.randn_like(out)
+    (d_gate_up,) = torch.autograd.grad(out, (gate_up,), grad_out)
+    ref_in = gate_up.detach().float().requires_grad_()
+    out_ref = swiglu_reference(*ref_in.chunk(2, dim=-1))
+    (d_ref,) = torch.autograd.grad(out_ref, (ref_in,), grad_out.float())
+    assert _rel_err(out, out_ref) <= 1e-2 and _rel_err(d_gate_up, d_ref) <= 1e-2

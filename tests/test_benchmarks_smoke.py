@@ -1,0 +1,60 @@
+"""The benchmark scripts' --smoke modes (tiny shapes on CPU) run end to end and agree with
+the references: kernels within 1e-4 of eager, and sloth's patched model trains with the
+same per-step losses as plain HF + PEFT (fp32, same weights, data and LoRA init)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _start(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(BENCH / script), "--smoke", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"{proc.args[1]} --smoke timed out:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"{proc.args[1]} --smoke exited {proc.returncode}:\n{out[-4000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_kernel_and_e2e_smoke_modes(tmp_path):
+    # both at once: each is mostly process start-up and imports
+    kernels = _start("kernels.py", "--out-dir", str(tmp_path / "k"))
+    e2e = _start("e2e.py", "--out-dir", str(tmp_path / "e"), "--model-dir", str(tmp_path / "model"))
+    kernels_out, e2e_out = _finish(kernels), _finish(e2e)
+
+    rows = json.loads((tmp_path / "k" / "kernels.json").read_text())["rows"]
+    measured = {(r["kernel"], r["impl"]): r for r in rows}
+    for kernel in ("rms_norm", "rms_norm_dw", "rope", "swiglu", "geglu", "geglu_tanh", "fused_ce"):
+        for impl in ("sloth", "eager", "compile"):
+            row = measured.get((kernel, impl))
+            assert row is not None and "error" not in row, (kernel, impl, row, kernels_out[-3000:])
+            assert row["rel_err"] <= 1e-4, (kernel, impl, row["rel_err"])
+            assert all(row[f"{m}_ms"] > 0 for m in ("fwd", "bwd", "fwdbwd"))
+    assert measured[("fused_ce", "torch_chunked")]["rel_err"] <= 1e-4
+    assert "rel err" in kernels_out and "fused_ce" in kernels_out
+
+    payload = json.loads((tmp_path / "e" / "e2e_tiny_fp32_gc.json").read_text())
+    results = {r["impl"]: r for r in payload["results"]}
+    assert set(results) == {"hf_peft", "sloth"}, e2e_out[-3000:]
+    hf, ours = results["hf_peft"], results["sloth"]
+    assert hf["ok"] and ours["ok"], e2e_out[-3000:]
+    assert len(hf["losses"]) == len(ours["losses"]) >= 2
+    for a, b in zip(hf["losses"], ours["losses"]):
+        assert math.isfinite(a) and math.isfinite(b)
+        assert abs(a - b) <= 1e-4 * abs(a), (hf["losses"], ours["losses"])
+    assert ours["patch_report"].get("loss", {}).get("patched", 0) >= 1
+    assert hf["tok_s"] > 0 and ours["tok_s"] > 0 and hf["n_matmul"] > 0
+    assert "step-0 loss" in e2e_out and "N_matmul" in e2e_out
