@@ -10,6 +10,9 @@ Reduction follows Hugging Face's causal-LM contract: ``sum / num_items_in_batch`
 (gradient accumulation), else the mean over non-ignored tokens; all-ignored gives 0.
 Logit soft-capping (Gemma 2/3) is ``cap * tanh(logits / cap)`` before the softmax.
 
+CUDA tensors take the Triton path (``_cross_entropy_triton.py``, same signature); the torch
+function here is the reference that defines the semantics.
+
 ``chunked_cross_entropy`` is the generic variant for a head that is not a plain weight (a
 LoRA-wrapped or quantised lm_head): each chunk is recomputed in backward instead.
 """
@@ -28,14 +31,15 @@ Divisor = Union[float, int, torch.Tensor, None]
 _MIN_CHUNK = 64
 
 
-def auto_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """Tokens per chunk so that one chunk of fp32 logits stays small next to free memory."""
+def auto_chunk_size(n_tokens: int, vocab: int, device: torch.device, *, bytes_per_logit: int = 4,
+                    max_bytes: int = 256 * 2**20) -> int:
+    """Tokens per chunk so that one chunk of logits (fp32 by default) stays small next to free memory."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        budget = min(256 * 2**20, free // 16)
+        budget = min(max_bytes, free // 16)
     else:
-        budget = 64 * 2**20
-    chunk = max(_MIN_CHUNK, budget // (vocab * 4))
+        budget = min(max_bytes, 64 * 2**20)
+    chunk = max(_MIN_CHUNK, budget // (vocab * bytes_per_logit))
     chunk = (chunk // _MIN_CHUNK) * _MIN_CHUNK
     return int(max(1, min(chunk, n_tokens)))
 
