@@ -18,6 +18,7 @@ from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import apply_rope, gated_activation, rms_norm
 from ..report import PatchReport
 from ._modules import decoder_layers, get_path, rebind_global
+from .fused_lora_patching import patch_lora_projections, try_patch_lora_mlp
 
 _ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 
@@ -38,6 +39,8 @@ class KernelPlugin:
                     _patch_norm(get_path(attn, name), f"{layer_path}.{arch.attention}.{name}", arch, report, patcher)
             if config.kernel_enabled("rope") and attn is not None:
                 _patch_rope(attn, f"{layer_path}.{arch.attention}", report, patcher)
+            if attn is not None and (config.kernel_enabled("lora_qkv") or config.kernel_enabled("lora_o")):
+                patch_lora_projections(attn, f"{layer_path}.{arch.attention}", arch, config, report, patcher)
             mlp = get_path(layer, arch.mlp)
             if mlp is not None:
                 _patch_mlp(mlp, f"{layer_path}.{arch.mlp}", model.config, arch, config, report, patcher)
@@ -119,9 +122,11 @@ def _rebuilt_attention_forward(cls_forward, original):
 
 def _patch_mlp(mlp, path: str, model_config, arch: Architecture, config, report: PatchReport,
                patcher: InstancePatcher) -> None:
+    kind = arch.activation(model_config)
+    if config.kernel_enabled("lora_mlp") and try_patch_lora_mlp(mlp, path, kind, arch, report, patcher):
+        return
     if not config.kernel_enabled("mlp"):
         return
-    kind = arch.activation(model_config)
     if kind is None:
         act = getattr(model_config, arch.activation_attr, None)
         report.fallback("mlp", f"activation {act!r} has no fused gated kernel", path)

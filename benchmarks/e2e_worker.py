@@ -1,0 +1,289 @@
+"""One end-to-end measurement in its own process; driven by benchmarks/e2e.py.
+
+    e2e_worker.py create --model llama-1b --dir /tmp/m       # random-init model + tokenizer, saved
+    e2e_worker.py train --impl sloth --dir /tmp/m ...         # LoRA/QLoRA steps, timed
+
+Progress and the result go to stdout as lines ``@@SLOTHBENCH@@ <json>`` (events "loaded",
+"step", "result"); everything else the libraries print passes through untouched.
+
+The loop is the same for every implementation: fixed random token batches (same seed, same
+data for all), labels = input_ids (the model shifts), ``model(input_ids, labels).loss``,
+backward, AdamW step, zero_grad; bf16 runs under torch.autocast(bfloat16) as HF Trainer's
+bf16=True does; torch.cuda.synchronize() around every step. Peak memory is
+torch.cuda.max_memory_allocated() from after loading (weights included) to the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# benchmarks/kernels.py must never be importable as Hugging Face's `kernels` package
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _HERE]
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "UNSLOTH_DISABLE_STATISTICS": "1", "DO_NOT_TRACK": "1", "AXOLOTL_DO_NOT_TRACK": "1",
+               "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+MARK = "@@SLOTHBENCH@@ "
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# rope: plain theta=500000 for both (Llama-3.2's "llama3" frequency scaling only changes the
+# cos/sin tables, not the cost, and keeps every implementation on its default rotary path).
+MODELS = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                     max_position_embeddings=8192, rms_norm_eps=1e-5),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+                 max_position_embeddings=256, rms_norm_eps=1e-5),
+}
+ROPE_THETA = 500000.0
+
+
+def emit(event: str, **data) -> None:
+    print(MARK + json.dumps({"event": event, **data}, default=str), flush=True)
+
+
+def _dtype(name: str):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+
+# ---------------------------------------------------------------------------------------- create
+
+def _tokenizer():
+    """A small byte-level BPE trained here (no hub): Unsloth's loader wants a tokenizer in the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    texts = [f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(64)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def llama_config(name: str, tok=None):
+    from transformers import LlamaConfig
+    kw = dict(MODELS[name])
+    if tok is not None:
+        kw.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    try:
+        return LlamaConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
+    except TypeError:                      # transformers < 5
+        return LlamaConfig(**kw, rope_theta=ROPE_THETA)
+
+
+def create(args) -> None:
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+    target = Path(args.dir)
+    if target.exists() and any(target.iterdir()) and not (target / "bench_meta.json").exists():
+        raise SystemExit(f"refusing to replace {target}: it exists and was not made by this benchmark")
+    t0 = time.perf_counter()
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    tok = _tokenizer()
+    config = llama_config(args.model, tok)
+    torch.manual_seed(args.seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):          # random init on the GPU: minutes faster than CPU for 8B
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    tok.save_pretrained(tmp)
+    meta = {"model": args.model, "shape": MODELS[args.model], "rope_theta": ROPE_THETA, "seed": args.seed,
+            "dtype": args.dtype, "params": n_params, "created_s": round(time.perf_counter() - t0, 1)}
+    (tmp / "bench_meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    emit("created", **meta, dir=str(target))
+
+
+# ----------------------------------------------------------------------------------------- train
+
+def matmul_flops(cfg: dict, seq: int) -> dict:
+    """N_matmul = parameters of every linear layer incl. lm_head (LoRA adapters excluded);
+    per-token LoRA training FLOPs = 4 N_matmul (forward + input gradients; frozen weights
+    get no weight gradient) + 6 L seq d (attention scores, as DESIGN.md counts them)."""
+    d, n_layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    hq, hk = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // hq
+    per_layer = d * hq * hd + 2 * d * hk * hd + hq * hd * d + 3 * d * inter
+    n_matmul = n_layers * per_layer + vocab * d
+    return {"n_matmul": n_matmul, "flops_per_token": 4 * n_matmul + 6 * n_layers * seq * d}
+
+
+def _load_hf(args, device, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    info = {}
+    if args.impl == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama()      # class-level: rope, RMSNorm, SwiGLU, fused linear CE
+        info["liger"] = "apply_liger_kernel_to_llama() defaults: rope, rms_norm, swiglu, fused_linear_cross_entropy"
+    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kw["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    elif device.type == "cuda":
+        kw["device_map"] = {"": device.index}
+    model = AutoModelForCausalLM.from_pretrained(args.dir, **kw)
+    if not args.qlora and device.type != "cuda":
+        model.to(device)
+    model.config.use_cache = False
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        info["gradient_checkpointing"] = "HF gradient_checkpointing_enable(use_reentrant=False)"
+    torch.manual_seed(args.seed)           # same LoRA A init for hf_peft, sloth and liger
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                             bias="none", target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    if args.impl == "sloth":
+        import sloth_plugins as sloth
+        report = sloth.patch(model, sloth.SlothConfig())
+        info["patch_report"] = report.summary()
+        info["patch_notes"] = list(report.notes)
+    return model, info
+
+
+def _load_unsloth(args, device, dtype):
+    import unsloth  # noqa: F401  (first: it patches transformers/peft on import)
+    from unsloth import FastLanguageModel
+    gc = (args.unsloth_gc if args.unsloth_gc == "unsloth" else True) if args.grad_ckpt else False
+    model, _tok = FastLanguageModel.from_pretrained(
+        model_name=args.dir, max_seq_length=args.seq_len, dtype=dtype, load_in_4bit=args.qlora,
+        use_gradient_checkpointing=gc, random_state=args.seed)
+    model = FastLanguageModel.get_peft_model(
+        model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0, bias="none",
+        target_modules=LORA_TARGETS, use_gradient_checkpointing=gc, random_state=args.seed)
+    FastLanguageModel.for_training(model, use_gradient_checkpointing=gc)
+    return model, {"gradient_checkpointing": f"unsloth use_gradient_checkpointing={gc!r}"}
+
+
+def train(args) -> None:
+    if args.impl == "unsloth":
+        import unsloth  # noqa: F401  (must precede transformers/peft/torch-heavy imports)
+    import torch
+
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    cfg = json.loads((Path(args.dir) / "config.json").read_text())
+    flops = matmul_flops(cfg, args.seq_len)
+    t0 = time.perf_counter()
+    if args.impl == "unsloth":
+        model, info = _load_unsloth(args, device, dtype)      # for_training() has set the modes
+    else:
+        model, info = _load_hf(args, device, dtype)
+        model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    info.update(trainable_params=sum(p.numel() for p in trainable),
+                lora_param_dtype=str(trainable[0].dtype) if trainable else None)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    load_s = time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(args.seed)
+    n_steps = args.warmup + args.steps
+    batches = [torch.randint(0, cfg["vocab_size"], (args.batch_size, args.seq_len), generator=gen).to(device)
+               for _ in range(n_steps)]
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        info["model_mem_gib"] = torch.cuda.memory_allocated(device) / 2**30
+    emit("loaded", impl=args.impl, load_s=round(load_s, 1), **info)
+    use_autocast = bool(dtype in (torch.bfloat16, torch.float16) and args.autocast)
+    tokens = args.batch_size * args.seq_len
+    losses, times = [], []
+    for step, ids in enumerate(batches):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t
+        losses.append(float(loss.detach().float().item()))
+        times.append(dt)
+        emit("step", impl=args.impl, step=step, warmup=step < args.warmup, loss=losses[-1], step_s=dt,
+             tok_s=tokens / dt)
+    timed = times[args.warmup:]
+    tok_s = tokens * len(timed) / sum(timed) if timed else None
+    result = {
+        "impl": args.impl, "ok": True, "load_s": load_s, "tokens_per_step": tokens, "tok_s": tok_s,
+        "step_s_mean": sum(timed) / len(timed) if timed else None, "step_s": times, "losses": losses,
+        "loss_step0": losses[0], "loss_final": losses[-1],
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+        "mfu": tok_s * flops["flops_per_token"] / args.peak_flops if tok_s else None,
+        **flops, "autocast": use_autocast, **info,
+    }
+    emit("result", **result)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="one e2e benchmark step loop (see benchmarks/e2e.py)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create")
+    c.add_argument("--model", choices=sorted(MODELS), required=True)
+    c.add_argument("--dir", required=True)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    c.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train")
+    t.add_argument("--impl", required=True, choices=["hf_peft", "sloth", "liger", "unsloth"])
+    t.add_argument("--dir", required=True)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    t.add_argument("--batch-size", type=int, required=True)
+    t.add_argument("--seq-len", type=int, required=True)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--grad-ckpt", type=int, default=1)
+    t.add_argument("--qlora", type=int, default=0)
+    t.add_argument("--autocast", type=int, default=1)
+    t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--lora-alpha", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--peak-flops", type=float, default=790e12)
+    t.add_argument("--unsloth-gc", default="unsloth", choices=["unsloth", "true"])
+    args = p.parse_args(argv)
+    create(args) if args.cmd == "create" else train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The test command (README and CI run exactly this):   bash tests/run.sh [latest|axolotl|all]
+#
+# Builds a virtualenv per environment and runs the CPU suite in it:
+#   latest   newest transformers / peft / trl / lightning / bitsandbytes, no axolotl
+#   axolotl  axolotl 0.19 with the older transformers / peft / trl it pins
+#   all      both, one after the other (default)
+# Virtualenvs live in .venv-<env> (reused when present; SLOTH_VENV_DIR moves them).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+which=${1:-all}
+venv_dir=${SLOTH_VENV_DIR:-$PWD}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+       DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 WANDB_MODE=disabled UNSLOTH_DISABLE_STATISTICS=1 \
+       PIP_DISABLE_PIP_VERSION_CHECK=1
+
+setup() {
+  local env=$1 venv="$venv_dir/.venv-$1"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt torch==2.13.0
+  case $env in
+    latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev]" ;;
+    axolotl) "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[axolotl,lightning,dev]" ;;
+  esac
+}
+
+run_env() {
+  local env=$1 venv="$venv_dir/.venv-$1" t0=$SECONDS
+  echo "=== [$env] installing into $venv"
+  setup "$env"
+  "$venv/bin/python" -c "import torch, transformers, peft, trl; print('[$env] torch', torch.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
+  echo "=== [$env] pytest (installed in $((SECONDS - t0)) s)"
+  # never `python -m pytest`: it puts the repo root (our kernels/ folder) on sys.path
+  "$venv/bin/pytest" -m "not gpu" -q -p no:randomly tests
+}
+
+case $which in
+  latest|axolotl) run_env "$which" ;;
+  all) run_env latest; run_env axolotl ;;
+  *) echo "usage: bash tests/run.sh [latest|axolotl|all]" >&2; exit 2 ;;
+esac
