@@ -171,7 +171,10 @@ def _load_hf(args, device, dtype):
                                              bias="none", target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     if args.impl == "sloth":
         import sloth_plugins as sloth
-        report = sloth.patch(model, sloth.SlothConfig())
+        # SLOTH_BENCH_CONFIG='{"gradient_checkpointing": "offload"}' benchmarks other modes
+        options = json.loads(os.environ.get("SLOTH_BENCH_CONFIG") or "{}")
+        report = sloth.patch(model, sloth.SlothConfig(**options))
+        info["sloth_config"] = options
         info["patch_report"] = report.summary()
         info["patch_notes"] = list(report.notes)
     return model, info
