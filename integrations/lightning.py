@@ -186,7 +186,8 @@ class _SingleDeviceMixin(_SlothStrategyMixin):
         unknown = sorted(set(sloth_options) - set(_CONFIG_KEYS))
         if unknown:
             raise SlothConfigError(
-                f"SlothStrategy() got unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))};"
+                f"SlothStrategy() got unknown argument{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))};"
                 f" sloth options: {', '.join(_CONFIG_KEYS)}; strategy options: device, accelerator, checkpoint_io, "
                 f"precision_plugin, config, model_attr, verbose")
         super().__init__(device=device if device is not None else "cpu", accelerator=accelerator,
@@ -247,7 +248,8 @@ def strategy_classes(namespace: str = "lightning") -> Dict[str, type]:
             strategies = importlib.import_module(package + ".strategies")
         except ImportError as exc:
             pip_name = "lightning" if namespace == "lightning" else "pytorch-lightning"
-            raise ImportError(f"SlothStrategy(namespace={namespace!r}) needs {package}: pip install {pip_name}") from exc
+            raise ImportError(f"SlothStrategy(namespace={namespace!r}) needs {package}: "
+                              f"pip install {pip_name}") from exc
         prefix = "" if namespace == "lightning" else "PL"
         classes = {}
         for kind in KINDS:

@@ -1,11 +1,11 @@
 """Checkpointed layers' inputs parked in host memory between their forward and their backward.
 
-``ActivationOffloader.hooks(key)`` is a ``saved_tensors_hooks`` context put around a
+``ActivationOffloader.hooks(generation, index)`` is a ``saved_tensors_hooks`` context put around a
 non-reentrant ``torch.utils.checkpoint`` call. Inside the checkpoint the layer's own saves go
 to the checkpoint (and are recomputed); the only tensors that reach our hooks are the
 checkpoint's inputs, i.e. the layer's input hidden states. Those are copied to a pooled host
 buffer on a side CUDA stream (the device copy is freed as soon as the copy is done) and
-copied back, again on the side stream, when ``prefetch(key)`` asks for them: the plugin does
+copied back, again on the side stream, when ``prefetch`` asks for them: the plugin does
 that when the layer above starts its backward, so the copy overlaps that layer's compute.
 
 On a CPU "device" the same path runs with plain synchronous copies, which is what the CPU
@@ -19,7 +19,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -120,7 +120,7 @@ class HostBufferPool:
         self._allocations += 1
         if self.pinned:
             try:
-                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                return self._allocate_pinned(nbytes)
             except RuntimeError as exc:
                 self.pinned = False
                 if not self._warned:
@@ -129,6 +129,10 @@ class HostBufferPool:
                                   f"memory, so the copies to and from the device will stall the host",
                                   RuntimeWarning, stacklevel=4)
         return torch.empty(nbytes, dtype=torch.uint8)
+
+    @staticmethod
+    def _allocate_pinned(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def _wait(event: Optional[object]) -> None:
@@ -139,12 +143,12 @@ def _wait(event: Optional[object]) -> None:
 class ParkedTensor:
     """One tensor waiting in host memory; returns its buffer to the pool when garbage-collected."""
 
-    __slots__ = ("_offloader", "_buffer", "host", "device", "_device_tensor", "_ready", "_fetch_stream",
+    __slots__ = ("_offloader", "_buffer", "host", "device", "key", "_device_tensor", "_ready", "_fetch_stream",
                  "__weakref__")
 
     def __init__(self, offloader: "ActivationOffloader", buffer: torch.Tensor, host: torch.Tensor,
-                 device: torch.device):
-        self._offloader, self._buffer, self.host, self.device = offloader, buffer, host, device
+                 device: torch.device, key: Tuple[Hashable, int]):
+        self._offloader, self._buffer, self.host, self.device, self.key = offloader, buffer, host, device, key
         self._device_tensor: Optional[torch.Tensor] = None
         self._ready = None
         self._fetch_stream = None
@@ -153,12 +157,16 @@ class ParkedTensor:
     def fetching(self) -> bool:
         return self._device_tensor is not None
 
-    def fetch_async(self) -> None:
-        if self._device_tensor is None:
-            self._device_tensor, self._ready, self._fetch_stream = self._offloader._to_device(self)
+    def fetch_async(self) -> bool:
+        """Start the copy back to the device; False when it was already started."""
+        if self._device_tensor is not None:
+            return False
+        self._device_tensor, self._ready, self._fetch_stream = self._offloader._to_device(self)
+        return True
 
     def take(self) -> torch.Tensor:
-        self.fetch_async()
+        if self.fetch_async():
+            self._offloader.fetched_on_demand += 1
         tensor, ready, stream = self._device_tensor, self._ready, self._fetch_stream
         self._device_tensor = self._ready = self._fetch_stream = None
         if ready is not None:
@@ -170,7 +178,7 @@ class ParkedTensor:
 
     def __del__(self):
         try:
-            self._offloader._release(self._buffer, self.device)
+            self._offloader._release(self._buffer, self.device, self.key)
         except Exception:  # interpreter shutdown; nothing to give back to
             pass
 
@@ -178,8 +186,8 @@ class ParkedTensor:
 class ActivationOffloader:
     """Pack/unpack hooks that park checkpoint inputs in host memory, with prefetch by key.
 
-    Keys are ``(generation, layer_index)``: the plugin bumps the generation each forward, so
-    ``prefetch_below`` finds the next layer to run in backward within the same forward.
+    Keys are ``(generation, layer_index)``: the plugin bumps the generation each forward, so a
+    prefetch finds the layer of the same forward.
     """
 
     def __init__(self, min_bytes: Optional[int] = None):
@@ -188,8 +196,10 @@ class ActivationOffloader:
         self._streams: Dict[torch.device, object] = {}
         self._parked: Dict[Hashable, Dict[int, "weakref.ref[ParkedTensor]"]] = {}
         self._lock = threading.RLock()
-        self.parked_count = 0     # tensors sent to the host so far
-        self.kept_count = 0       # tensors left on the device (too small, non-contiguous, ...)
+        self.parked_count = 0        # tensors sent to the host so far
+        self.kept_count = 0          # tensors left on the device (too small, non-contiguous, ...)
+        self.prefetched = 0          # copies back started ahead of the backward that needs them
+        self.fetched_on_demand = 0   # copies back started only when the backward asked (a stall on CUDA)
 
     # ---- hooks -------------------------------------------------------------------------
     def hooks(self, generation: Hashable, index: int) -> torch.autograd.graph.saved_tensors_hooks:
@@ -197,15 +207,15 @@ class ActivationOffloader:
 
     def should_park(self, tensor: torch.Tensor) -> bool:
         minimum = offload_min_bytes(tensor.device) if self.min_bytes is None else self.min_bytes
-        return (tensor.layout == torch.strided and not tensor.is_quantized and tensor.is_contiguous()
-                and tensor.numel() * tensor.element_size() >= max(minimum, 1)
-                and not isinstance(tensor, torch.nn.Parameter))
+        # exact type: no Parameters, no subclasses (DTensor, quantized wrappers) whose copy means something else
+        return (type(tensor) is torch.Tensor and tensor.layout == torch.strided and not tensor.is_quantized
+                and tensor.is_contiguous() and tensor.numel() * tensor.element_size() >= max(minimum, 1))
 
     def _pack(self, tensor: torch.Tensor, generation: Hashable, index: int):
         if not self.should_park(tensor):
             self.kept_count += 1
             return tensor
-        parked = self._to_host(tensor)
+        parked = self._to_host(tensor, (generation, index))
         with self._lock:
             self._parked.setdefault(generation, {})[index] = weakref.ref(parked)
         self.parked_count += 1
@@ -218,33 +228,19 @@ class ActivationOffloader:
     # ---- prefetch ----------------------------------------------------------------------
     def prefetch(self, generation: Hashable, index: int) -> bool:
         parked = self._lookup(generation, index)
-        if parked is not None:
-            parked.fetch_async()
+        if parked is not None and parked.fetch_async():
+            self.prefetched += 1
         return parked is not None
-
-    def prefetch_below(self, generation: Hashable, index: int) -> Optional[int]:
-        """Start fetching the highest parked layer below ``index``; returns its index."""
-        with self._lock:
-            below = [i for i in self._parked.get(generation, {}) if i < index]
-        for i in sorted(below, reverse=True):
-            if self.prefetch(generation, i):
-                return i
-        return None
 
     def _lookup(self, generation: Hashable, index: int) -> Optional[ParkedTensor]:
         with self._lock:
-            layers = self._parked.get(generation)
-            ref = layers.get(index) if layers else None
-            parked = ref() if ref is not None else None
-            if ref is not None and parked is None:
-                del layers[index]
-            if layers is not None and not layers:
-                del self._parked[generation]
-            return parked
+            ref = self._parked.get(generation, {}).get(index)
+            return ref() if ref is not None else None
 
     def live_parked(self) -> int:
+        """Tensors parked and not yet garbage-collected (0 between steps: nothing leaks)."""
         with self._lock:
-            return sum(1 for layers in self._parked.values() for ref in layers.values() if ref() is not None)
+            return sum(len(layers) for layers in self._parked.values())
 
     # ---- copies ------------------------------------------------------------------------
     def pool(self, device: torch.device) -> HostBufferPool:
@@ -264,7 +260,7 @@ class ActivationOffloader:
                 self._streams[device] = torch.cuda.Stream(device)
             return self._streams[device]
 
-    def _to_host(self, tensor: torch.Tensor) -> ParkedTensor:
+    def _to_host(self, tensor: torch.Tensor, key: Tuple[Hashable, int]) -> ParkedTensor:
         nbytes = tensor.numel() * tensor.element_size()
         pool = self.pool(tensor.device)
         buffer = pool.acquire(nbytes)
@@ -277,7 +273,7 @@ class ActivationOffloader:
             tensor.record_stream(stream)    # its device memory is reused only once the copy is done
         else:
             host.copy_(tensor)
-        return ParkedTensor(self, buffer, host, tensor.device)
+        return ParkedTensor(self, buffer, host, tensor.device, key)
 
     def _to_device(self, parked: ParkedTensor):
         host, device = parked.host, parked.device
@@ -293,7 +289,14 @@ class ActivationOffloader:
             ready.record(stream)
         return tensor, ready, current
 
-    def _release(self, buffer: torch.Tensor, device: torch.device) -> None:
+    def _release(self, buffer: torch.Tensor, device: torch.device, key: Tuple[Hashable, int]) -> None:
+        generation, index = key
+        with self._lock:
+            layers = self._parked.get(generation)
+            if layers is not None:
+                layers.pop(index, None)
+                if not layers:
+                    del self._parked[generation]
         event = None
         if device.type == "cuda":
             event = torch.cuda.Event()

@@ -8,12 +8,12 @@ Memory model (bytes on the device, one training step):
   which briefly materialises ``full_bytes`` again.
 * ``offload``: its input waits in host memory, so it holds nothing; when the layer above
   starts its backward, the input is fetched back (prefetch), and then it behaves like
-  ``recompute``.
+  ``recompute``. The last layer is never offloaded (its input would be fetched back at once).
 
 Two moments can set the peak. The end of the forward (and the loss), where every layer's
 resident bytes are alive; and the backward of layer j, where the layers below j are still
-resident, layer j has ``full_bytes`` materialised, and the input of the next offloaded layer
-below j is being prefetched. Everything that does not depend on the plan (weights,
+resident, layer j has ``full_bytes`` materialised, and the input of layer j - 1 is being
+prefetched if that layer is offloaded. Everything that does not depend on the plan (weights,
 optimizer state, logits, gradients, workspaces) is ``base_bytes`` plus a per-phase overhead,
 calibrated by measuring one step.
 """
@@ -58,7 +58,7 @@ class CheckpointPlan:
         c = self.counts()
         text = (f"{c[KEEP]} keep, {c[RECOMPUTE]} recompute, {c[OFFLOAD]} offload; predicted peak "
                 f"{self.predicted_peak_bytes / GiB:.2f} GiB of a {self.budget_bytes / GiB:.2f} GiB budget")
-        return text if self.fits else text + " (does not fit even with every layer offloaded)"
+        return text if self.fits else text + " (over budget: nothing left that would lower the peak)"
 
 
 def is_offloaded(layer: LayerMemory, decision: str, offload_min_bytes: int) -> bool:
@@ -83,8 +83,7 @@ def activation_peaks(layers: Sequence[LayerMemory], decisions: Sequence[str],
     for m, d in zip(layers, decisions):
         backward = max(backward, below + m.full_bytes + prefetched)
         below += resident_bytes(m, d, offload_min_bytes)
-        if is_offloaded(m, d, offload_min_bytes):
-            prefetched = m.input_bytes      # the next offloaded layer below the ones that follow
+        prefetched = m.input_bytes if is_offloaded(m, d, offload_min_bytes) else 0
     return forward, backward
 
 

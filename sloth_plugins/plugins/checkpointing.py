@@ -2,10 +2,10 @@
 
 transformers' ``GradientCheckpointingLayer`` calls ``self._gradient_checkpointing_func(fn,
 *args)`` whenever ``self.gradient_checkpointing`` is true in training (from ``forward`` in
-transformers >= 5.17, from ``__call__`` before). We set ``gradient_checkpointing = True`` and
-our ``LayerCheckpointer`` on each decoder layer instance, so every training forward of every
-layer goes through ``CheckpointController.run_layer``, which keeps, recomputes or offloads
-that layer as the current plan says. The model's ``_set_gradient_checkpointing`` is wrapped
+transformers >= 5.17, from ``__call__`` before). We set ``gradient_checkpointing`` (a flag true
+while grad is enabled) and our ``LayerCheckpointer`` on each decoder layer instance, so every
+training forward of every layer goes through ``CheckpointController.run_layer``, which keeps,
+recomputes or offloads that layer as the current plan says. The model's ``_set_gradient_checkpointing`` is wrapped
 so a later ``gradient_checkpointing_enable()`` (Trainer, TRL, Lightning, Axolotl) is recorded
 and our attributes re-asserted instead of silently replaced; ``unpatch`` replays the
 framework's last request, so the model ends up exactly as the framework left it.
@@ -50,7 +50,27 @@ PLAN_DECISIONS = (KEEP, RECOMPUTE, OFFLOAD, FRAMEWORK, AUTO)
 _CONTROLLER_ATTR = "_sloth_checkpointing"
 _MAX_VERIFICATIONS = 4        # steps whose peak auto measures to check a new plan (each resets CUDA peak stats)
 _MAX_FAILED_MEASUREMENTS = 3  # measuring forwards without a backward before auto stops waiting for one
+_MAX_MEASUREMENTS = 8         # probing costs a second forward of every layer: beyond this, scale up instead
+_REMEASURE_GROWTH = 1.1       # inputs this much larger than the measured ones are measured again
 GiB = float(2 ** 30)
+
+
+class _WhileGradEnabled:
+    """A layer's ``gradient_checkpointing`` flag that is true exactly while autograd records.
+
+    transformers 5.16 routes a layer through ``_gradient_checkpointing_func`` whenever the flag
+    is true in training mode, and then drops the KV cache, even under ``no_grad`` (generation
+    from a model in train mode). Our flag stays on for every training forward and off there.
+    """
+
+    def __bool__(self) -> bool:
+        return torch.is_grad_enabled()
+
+    def __repr__(self) -> str:
+        return "True while grad is enabled (sloth_plugins)"
+
+
+GRAD_ENABLED = _WhileGradEnabled()
 
 
 class LayerCheckpointer:
@@ -126,11 +146,28 @@ def get_checkpoint_controller(model) -> Optional["CheckpointController"]:
         return None
 
 
+class CudaMemory:
+    """The allocator counters auto reads; tests substitute a scripted one on CPU."""
+
+    @staticmethod
+    def allocated(device: torch.device) -> int:
+        return torch.cuda.memory_allocated(device)
+
+    @staticmethod
+    def max_allocated(device: torch.device) -> int:
+        return torch.cuda.max_memory_allocated(device)
+
+    @staticmethod
+    def reset_peak(device: torch.device) -> None:
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 @dataclass
 class _Window:
-    """One forward+backward whose CUDA peak memory is being measured."""
+    """One forward+backward whose peak memory is being measured."""
     generation: int
     device: torch.device
+    memory: Any                       # CudaMemory or a substitute
     tokens: Optional[int]
     decisions: Tuple[str, ...]
     base: int
@@ -139,10 +176,10 @@ class _Window:
     in_backward: bool = False
 
     def pause(self) -> None:
-        self.forward_peak = max(self.forward_peak, torch.cuda.max_memory_allocated(self.device))
+        self.forward_peak = max(self.forward_peak, self.memory.max_allocated(self.device))
 
     def resume(self) -> None:
-        torch.cuda.reset_peak_memory_stats(self.device)
+        self.memory.reset_peak(self.device)
 
 
 class CheckpointController:
@@ -178,6 +215,7 @@ class CheckpointController:
         self._entries: list = []
         self._note_index: Optional[int] = None
         self._warned_over_budget = False
+        self.memory = None            # None: CudaMemory on CUDA devices, no counters elsewhere
 
     # ---- attributes on the layers -------------------------------------------------------------
     def framework_enabled(self) -> bool:
@@ -190,7 +228,8 @@ class CheckpointController:
         # Always on, always ours: run_layer decides per forward (FRAMEWORK follows the request),
         # so the attributes never change after patch and unpatch restores them exactly.
         for layer, checkpointer in zip(self.layers, self.checkpointers):
-            for name, value in (("_gradient_checkpointing_func", checkpointer), ("gradient_checkpointing", True)):
+            for name, value in (("_gradient_checkpointing_func", checkpointer),
+                                ("gradient_checkpointing", GRAD_ENABLED)):
                 if patcher is not None:
                     patcher.set(layer, name, value)
                 else:
@@ -201,6 +240,11 @@ class CheckpointController:
         if self.framework_request is not None:
             args, kwargs = self.framework_request
             self.model._set_gradient_checkpointing(*args, **kwargs)
+
+    @property
+    def settled(self) -> bool:
+        """No measurement pending: auto has a plan and is not measuring a step (for benchmarks' warm-up)."""
+        return not self.auto or (self.plan is not None and self._window is None and self._probing is None)
 
     def close(self) -> None:
         self._window = None
@@ -238,6 +282,8 @@ class CheckpointController:
     def _begin_forward(self, function, args: tuple) -> None:
         self.generation += 1
         self._window = None       # a window whose backward never came
+        if self._probing is not None:
+            self._finish_probe()  # the last layer did not run (sliced layers, an exception): keep what was counted
         if not self.auto:
             self.decisions = self._static_decisions()
             return
@@ -255,25 +301,28 @@ class CheckpointController:
         if self.plan is None or plan.decisions != self.plan.decisions:
             self._record_plan(plan, tokens, device)
         self.plan, self.decisions = plan, plan.decisions
-        if device.type == "cuda" and plan.decisions not in self._verified and len(self._verified) < _MAX_VERIFICATIONS:
+        if (self.counters(device) is not None and plan.decisions not in self._verified
+                and len(self._verified) < _MAX_VERIFICATIONS):
             self._verified.add(plan.decisions)
             self._open_window(device, tokens, plan)
 
     def _wants_backward_hook(self, index: int) -> bool:
         window = self._window
-        if window is not None and window.generation == self.generation and index == len(self.layers) - 1:
-            return True
-        return OFFLOAD in self.decisions[:index + 1]
+        if window is not None and window.generation == self.generation:
+            return True                     # the first of these hooks to fire marks the backward's start
+        return OFFLOAD in self.decisions[max(0, index - 1):index + 1]
 
     def _layer_backward_started(self, generation: int, index: int) -> None:
-        if OFFLOAD in self.decisions[:index + 1]:
-            self.offloader.prefetch(generation, index)
-            self.offloader.prefetch_below(generation, index)
+        # this layer's input (when the layer above did not already ask), then the next layer's
+        self.offloader.prefetch(generation, index)
+        if index > 0:
+            self.offloader.prefetch(generation, index - 1)
         window = self._window
-        if (window is not None and window.generation == generation and index == len(self.layers) - 1
-                and not window.in_backward):
+        if window is not None and window.generation == generation and not window.in_backward:
+            if self._probing is not None:
+                self._finish_probe()        # the forward is over even if its last layer did not run
+            window.pause()                  # the forward (and loss) phase ends here
             window.in_backward = True
-            window.pause()
             window.resume()
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._close_window, window))
 
@@ -281,9 +330,11 @@ class CheckpointController:
     def _needs_measurement(self, tokens: Optional[int], device: torch.device) -> bool:
         if self.layer_memory is None:
             return True
-        if tokens is not None and self.measured_tokens is not None and tokens > self.measured_tokens:
+        if self.measurements >= _MAX_MEASUREMENTS:
+            return False
+        if tokens is not None and self.measured_tokens and tokens > _REMEASURE_GROWTH * self.measured_tokens:
             return True
-        if device.type == "cuda" and self.forward_overhead is None:
+        if self.counters(device) is not None and self.forward_overhead is None:
             self._failed_measurements += 1
             return self._failed_measurements <= _MAX_FAILED_MEASUREMENTS
         return False
@@ -300,7 +351,7 @@ class CheckpointController:
         def count(t: torch.Tensor) -> torch.Tensor:
             key = _storage_key(t)
             if key not in skip:
-                saved[key] = t.untyped_storage().nbytes()
+                saved[key] = _storage_bytes(t)
             return t
 
         window = self._window
@@ -327,30 +378,38 @@ class CheckpointController:
         self.layer_memory = [m if m is not None else fallback for m in probed]
         self.measured_tokens = self._probe_tokens
         self._plans.clear()
-        if self._window is None and self.budget_bytes is not None:      # CPU: nothing more to wait for
-            logger.info("sloth_plugins auto checkpointing measured %s", self.layer_memory)
+        logger.info("sloth_plugins auto checkpointing measured, for %s tokens: %s", self._probe_tokens,
+                    self.layer_memory)
+
+    def counters(self, device: torch.device):
+        if self.memory is not None:
+            return self.memory
+        return CudaMemory if device.type == "cuda" else None
 
     def _open_window(self, device: torch.device, tokens: Optional[int], plan: Optional[CheckpointPlan]) -> None:
-        if device.type != "cuda":
+        memory = self.counters(device)
+        if memory is None:
             return
-        self._window = _Window(self.generation, device, tokens, self.decisions,
-                               torch.cuda.memory_allocated(device), plan)
+        self._window = _Window(self.generation, device, memory, tokens, self.decisions, memory.allocated(device), plan)
         self._window.resume()
 
     def _close_window(self, window: _Window) -> None:
         if window is not self._window:
             return
+        backward_peak = window.memory.max_allocated(window.device)
         self._window = None
-        backward_peak = torch.cuda.max_memory_allocated(window.device)
         if self.layer_memory is None:
             return
         layers = self._scaled(window.tokens)
-        forward_act, backward_act = activation_peaks(layers, window.decisions, offload_min_bytes(window.device))
-        forward_overhead = window.forward_peak - window.base - forward_act
-        backward_overhead = backward_peak - window.base - backward_act
+        forward_act, backward_act = activation_peaks(layers, window.decisions, self._offload_min(window.device))
+        scale = self._overhead_scale(window.tokens)
+        forward_overhead = int((window.forward_peak - window.base - forward_act) / scale)
+        backward_overhead = int((backward_peak - window.base - backward_act) / scale)
         # The largest seen: a step where gradients or optimizer state appear mid-step must not be forgotten.
-        self.forward_overhead = max(forward_overhead, self.forward_overhead or forward_overhead)
-        self.backward_overhead = max(backward_overhead, self.backward_overhead or backward_overhead)
+        if self.forward_overhead is not None:
+            forward_overhead = max(forward_overhead, self.forward_overhead)
+            backward_overhead = max(backward_overhead, self.backward_overhead)
+        self.forward_overhead, self.backward_overhead = forward_overhead, backward_overhead
         self._plans.clear()
         if window.plan is not None:
             self.measured_peak_bytes = max(window.forward_peak, backward_peak)
@@ -361,17 +420,31 @@ class CheckpointController:
         if not tokens or not self.measured_tokens or tokens == self.measured_tokens:
             return list(self.layer_memory)
         # Linear in tokens: exact for the input and SDPA/flash attention, an overestimate for
-        # eager attention's quadratic part (larger inputs than measured are measured again).
+        # eager attention's quadratic part (larger inputs than measured are measured again, up
+        # to _MAX_MEASUREMENTS times).
         factor = tokens / self.measured_tokens
         return [m.scaled(factor) for m in self.layer_memory]
 
-    def memory_model(self, device: torch.device) -> MemoryModel:
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        return MemoryModel(base, self.forward_overhead or 0, self.backward_overhead or 0, offload_min_bytes(device))
+    def _offload_min(self, device: torch.device) -> int:
+        return offload_min_bytes(device) if self.offloader.min_bytes is None else self.offloader.min_bytes
+
+    def _overhead_scale(self, tokens: Optional[int]) -> float:
+        # Overheads hold token-sized parts (logits, loss) and fixed ones (gradients): scaled up
+        # with larger inputs than measured, never down, they err on the safe side.
+        if not tokens or not self.measured_tokens:
+            return 1.0
+        return max(1.0, tokens / self.measured_tokens)
+
+    def memory_model(self, device: torch.device, tokens: Optional[int] = None) -> MemoryModel:
+        memory = self.counters(device)
+        base = memory.allocated(device) if memory is not None else 0
+        scale = self._overhead_scale(tokens)
+        return MemoryModel(base, int((self.forward_overhead or 0) * scale), int((self.backward_overhead or 0) * scale),
+                           self._offload_min(device))
 
     def _plan_for(self, tokens: Optional[int], device: torch.device) -> CheckpointPlan:
-        model = self.memory_model(device)
-        key = (tokens, model.base_bytes >> 26)
+        model = self.memory_model(device, tokens)
+        key = (tokens, model.base_bytes)
         plan = self._plans.get(key)
         if plan is None:
             plan = plan_layers(self._scaled(tokens), self.budget_bytes, model)
@@ -414,7 +487,7 @@ class CheckpointController:
         text = f"gradient_checkpointing auto plan for {tokens} tokens: {plan.summary()}"
         if self.measured_peak_bytes is not None:
             text += f"; measured peak {self.measured_peak_bytes / GiB:.2f} GiB"
-        elif device.type != "cuda":
+        elif self.counters(device) is None:
             text += " (activations only: no device memory counters on this device)"
         if self._note_index is None:
             self.report.note(text)
@@ -463,7 +536,17 @@ def _tensors_in(obj: Any, depth: int = 3):
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.untyped_storage().data_ptr())
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):   # tensors without storage (subclasses, meta)
+        return (t.device, id(t))
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return t.numel() * t.element_size()
 
 
 def _identity(t):

@@ -1,0 +1,101 @@
+"""Axolotl adapter: one line in the config.
+
+    plugins:
+      - sloth_plugins.integrations.axolotl.SlothPlugin
+    sloth_kernels: true
+    sloth_loss: chunked
+    sloth_gradient_checkpointing: auto      # auto | offload | recompute | off
+
+Hooks, in Axolotl's order:
+* ``register`` (raw config, before validation): Axolotl auto-enables its own LoRA kernels
+  (``lora_mlp_kernel``/``lora_qkv_kernel``/``lora_o_kernel``) when they are unset; they patch the
+  MLP and attention forwards sloth's kernels patch, so unset ones are set to false here and
+  sloth takes those modules over. Keys the user set explicitly are left alone: validation
+  (``axolotl_args``) then refuses a clash, naming the key to change.
+* ``post_model_load``: after the adapter is attached and after Axolotl's own post-load patches,
+  ``sloth_plugins.patch`` the model (idempotent) and log the PatchReport. Modules someone else
+  already replaced on the instance fall back (the report says so): never two patches on one.
+* ``add_callbacks_post_trainer``: ``SlothCallback`` re-asserts the patch when training begins.
+* ``post_train`` (Axolotl calls it twice): writes ``sloth_report.json`` to ``output_dir``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, List, Optional
+
+from axolotl.integrations.base import BasePlugin
+from axolotl.utils.logging import get_logger
+
+from ..config import SlothConfig, SlothConfigError
+from ..manager import get_state, patch
+from ..report import PatchReport
+from .axolotl_args import LORA_KERNEL_OWNERS, PREFIX, conflicts, sloth_config_from
+
+LOG = get_logger("axolotl.integrations.sloth")   # Axolotl's handlers, main process only
+REPORT_FILE = "sloth_report.json"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+class SlothPlugin(BasePlugin):
+    def __init__(self):
+        super().__init__()
+        self.config: Optional[SlothConfig] = None
+        self.report: Optional[PatchReport] = None
+        self.taken_over: List[str] = []
+        self._logged = False
+
+    def get_input_args(self) -> str:
+        return "sloth_plugins.integrations.axolotl_args.SlothArgs"
+
+    def register(self, cfg: dict) -> None:
+        # The plugin instance lives as long as the process (Axolotl's PluginManager is a
+        # singleton): start each config afresh.
+        self.config, self.report, self.taken_over, self._logged = None, None, [], False
+        try:
+            kernels = set(SlothConfig(kernels=cfg.get(PREFIX + "kernels", True)).enabled_kernels)
+        except SlothConfigError:
+            return  # validation reports the bad value
+        for key, owners in LORA_KERNEL_OWNERS.items():
+            if kernels & set(owners) and cfg.get(key) is None:
+                cfg[key] = False
+                self.taken_over.append(key)
+        if self.taken_over:
+            LOG.info("sloth_plugins takes over the modules of %s (set to false; set a key to true explicitly "
+                        "to keep Axolotl's kernel and drop the matching sloth_kernels instead)",
+                        ", ".join(self.taken_over))
+
+    def pre_model_load(self, cfg) -> None:
+        self.config = sloth_config_from(cfg)
+        # Validation already checked this; a config that skipped it must not slip through.
+        problems = conflicts(lambda key: cfg.get(key), self.config)
+        if problems:
+            raise ValueError("SlothPlugin and other options would patch the same modules:\n- "
+                             + "\n- ".join(problems))
+
+    def post_model_load(self, cfg, model) -> None:
+        if self.config is None:
+            self.config = sloth_config_from(cfg)
+        self.report = patch(model, self.config)
+        if not self._logged:
+            self._logged = True
+            LOG.info("%s", self.report)
+
+    def add_callbacks_post_trainer(self, cfg, trainer) -> list:
+        from .hf import SlothCallback
+        return [SlothCallback(self.config or sloth_config_from(cfg), verbose=False)]
+
+    def post_train(self, cfg, model) -> None:
+        state = get_state(model)
+        if state is not None:
+            self.report = state.report
+        if self.report is None or not cfg.output_dir or not _is_main_process():
+            return
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        data: Any = {"config": self.config.to_dict() if self.config else None, "taken_over": self.taken_over,
+                     "report": self.report.to_dict()}
+        with open(os.path.join(cfg.output_dir, REPORT_FILE), "w") as f:
+            json.dump(data, f, indent=2, default=str)

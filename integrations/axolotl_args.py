@@ -1,0 +1,148 @@
+"""The Axolotl config keys of ``SlothPlugin`` and the checks that keep two patches off one module.
+
+Axolotl merges this pydantic model into its own config model (``get_input_args``), so the
+validators below see the whole config: they reject bad ``sloth_*`` values, unknown
+``sloth_*`` keys (Axolotl drops unknown keys silently) and every option that would patch a
+module sloth also patches, naming the key to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, List, Literal, Optional, Union
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from ..config import KERNEL_NAMES, SlothConfig, SlothConfigError
+
+PREFIX = "sloth_"
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SlothConfig) if f.init)
+KEYS = tuple(PREFIX + name for name in CONFIG_FIELDS)
+
+# Which sloth kernels patch the modules each Axolotl LoRA kernel option patches.
+LORA_KERNEL_OWNERS = {
+    "lora_mlp_kernel": ("mlp", "lora_mlp"),          # replaces layer.mlp.forward
+    "lora_qkv_kernel": ("rope", "lora_qkv", "lora_o"),  # rewrites the attention class forward
+    "lora_o_kernel": ("rope", "lora_qkv", "lora_o"),
+}
+
+
+class SlothArgs(BaseModel):
+    """``sloth_*`` keys of an Axolotl config (``plugins: [sloth_plugins.integrations.axolotl.SlothPlugin]``)."""
+
+    sloth_kernels: Union[bool, List[str], str, None] = Field(
+        default=None, json_schema_extra={"description": f"true (all), false, or a list of {', '.join(KERNEL_NAMES)}"})
+    sloth_loss: Optional[Literal["chunked", "off"]] = Field(
+        default=None, json_schema_extra={"description": "chunked: causal-LM loss without full logits; off: model's"})
+    sloth_loss_chunk_size: Optional[int] = Field(default=None, gt=0)
+    sloth_return_logits: Optional[bool] = None
+    sloth_gradient_checkpointing: Optional[Literal["auto", "offload", "recompute", "off"]] = None
+    sloth_memory_budget_gb: Optional[float] = Field(default=None, gt=0)
+    sloth_strict: Optional[bool] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_unknown_sloth_keys(cls, data):
+        if isinstance(data, dict):
+            unknown = sorted(k for k in data if isinstance(k, str) and k.startswith(PREFIX) and k not in KEYS)
+            if unknown:
+                raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                                 f"(SlothPlugin); valid keys: {', '.join(KEYS)}")
+        return data
+
+    @field_validator("sloth_kernels")
+    @classmethod
+    def check_kernel_names(cls, value):
+        try:
+            SlothConfig(kernels=value)
+        except SlothConfigError as exc:
+            raise ValueError(f"sloth_kernels: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def check_conflicts(self):
+        problems = conflicts(lambda key: getattr(self, key, None), sloth_config_from(self))
+        if problems:
+            raise ValueError("SlothPlugin and other options would patch the same modules:\n- " + "\n- ".join(problems))
+        return self
+
+
+def sloth_config_from(cfg: Any) -> SlothConfig:
+    """The SlothConfig of an Axolotl config (a validated DictDefault or the merged pydantic model)."""
+    options = {}
+    for name in CONFIG_FIELDS:
+        value = cfg.get(PREFIX + name) if isinstance(cfg, dict) else getattr(cfg, PREFIX + name, None)
+        if value is not None:
+            options[name] = value
+    try:
+        return SlothConfig(**options)
+    except SlothConfigError as exc:
+        raise ValueError(f"SlothPlugin: {exc}") from None
+
+
+def _truthy(value) -> bool:
+    return bool(value) and value != "false"
+
+
+def _sub(value: Any, key: str):
+    if value is None:
+        return None
+    return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+
+def conflicts(get: Callable[[str], Any], config: SlothConfig) -> List[str]:
+    """Every option set in the config that patches a module ``config`` patches too, as a fix-it line."""
+    out: List[str] = []
+    kernels = set(config.enabled_kernels)
+
+    def clash(key: str, ours: str, fix_ours: str, what: str) -> None:
+        out.append(f"{key}: {get(key)!r} and {ours} both {what}: set {key}: false, or {fix_ours}")
+
+    def kernel_clash(key: str, names, what: str) -> None:
+        mine = sorted(kernels & set(names))
+        if mine and _truthy(get(key)):
+            rest = sorted(kernels - set(names))
+            clash(key, f"sloth_kernels ({', '.join(mine)})", f"set sloth_kernels: {rest or 'false'}", what)
+
+    for key, owners in LORA_KERNEL_OWNERS.items():
+        kernel_clash(key, owners, "patch the " + ("MLP" if key == "lora_mlp_kernel" else "attention") + " forward")
+    kernel_clash("liger_rms_norm", ("rms_norm",), "replace RMSNorm")
+    kernel_clash("liger_rope", ("rope",), "replace rotary embeddings")
+    kernel_clash("liger_glu_activation", ("mlp", "lora_mlp"), "replace the gated MLP")
+    kernel_clash("liger_swiglu", ("mlp", "lora_mlp"), "replace the gated MLP")
+    kernel_clash("tiled_mlp", ("mlp", "lora_mlp"), "replace the MLP forward")
+    kernel_clash("flash_attn_fuse_mlp", ("mlp", "lora_mlp"), "replace the MLP")
+    kernel_clash("fused_attn_kernel", ("rope", "lora_qkv", "lora_o"), "patch the attention forward")
+    kernel_clash("use_kernels", ("rms_norm", "mlp", "lora_mlp"), "swap in kernels for RMSNorm / MLP")
+
+    if config.loss != "off":
+        for key, what in (("cut_cross_entropy", "Cut Cross Entropy plugin"),
+                          ("liger_fused_linear_cross_entropy", "Liger fused linear CE"),
+                          ("liger_cross_entropy", "Liger cross-entropy"),
+                          ("chunked_cross_entropy", "Axolotl's chunked cross-entropy"),
+                          ("flash_attn_cross_entropy", "flash-attn cross-entropy")):
+            if _truthy(get(key)):
+                clash(key, f"sloth_loss: {config.loss}", "set sloth_loss: off",
+                      f"compute the causal-LM loss ({what})")
+
+    mode = config.gradient_checkpointing
+    if mode != "off":
+        ours = f"sloth_gradient_checkpointing: {mode}"
+        offloading, gc = get("activation_offloading"), get("gradient_checkpointing")
+        if _truthy(offloading) or gc in ("offload", "offload_disk"):
+            # Axolotl turns gradient_checkpointing: offload into activation_offloading: true
+            keys = " / ".join(f"{k}: {v!r}" for k, v in (("activation_offloading", offloading),
+                                                         ("gradient_checkpointing", gc))
+                              if v in ("offload", "offload_disk") or (k == "activation_offloading" and _truthy(v)))
+            out.append(f"{keys} and {ours} both manage the decoder layers' activations: set activation_offloading: "
+                       f"false and gradient_checkpointing: true (sloth then owns recompute; "
+                       f"sloth_gradient_checkpointing: offload parks layer inputs in host memory), or set "
+                       f"sloth_gradient_checkpointing: off")
+        if _truthy(get("selective_checkpointing")):
+            clash("selective_checkpointing", ours, "set sloth_gradient_checkpointing: off",
+                  "set the decoder layers' checkpoint function")
+        fsdp_ac = _sub(get("fsdp_config"), "activation_checkpointing")
+        if _truthy(fsdp_ac) and mode in ("recompute", "offload"):
+            out.append(f"fsdp_config.activation_checkpointing: true and {ours} would checkpoint every layer twice: "
+                       f"set fsdp_config.activation_checkpointing: false, or sloth_gradient_checkpointing: off "
+                       f"(or auto)")
+    return out

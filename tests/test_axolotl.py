@@ -1,0 +1,315 @@
+"""Axolotl + SlothPlugin: real in-process training runs on a tiny local Llama, config checks, conflicts.
+
+Run in the environment that has Axolotl: /work/venvs/axo/bin/pytest tests/test_axolotl.py
+"""
+import copy
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("axolotl")
+pytestmark = pytest.mark.axolotl
+
+from axolotl.cli.config import gpu_capabilities  # noqa: E402
+from axolotl.common.datasets import load_datasets  # noqa: E402
+from axolotl.integrations.base import PluginManager  # noqa: E402
+from axolotl.train import train  # noqa: E402
+from axolotl.utils.config import normalize_config, prepare_plugins, validate_config  # noqa: E402
+from axolotl.utils.dict import DictDefault  # noqa: E402
+
+import sloth_plugins as sloth  # noqa: E402
+from sloth_plugins.integrations.axolotl import REPORT_FILE, SlothPlugin  # noqa: E402
+from sloth_plugins.integrations.axolotl_args import KEYS, conflicts, sloth_config_from  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = str(REPO / "tests" / "data" / "tiny_sft.jsonl")
+PLUGIN = "sloth_plugins.integrations.axolotl.SlothPlugin"
+AXOLOTL_LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+
+
+def _load_make_model():
+    spec = importlib.util.spec_from_file_location("sloth_example_make_model", REPO / "examples/axolotl/make_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reset_plugin_manager():
+    """Axolotl's PluginManager is a process-wide singleton that keeps plugins between configs.
+
+    Empty it in place: axolotl.train and axolotl.loaders hold module-level references to the
+    instance, so replacing it (``PluginManager._instance = None``) would leave them calling the
+    old one.
+    """
+    manager = PluginManager.get_instance()
+    manager.plugins.clear()
+    manager.cfg = None
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_manager():
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _load_make_model().build(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def base_config(model_dir, out, *, plugin=True, adapter="lora", **extra):
+    cfg = dict(base_model=model_dir, datasets=[dict(path=DATA, ds_type="json", type="input_output")],
+               dataset_prepared_path=os.path.join(out, "prepared"), dataset_num_proc=1, val_set_size=0,
+               output_dir=os.path.join(out, "out"), sequence_len=96, sample_packing=False, adapter=adapter,
+               lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_linear=True, micro_batch_size=2,
+               gradient_accumulation_steps=2, max_steps=4, num_epochs=1, optimizer="adamw_torch",
+               lr_scheduler="cosine", learning_rate=1e-3, bf16=False, fp16=False, tf32=False, logging_steps=1,
+               save_strategy="no", seed=42)
+    if adapter == "qlora":
+        cfg["load_in_4bit"] = True
+    if plugin:
+        cfg.update(plugins=[PLUGIN], sloth_kernels=True, sloth_loss="chunked")
+    else:  # Axolotl's own LoRA kernels need CUDA
+        cfg.update({key: False for key in AXOLOTL_LORA_KERNELS})
+    cfg.update(extra)
+    return cfg
+
+
+def validated(raw):
+    reset_plugin_manager()
+    cfg = DictDefault(copy.deepcopy(raw))
+    prepare_plugins(cfg)
+    capabilities, env_capabilities = gpu_capabilities()  # as `axolotl train` does
+    return validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
+
+
+class Run(types.SimpleNamespace):
+    pass
+
+
+def run_training(raw):
+    cfg = validated(raw)
+    normalize_config(cfg)
+    PluginManager.get_instance().cfg = cfg
+    meta = load_datasets(cfg=cfg)
+    torch.manual_seed(0)  # Axolotl draws the LoRA init before anything seeds the RNG
+    model, _, trainer = train(cfg=cfg, dataset_meta=meta)
+    plugin = PluginManager.get_instance().plugins.get(PLUGIN)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return Run(cfg=cfg, model=model, trainer=trainer, plugin=plugin, losses=losses)
+
+
+def _trainable(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _named(name):
+    return lambda message: f"{name}: {message}"
+
+
+def _check_parity(run, ref):
+    assert len(run.losses) == len(ref.losses) == 4
+    assert run.losses == pytest.approx(ref.losses, rel=2e-5)
+    ref_w, got_w = _trainable(ref.model), _trainable(run.model)
+    assert ref_w.keys() == got_w.keys() and len(ref_w) == 2 * 7 * 2
+    for name in ref_w:
+        # Adam turns a tiny gradient's rounding into a visible step: ~1% of one lr-sized step allowed
+        torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-3, atol=2e-5, msg=_named(name))
+
+
+def _check_report(report):
+    assert report.fallbacks() == {}, str(report)
+    assert report.count("loss") == 1 and report.count("rms_norm") == 5 and report.count("rope") == 2
+    assert report.count("mlp") + report.count("lora_mlp") == 2
+
+
+@pytest.fixture(scope="module")
+def lora_runs(model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora"))
+    ref = run_training(base_config(model_dir, out + "/ref", plugin=False, gradient_checkpointing=True))
+    got = run_training(base_config(model_dir, out + "/sloth", gradient_checkpointing=True))
+    return ref, got
+
+
+def test_lora_training_matches_the_run_without_the_plugin(lora_runs):
+    ref, run = lora_runs
+    assert run.plugin is not None and ref.plugin is None
+    report = sloth.get_state(run.model).report
+    _check_report(report)
+    assert report.count("gradient_checkpointing") == 2  # axolotl's gradient_checkpointing: true, sloth recomputes
+    assert sloth.get_state(ref.model) is None
+    # unset lora_*_kernel keys were taken over (set to false) instead of auto-enabled
+    assert [run.cfg[k] for k in AXOLOTL_LORA_KERNELS[:3]] == [False, False, False]
+    assert run.plugin.taken_over == list(AXOLOTL_LORA_KERNELS[:3])
+    _check_parity(run, ref)
+    saved = json.load(open(os.path.join(run.cfg.output_dir, REPORT_FILE)))
+    assert saved["taken_over"] == list(AXOLOTL_LORA_KERNELS[:3])
+    assert saved["report"]["summary"]["loss"]["patched"] == 1
+
+
+def test_qlora_training_matches_the_run_without_the_plugin(model_dir, tmp_path):
+    ref = run_training(base_config(model_dir, str(tmp_path / "ref"), plugin=False, adapter="qlora"))
+    run = run_training(base_config(model_dir, str(tmp_path / "sloth"), adapter="qlora"))
+    assert type(run.model.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
+    _check_report(sloth.get_state(run.model).report)
+    _check_parity(run, ref)
+
+
+def test_hooks_called_again_leave_one_patch_and_one_report(lora_runs):
+    _, run = lora_runs
+    state = sloth.get_state(run.model)
+    records, report = len(state.patcher), state.report.to_dict()
+    path = os.path.join(run.cfg.output_dir, REPORT_FILE)
+    written = open(path).read()
+    for _ in range(2):
+        run.plugin.post_model_load(run.cfg, run.model)
+        run.plugin.post_train(run.cfg, run.model)
+    state = sloth.get_state(run.model)
+    assert len(state.patcher) == records and state.report.to_dict() == report
+    assert open(path).read() == written
+
+
+def test_a_module_someone_else_patched_is_left_alone(model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    layer = model.get_base_model().model.layers[0]
+    foreign = {}
+    for name in ("mlp", "input_layernorm", "self_attn"):
+        module = getattr(layer, name)
+        foreign[name] = types.MethodType(lambda self, *a, **k: type(self).forward(self, *a, **k), module)
+        module.forward = foreign[name]  # e.g. Axolotl's lora_mlp_kernel patches layer.mlp.forward like this
+    cfg = DictDefault(sloth_kernels=True, sloth_loss="chunked", output_dir=None)
+    plugin = SlothPlugin()
+    plugin.register(cfg)
+    plugin.pre_model_load(cfg)
+    plugin.post_model_load(cfg, model)
+    for name, method in foreign.items():
+        assert getattr(layer, name).forward is method, name
+    skipped = " ".join(" ".join(v) for v in plugin.report.fallbacks().values())
+    assert "model.layers.0.mlp" in skipped and "model.layers.0.input_layernorm" in skipped
+    assert "model.layers.0.self_attn" in skipped
+    assert plugin.report.count("rms_norm") == 4 and plugin.report.count("rope") == 1
+    sloth.unpatch(model)
+    assert layer.mlp.forward is foreign["mlp"]
+
+
+def test_cli_runs_the_shipped_tiny_example(tmp_path):
+    _load_make_model().build(str(tmp_path / "outputs" / "tiny-llama"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               WANDB_MODE="disabled", DO_NOT_TRACK="1", AXOLOTL_DO_NOT_TRACK="1")
+    env.pop("TRITON_INTERPRET", None)
+    cli = os.path.join(os.path.dirname(sys.executable), "axolotl")
+    out = subprocess.run([cli, "train", str(REPO / "examples/axolotl/tiny.yml"), "--launcher", "python",
+                          "--max-steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "sloth_plugins takes over the modules of lora_mlp_kernel" in out.stdout + out.stderr
+    saved = json.load(open(tmp_path / "outputs" / "tiny-sloth" / REPORT_FILE))
+    assert saved["report"]["summary"]["loss"]["patched"] == 1
+    assert (tmp_path / "outputs" / "tiny-sloth" / "adapter_model.safetensors").exists()
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+def test_keys_map_onto_sloth_config(model_dir, tmp_path):
+    cfg = validated(base_config(model_dir, str(tmp_path), sloth_kernels="rms_norm, rope", sloth_loss="off",
+                                sloth_gradient_checkpointing="recompute", sloth_memory_budget_gb=40,
+                                sloth_loss_chunk_size=2048, sloth_strict=True))
+    config = sloth_config_from(cfg)
+    assert config.enabled_kernels == ("rms_norm", "rope")
+    assert config.replace(kernels=["rms_norm", "rope"]) == sloth.SlothConfig(
+        kernels=["rms_norm", "rope"], loss="off", gradient_checkpointing="recompute", memory_budget_gb=40,
+        loss_chunk_size=2048, strict=True)
+    assert sloth_config_from(validated(base_config(model_dir, str(tmp_path)))) == sloth.SlothConfig()
+    assert set(KEYS) == {"sloth_" + k for k in sloth.SlothConfig().to_dict()}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(sloth_loss="fused"), "sloth_loss\n  Input should be 'chunked' or 'off'"),
+    (dict(sloth_kernels=["rms_norm", "flash"]), "sloth_kernels: unknown kernel name(s) 'flash'; valid: rms_norm, rope"),
+    (dict(sloth_gradient_checkpointing="sometimes"), "sloth_gradient_checkpointing\n  Input should be 'auto'"),
+    (dict(sloth_memory_budget_gb=-1), "sloth_memory_budget_gb\n  Input should be greater than 0"),
+    (dict(sloth_loss_chunk_size=0), "sloth_loss_chunk_size\n  Input should be greater than 0"),
+    (dict(sloth_kernal=False), "unknown key sloth_kernal (SlothPlugin); valid keys: sloth_kernels, sloth_loss"),
+], ids=["loss", "kernel-name", "checkpointing", "budget", "chunk", "unknown-key"])
+def test_invalid_values_are_rejected_clearly(model_dir, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validated(base_config(model_dir, str(tmp_path), **extra))
+
+
+def test_unset_axolotl_lora_kernels_are_taken_over_only_for_modules_sloth_patches(model_dir, tmp_path):
+    raw = base_config(model_dir, str(tmp_path))
+    for key in AXOLOTL_LORA_KERNELS:
+        raw.pop(key, None)
+    without = {k: v for k, v in raw.items() if not k.startswith("sloth_") and k != "plugins"}
+    assert validated(without).lora_mlp_kernel is True  # what Axolotl does on its own
+    cfg = validated(raw)
+    assert (cfg.lora_mlp_kernel, cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (False, False, False)
+    cfg = validated({**raw, "sloth_kernels": ["rms_norm"], "sloth_loss": "chunked"})
+    assert (cfg.lora_mlp_kernel, cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (True, True, True)
+    cfg = validated({**raw, "sloth_kernels": ["rms_norm", "rope"], "lora_mlp_kernel": True})
+    assert (cfg.lora_mlp_kernel, cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (True, False, False)
+
+
+LIGER = "axolotl.integrations.liger.LigerPlugin"
+CCE = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(lora_mlp_kernel=True), "lora_mlp_kernel: True and sloth_kernels (lora_mlp, mlp) both patch the MLP "
+                                 "forward: set lora_mlp_kernel: false, or set sloth_kernels: "),
+    (dict(lora_qkv_kernel=True), "lora_qkv_kernel: True and sloth_kernels (lora_o, lora_qkv, rope) both patch the "
+                                 "attention forward: set lora_qkv_kernel: false"),
+    (dict(plugins=[LIGER, PLUGIN], liger_rms_norm=True), "liger_rms_norm: True and sloth_kernels (rms_norm) both "
+                                                         "replace RMSNorm: set liger_rms_norm: false"),
+    (dict(plugins=[PLUGIN, LIGER], liger_fused_linear_cross_entropy=True),
+     "liger_fused_linear_cross_entropy: True and sloth_loss: chunked both compute the causal-LM loss "
+     "(Liger fused linear CE): set liger_fused_linear_cross_entropy: false, or set sloth_loss: off"),
+    (dict(plugins=[CCE, PLUGIN], bf16=True), "cut_cross_entropy: True and sloth_loss: chunked both compute the "
+                                             "causal-LM loss (Cut Cross Entropy plugin)"),
+    (dict(chunked_cross_entropy=True), "chunked_cross_entropy: True and sloth_loss: chunked"),
+    (dict(tiled_mlp=True), "tiled_mlp: True and sloth_kernels (lora_mlp, mlp) both replace the MLP forward"),
+    (dict(gradient_checkpointing=True, activation_offloading=True),
+     "activation_offloading: True and sloth_gradient_checkpointing: auto both manage the decoder layers' "
+     "activations: set activation_offloading: false and gradient_checkpointing: true"),
+    (dict(gradient_checkpointing="offload"), "sloth_gradient_checkpointing: auto both manage the decoder layers'"),
+], ids=["lora_mlp_kernel", "lora_qkv_kernel", "liger_rms_norm", "liger_flce", "cce", "chunked_ce", "tiled_mlp",
+        "activation_offloading", "gc_offload"])
+def test_conflicts_are_refused_naming_the_key(model_dir, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validated(base_config(model_dir, str(tmp_path), **extra))
+
+
+@pytest.mark.parametrize("extra", [
+    dict(lora_mlp_kernel=True, sloth_kernels=["rms_norm", "rope", "lora_qkv", "lora_o"]),
+    dict(plugins=[LIGER, PLUGIN], liger_fused_linear_cross_entropy=True, sloth_loss="off"),
+    dict(plugins=[LIGER, PLUGIN], liger_rms_norm=True, sloth_kernels=["rope", "mlp"]),
+    dict(gradient_checkpointing=True, activation_offloading=True, sloth_gradient_checkpointing="off"),
+    dict(gradient_checkpointing=True, sloth_gradient_checkpointing="auto"),
+], ids=["keep-axolotl-mlp-kernel", "liger-loss", "liger-norm", "axolotl-offloading", "sloth-owns-recompute"])
+def test_the_suggested_fixes_validate(model_dir, tmp_path, extra):
+    validated(base_config(model_dir, str(tmp_path), **extra))
+
+
+def test_fsdp_activation_checkpointing_and_sloth_recompute_clash():
+    get = {"fsdp_config": {"activation_checkpointing": True}}.get
+    assert conflicts(get, sloth.SlothConfig(gradient_checkpointing="recompute"))
+    assert conflicts(get, sloth.SlothConfig(gradient_checkpointing="auto")) == []
+    assert conflicts(get, sloth.SlothConfig(gradient_checkpointing="off")) == []
+
+
+def test_pre_model_load_refuses_a_config_that_skipped_validation():
+    cfg = DictDefault(sloth_kernels=True, liger_rms_norm=True)
+    with pytest.raises(ValueError, match="liger_rms_norm: True and sloth_kernels"):
+        SlothPlugin().pre_model_load(cfg)
