@@ -206,7 +206,7 @@ def test_a_module_someone_else_patched_is_left_alone(model_dir):
 
 
 def test_cli_runs_the_shipped_tiny_example(tmp_path):
-    _load_make_model().build(str(tmp_path / "outputs" / "tiny-llama"))
+    _load_make_model().build(str(tmp_path / "tiny-llama"))  # as the example says: from a work folder
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                WANDB_MODE="disabled", DO_NOT_TRACK="1", AXOLOTL_DO_NOT_TRACK="1")
     env.pop("TRITON_INTERPRET", None)
@@ -215,9 +215,9 @@ def test_cli_runs_the_shipped_tiny_example(tmp_path):
                           "--max-steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "sloth_plugins takes over the modules of lora_mlp_kernel" in out.stdout + out.stderr
-    saved = json.load(open(tmp_path / "outputs" / "tiny-sloth" / REPORT_FILE))
+    saved = json.load(open(tmp_path / "tiny-sloth" / REPORT_FILE))
     assert saved["report"]["summary"]["loss"]["patched"] == 1
-    assert (tmp_path / "outputs" / "tiny-sloth" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "tiny-sloth" / "adapter_model.safetensors").exists()
 
 
 # ---- configuration ------------------------------------------------------------------------

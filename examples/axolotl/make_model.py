@@ -1,6 +1,6 @@
 """Build a random-init Llama model folder locally (nothing is downloaded), ready for Axolotl.
 
-    python examples/axolotl/make_model.py --out outputs/tiny-llama                      # seconds, CPU
+    python examples/axolotl/make_model.py --out examples/outputs/tiny-llama             # seconds, CPU
     python examples/axolotl/make_model.py --shape llama-3.2-1b --out /tmp/llama-1b      # GPU benchmark
     python examples/axolotl/make_model.py --shape llama-3-8b --out /tmp/llama-8b
 
