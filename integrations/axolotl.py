@@ -56,7 +56,8 @@ class SlothPlugin(BasePlugin):
         # singleton): start each config afresh.
         self.config, self.report, self.taken_over, self._logged = None, None, [], False
         try:
-            kernels = set(SlothConfig(kernels=cfg.get(PREFIX + "kernels", True)).enabled_kernels)
+            value = cfg.get(PREFIX + "kernels")
+            kernels = set(SlothConfig(kernels=True if value is None else value).enabled_kernels)
         except SlothConfigError:
             return  # validation reports the bad value
         for key, owners in LORA_KERNEL_OWNERS.items():
@@ -65,8 +66,8 @@ class SlothPlugin(BasePlugin):
                 self.taken_over.append(key)
         if self.taken_over:
             LOG.info("sloth_plugins takes over the modules of %s (set to false; set a key to true explicitly "
-                        "to keep Axolotl's kernel and drop the matching sloth_kernels instead)",
-                        ", ".join(self.taken_over))
+                     "to keep Axolotl's kernel and drop the matching sloth_kernels instead)",
+                     ", ".join(self.taken_over))
 
     def pre_model_load(self, cfg) -> None:
         self.config = sloth_config_from(cfg)

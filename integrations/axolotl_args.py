@@ -101,7 +101,8 @@ def conflicts(get: Callable[[str], Any], config: SlothConfig) -> List[str]:
         mine = sorted(kernels & set(names))
         if mine and _truthy(get(key)):
             rest = sorted(kernels - set(names))
-            clash(key, f"sloth_kernels ({', '.join(mine)})", f"set sloth_kernels: {rest or 'false'}", what)
+            fix = f"set sloth_kernels: [{', '.join(rest)}]" if rest else "set sloth_kernels: false"
+            clash(key, f"sloth_kernels ({', '.join(mine)})", fix, what)
 
     for key, owners in LORA_KERNEL_OWNERS.items():
         kernel_clash(key, owners, "patch the " + ("MLP" if key == "lora_mlp_kernel" else "attention") + " forward")

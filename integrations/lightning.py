@@ -190,6 +190,10 @@ class _SingleDeviceMixin(_SlothStrategyMixin):
                 f"{', '.join(map(repr, unknown))};"
                 f" sloth options: {', '.join(_CONFIG_KEYS)}; strategy options: device, accelerator, checkpoint_io, "
                 f"precision_plugin, config, model_attr, verbose")
+        if device is not None:
+            device = torch.device(device)
+            if device.type != "cpu" and device.index is None:
+                device = torch.device(device.type, 0)  # what Lightning's own device parsing gives
         super().__init__(device=device if device is not None else "cpu", accelerator=accelerator,
                          checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
         self._sloth_device_given = device is not None

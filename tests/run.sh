@@ -28,7 +28,8 @@ run_env() {
   local env=$1 venv="$venv_dir/.venv-$1" t0=$SECONDS
   echo "=== [$env] installing into $venv"
   setup "$env"
-  "$venv/bin/python" -c "import torch, transformers, peft, trl; print('[$env] torch', torch.__version__, \
+  # -P: never put the repo root (our kernels/ folder) on sys.path
+  "$venv/bin/python" -P -c "import torch, transformers, peft, trl; print('[$env] torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
   echo "=== [$env] pytest (installed in $((SECONDS - t0)) s)"
   # never `python -m pytest`: it puts the repo root (our kernels/ folder) on sys.path
