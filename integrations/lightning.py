@@ -237,6 +237,13 @@ class _FSDPMixin(_DDPMixin):
                 f"{self.sloth_config.gradient_checkpointing!r} would checkpoint the same layers twice: drop the FSDP "
                 f"argument, or pass gradient_checkpointing='off' (or 'auto', which follows the model's own setting)")
 
+    def setup_environment(self) -> None:
+        # Lightning refuses FSDPStrategy off CUDA by exact type, which a subclass slips past
+        if self.root_device.type != "cuda":
+            raise ValueError(f"SlothStrategy('fsdp') needs CUDA devices, as Lightning's FSDPStrategy does; got "
+                             f"{self.root_device}. On CPU use SlothStrategy('ddp')")
+        super().setup_environment()
+
 
 _MIXINS = {"single": _SingleDeviceMixin, "ddp": _DDPMixin, "fsdp": _FSDPMixin}
 _CLASSES: Dict[str, Dict[str, type]] = {}
