@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Tuple
 KERNEL_NAMES = ("rms_norm", "rope", "mlp", "lora_mlp", "lora_qkv", "lora_o")
 LOSS_MODES = ("chunked", "off")
 CHECKPOINTING_MODES = ("auto", "offload", "recompute", "off")
+ATTENTION_MODES = ("auto", "sloth", "sdpa")
 
 
 class SlothConfigError(ValueError):
@@ -30,6 +31,14 @@ class SlothConfig:
     gradient_checkpointing: "auto" | "offload" | "recompute" | "off" (see README).
     memory_budget_gb: device memory the "auto" plan may fill; None means 90% of the device.
     strict: raise instead of falling back when something cannot be patched.
+    attention: "auto" keeps the model's attention except for packed batches (several samples per
+        row) on CUDA where a one-time measurement finds sloth's varlen kernel faster; "sloth" sends
+        every call it can to the kernel (torch reference off CUDA); "sdpa" leaves the model's
+        attention (SDPA / FlashAttention through transformers) alone.
+    padding_free: batches are packed: samples concatenated with position ids restarting at 0 and
+        each sample's first label -100 (``integrations.collators.PaddingFreeCollator``, TRL's
+        ``padding_free``, Axolotl's ``sample_packing``). Adapters read it; the report says what
+        keeps the samples apart.
     """
 
     kernels: Any = True
@@ -39,6 +48,8 @@ class SlothConfig:
     gradient_checkpointing: str = "auto"
     memory_budget_gb: Optional[float] = None
     strict: bool = False
+    attention: str = "auto"
+    padding_free: bool = False
     enabled_kernels: Tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __init__(self, **options: Any) -> None:
@@ -70,6 +81,7 @@ class SlothConfig:
         object.__setattr__(self, "enabled_kernels", _parse_kernels(self.kernels))
         _choice("loss", self.loss, LOSS_MODES)
         _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING_MODES)
+        _choice("attention", self.attention, ATTENTION_MODES)
         if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int)
                                                  or isinstance(self.loss_chunk_size, bool)
                                                  or self.loss_chunk_size <= 0):
@@ -78,7 +90,7 @@ class SlothConfig:
                                                   or not isinstance(self.memory_budget_gb, (int, float))
                                                   or self.memory_budget_gb <= 0):
             raise SlothConfigError(f"memory_budget_gb must be a positive number or None, got {self.memory_budget_gb!r}")
-        for name in ("strict", "return_logits"):
+        for name in ("strict", "return_logits", "padding_free"):
             if not isinstance(getattr(self, name), bool):
                 raise SlothConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
