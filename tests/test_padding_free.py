@@ -297,3 +297,16 @@ def test_gpu_auto_measures_and_reports_its_decision():
     decisions = [n for n in report.notes if n.startswith("attention='auto': packed batch")]
     assert len(decisions) == 1 and ("-> sloth kernel" in decisions[0] or "-> model's sdpa" in decisions[0])
     print(decisions[0])
+
+
+def test_sloth_loss_needs_no_use_cache_flag_for_packed_rows():
+    """transformers reads packed samples from restarting position ids only without a KV cache;
+    the patched training forward turns the cache off itself, so a collator that does not set
+    use_cache (transformers' own DataCollatorWithFlattening) still keeps samples apart."""
+    samples = _samples()
+    model = tiny_model("llama").train()
+    padded = _loss_and_grads(model, _padded(samples))
+    sloth.patch(model, kernels=False, gradient_checkpointing="off")
+    packed = PaddingFreeCollator()(samples)
+    packed.pop("use_cache")
+    _assert_same(padded, _loss_and_grads(model, packed), 1e-5)

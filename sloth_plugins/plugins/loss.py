@@ -224,6 +224,10 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher) -> None:
             return original(*args, **kwargs)
         arguments.pop("logits_to_keep", None)
         num_items = arguments.pop("num_items_in_batch", None)
+        # A training loss needs no KV cache, and with one transformers stops reading packed samples
+        # from restarting position ids (padding-free batches would attend across samples).
+        if arguments.get("use_cache") is None:
+            arguments["use_cache"] = False
         decoder = getattr(self, self.base_model_prefix)
         outputs = decoder(**arguments)
         hidden = outputs[0]
