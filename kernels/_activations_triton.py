@@ -5,6 +5,9 @@ read in place). Backward saves only gate and up and recomputes the activation. T
 rounds act(gate) to the gate dtype before the product, as the reference ``act(g) * u`` does,
 so half-precision outputs match it bit for bit in the common case.
 
+Eager calls go through a plain ``autograd.Function``; under ``torch.compile`` (or any tracer)
+the same launches run inside a ``torch.library.custom_op``.
+
     silu'(g)      = s * (1 + g * (1 - s)),  s = sigmoid(g)
     gelu'(g)      = Phi(g) + g * phi(g)
     gelu_tanh'(g) = 0.5 * (1 + t) + 0.5 * g * (1 - t^2) * c * (1 + 3 * 0.044715 * g^2),
@@ -12,10 +15,13 @@ so half-precision outputs match it bit for bit in the common case.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import eager_call, kernel_choice
 from .activations import geglu_reference, swiglu_reference
 
 _KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -78,14 +84,14 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+@functools.lru_cache(maxsize=256)
 def _grid_and_block(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
     block = min(triton.next_power_of_2(n_cols), _BLOCK_MAX)
     num_warps = 4 if block <= 1024 else 8
     return (n_rows, triton.cdiv(n_cols, block)), block, num_warps
 
 
-@torch.library.custom_op("sloth_plugins::gated_act_fwd", mutates_args=())
-def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+def _forward(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     g2, u2 = _as_rows(gate), _as_rows(up)
     out = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if out.numel() > 0:
@@ -93,6 +99,43 @@ def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
         _gated_fwd_kernel[grid](g2, u2, out, g2.shape[1], g2.stride(0), u2.stride(0), out.stride(0),
                                 KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
     return out.view(gate.shape)
+
+
+def _backward(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+              kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    do2, g2, u2 = _as_rows(d_out), _as_rows(gate), _as_rows(up)
+    d_gate = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    d_up = torch.empty(u2.shape, dtype=up.dtype, device=up.device)
+    if d_gate.numel() > 0:
+        grid, block, num_warps = _grid_and_block(*g2.shape)
+        _gated_bwd_kernel[grid](do2, g2, u2, d_gate, d_up, g2.shape[1], do2.stride(0), g2.stride(0),
+                                u2.stride(0), d_gate.stride(0), d_up.stride(0),
+                                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+    return d_gate.view(gate.shape), d_up.view(up.shape)
+
+
+# ------------------------------------------------------------------------ eager: autograd.Function
+
+class _GatedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, kind):
+        ctx.save_for_backward(gate, up)
+        ctx.kind = kind
+        return _forward(gate, up, kind)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        gate, up = ctx.saved_tensors
+        d_gate, d_up = _backward(d_out, gate, up, ctx.kind)
+        return (d_gate if ctx.needs_input_grad[0] else None), (
+            d_up if ctx.needs_input_grad[1] else None), None
+
+
+# ------------------------------------------------------------------------ traced: custom_op
+
+@torch.library.custom_op("sloth_plugins::gated_act_fwd", mutates_args=())
+def _gated_fwd(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+    return _forward(gate, up, kind)
 
 
 @_gated_fwd.register_fake
@@ -104,15 +147,7 @@ def _(gate, up, kind):
 @torch.library.custom_op("sloth_plugins::gated_act_bwd", mutates_args=())
 def _gated_bwd(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    do2, g2, u2 = _as_rows(d_out), _as_rows(gate), _as_rows(up)
-    d_gate = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-    d_up = torch.empty(u2.shape, dtype=up.dtype, device=up.device)
-    if d_gate.numel() > 0:
-        grid, block, num_warps = _grid_and_block(*g2.shape)
-        _gated_bwd_kernel[grid](do2, g2, u2, d_gate, d_up, g2.shape[1], do2.stride(0), g2.stride(0),
-                                u2.stride(0), d_gate.stride(0), d_up.stride(0),
-                                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
-    return d_gate.view(gate.shape), d_up.view(up.shape)
+    return _backward(d_out, gate, up, kind)
 
 
 @_gated_bwd.register_fake
@@ -127,25 +162,31 @@ def _setup_context(ctx, inputs, output):
     ctx.kind = kind
 
 
-def _backward(ctx, d_out):
+def _custom_op_backward(ctx, d_out):
     gate, up = ctx.saved_tensors
     d_gate, d_up = _gated_bwd(d_out, gate, up, ctx.kind)
     return (d_gate if ctx.needs_input_grad[0] else None), (
         d_up if ctx.needs_input_grad[1] else None), None
 
 
-_gated_fwd.register_autograd(_backward, setup_context=_setup_context)
+_gated_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
+
+
+def _gated(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+    if eager_call(gate, up):
+        return _GatedFunction.apply(gate, up, kind)
+    return _gated_fwd(gate, up, kind)
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if gate.shape != up.shape or gate.dim() == 0:
+    if gate.shape != up.shape or gate.dim() == 0 or kernel_choice("GATED_ACT") == "torch":
         return swiglu_reference(gate, up)
-    return _gated_fwd(gate, up, "silu")
+    return _gated(gate, up, "silu")
 
 
 def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"geglu approximate must be 'none' or 'tanh', got {approximate!r}")
-    if gate.shape != up.shape or gate.dim() == 0:
+    if gate.shape != up.shape or gate.dim() == 0 or kernel_choice("GATED_ACT") == "torch":
         return geglu_reference(gate, up, approximate)
-    return _gated_fwd(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
+    return _gated(gate, up, "gelu" if approximate == "none" else "gelu_tanh")

@@ -1,72 +1,123 @@
 """Triton rotate-half RoPE on q and k in one launch, forward and backward.
 
-One program per (batch, position): it loads that position's cos/sin once and rotates every q
-head and every k head (GQA: different head counts). Any strides on the batch/head/sequence
-axes are fine, so Hugging Face's transposed views ``proj(x).view(B, S, H, D).transpose(1, 2)``
-are read in place; outputs keep the input's layout. Channels past ``cos.shape[-1]`` (partial
-rotary) are copied through.
+Each program rotates one [BLOCK_H heads, BLOCK_S positions, head_dim] tile of q or of k (the
+first programs cover q, the rest k, so GQA head counts need nothing special). The tile's
+shape follows the tensor's memory layout, chosen per tensor on the host:
+  * heads inner (Hugging Face's ``proj(x).view(B, S, H, D).transpose(1, 2)``): all heads of a
+    couple of positions, one contiguous slab;
+  * positions inner (a contiguous [B, H, S, D] tensor, e.g. most incoming gradients): a few
+    heads times a run of positions, each head's part contiguous.
+Either way every program reads and writes a few long contiguous runs. (A tile of all heads at
+one position in the positions-inner layout is 40 separate 256-byte pieces, 512 KiB apart: the
+old backward ran 4x slower than the forward for exactly that reason.) Outputs keep the input's
+layout. Channels past ``cos.shape[-1]`` (partial rotary) are copied through.
 
 With halves x1, x2 and cos/sin halves c1, c2, s1, s2:
     forward   o1 = x1*c1 - x2*s1          o2 = x2*c2 + x1*s2
     backward dx1 = g1*c1 + g2*s2         dx2 = g2*c2 - g1*s1
-so backward is the forward with (s1, s2) -> (-s2, -s1) (plain "rope with -sin" when the halves
-of sin are equal, as in every Hugging Face rotary module).
+so backward is the forward with (s1, s2) -> (-s2, -s1): exact for any table, and the usual
+"rope with -sin" when the halves of sin are equal (every Hugging Face rotary module). Loading
+both halves costs only cache traffic: the tables are small next to q and k.
+
+Eager calls go through a plain ``autograd.Function``; under ``torch.compile`` (or any tracer)
+the same launch runs inside a ``torch.library.custom_op``.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import eager_call, kernel_choice
 from .rope import apply_rope_reference
+
+TILE_ELEMENTS = 4096  # per half tile: 64 (head, position) rows of head_dim 128, 16 KiB of bf16 in
+NUM_WARPS = 8         # 16 elements of each half per thread
+HEADS_PER_TILE = 4    # positions-inner tiles: heads sharing one cos/sin load
 
 
 @triton.jit
-def _rotate_heads(x_ptr, o_ptr, b, s, n_heads, sxb, sxh, sxs, sob, soh, sos, c1, c2, s1, s2,
-                  HALF: tl.constexpr, N_PASS: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < n_heads) & (d < HALF)
-    x_row = x_ptr + b * sxb + s * sxs + heads * sxh
-    o_row = o_ptr + b * sob + s * sos + heads * soh
+def _rope_tile(x_ptr, o_ptr, cos_ptr, sin_ptr, tile, n_heads, seq_len,
+               sxb, sxh, sxs, sob, soh, sos, scb, scs, ssb, sss,
+               HALF: tl.constexpr, N_PASS: tl.constexpr, BACKWARD: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
+               BLOCK_PASS: tl.constexpr):
+    # tiles are numbered head block fastest, then position block, then batch
+    n_head_blocks = tl.cdiv(n_heads, BLOCK_H)
+    n_seq_blocks = tl.cdiv(seq_len, BLOCK_S)
+    head_block = tile % n_head_blocks
+    seq_block = (tile // n_head_blocks) % n_seq_blocks
+    b = (tile // n_head_blocks // n_seq_blocks).to(tl.int64)
+
+    heads = (head_block * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
+    pos = (seq_block * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)[None, :, None]
+    d = tl.arange(0, BLOCK_HALF)[None, None, :]
+    table_mask = (pos < seq_len) & (d < HALF)
+    cos_row = cos_ptr + b * scb + pos * scs
+    sin_row = sin_ptr + b * ssb + pos * sss
+    c1 = tl.load(cos_row + d, mask=table_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_row + HALF + d, mask=table_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_row + d, mask=table_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_row + HALF + d, mask=table_mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        s1, s2 = -s2, -s1
+
+    row_ok = (heads < n_heads) & (pos < seq_len)
+    mask = row_ok & (d < HALF)
+    x_row = x_ptr + b * sxb + heads * sxh + pos * sxs
+    o_row = o_ptr + b * sob + heads * soh + pos * sos
     x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * c1 - x2 * s1
-    o2 = x2 * c2 + x1 * s2
-    tl.store(o_row + d, o1.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_row + HALF + d, o2.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_row + d, (x1 * c1 - x2 * s1).to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_row + HALF + d, (x2 * c2 + x1 * s2).to(o_ptr.dtype.element_ty), mask=mask)
     if N_PASS > 0:
-        p = tl.arange(0, BLOCK_PASS)[None, :]
-        pmask = (heads < n_heads) & (p < N_PASS)
+        p = tl.arange(0, BLOCK_PASS)[None, None, :]
+        pmask = row_ok & (p < N_PASS)
         xp = tl.load(x_row + 2 * HALF + p, mask=pmask, other=0.0)
         tl.store(o_row + 2 * HALF + p, xp.to(o_ptr.dtype.element_ty), mask=pmask)
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq_len, n_q_heads, n_k_heads,
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_tiles, seq_len,
+                 n_q_heads, n_k_heads,
                  sqb, sqh, sqs, skb, skh, sks, sqob, sqoh, sqos, skob, skoh, skos,
                  scb, scs, ssb, sss,
                  HALF: tl.constexpr, N_PASS: tl.constexpr, BACKWARD: tl.constexpr,
-                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 BLOCK_PASS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    s = pid % seq_len
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    dmask = d < HALF
-    cos_row = cos_ptr + b * scb + s * scs
-    sin_row = sin_ptr + b * ssb + s * sss
-    c1 = tl.load(cos_row + d, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_row + d, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_row + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        s1, s2 = -s2, -s1
-    _rotate_heads(q_ptr, qo_ptr, b, s, n_q_heads, sqb, sqh, sqs, sqob, sqoh, sqos, c1, c2, s1, s2,
-                  HALF, N_PASS, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS)
-    _rotate_heads(k_ptr, ko_ptr, b, s, n_k_heads, skb, skh, sks, skob, skoh, skos, c1, c2, s1, s2,
-                  HALF, N_PASS, BLOCK_HK, BLOCK_HALF, BLOCK_PASS)
+                 BLOCK_HQ: tl.constexpr, BLOCK_SQ: tl.constexpr,
+                 BLOCK_HK: tl.constexpr, BLOCK_SK: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < q_tiles:
+        _rope_tile(q_ptr, qo_ptr, cos_ptr, sin_ptr, pid, n_q_heads, seq_len,
+                   sqb, sqh, sqs, sqob, sqoh, sqos, scb, scs, ssb, sss,
+                   HALF, N_PASS, BACKWARD, BLOCK_HQ, BLOCK_SQ, BLOCK_HALF, BLOCK_PASS)
+    else:
+        _rope_tile(k_ptr, ko_ptr, cos_ptr, sin_ptr, pid - q_tiles, n_k_heads, seq_len,
+                   skb, skh, sks, skob, skoh, skos, scb, scs, ssb, sss,
+                   HALF, N_PASS, BACKWARD, BLOCK_HK, BLOCK_SK, BLOCK_HALF, BLOCK_PASS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile_shape(n_heads: int, seq_len: int, heads_inner: bool, block_half: int,
+                tile_elements: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_S) with BLOCK_H * BLOCK_S * block_half about ``tile_elements``, filled
+    along the axis that is inner in memory first."""
+    rows = max(1, tile_elements // block_half)
+    max_h, max_s = triton.next_power_of_2(n_heads), triton.next_power_of_2(seq_len)
+    if heads_inner:
+        block_h = min(max_h, rows)
+        return block_h, min(max_s, max(1, rows // block_h))
+    block_s = min(max_s, max(1, rows // HEADS_PER_TILE))
+    return min(max_h, max(1, rows // block_s)), block_s
+
+
+def _heads_inner(x: torch.Tensor) -> bool:
+    n_heads, seq_len = x.shape[1], x.shape[2]
+    if n_heads == 1 or seq_len == 1:
+        return seq_len == 1
+    return x.stride(1) <= x.stride(2)
 
 
 def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
@@ -89,31 +140,63 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
     cos = _last_dim_dense(cos).expand(batch, seq_len, rot)
     sin = _last_dim_dense(sin).expand(batch, seq_len, rot)
     half, n_pass = rot // 2, head_dim - rot
-    block_hq, block_hk = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
     block_half = triton.next_power_of_2(half)
-    elements = (block_hq + block_hk) * block_half
-    num_warps = 4 if elements <= 4096 else 8
-    _rope_kernel[(batch * seq_len,)](
-        q, k, q_out, k_out, cos, sin, seq_len, n_q_heads, n_k_heads,
+    # the output has the input's layout (see _out_like), so the input's decides the tiling
+    tile = TILE_ELEMENTS
+    block_hq, block_sq = _tile_shape(n_q_heads, seq_len, _heads_inner(q), block_half, tile)
+    block_hk, block_sk = _tile_shape(n_k_heads, seq_len, _heads_inner(k), block_half, tile)
+    q_tiles = batch * triton.cdiv(seq_len, block_sq) * triton.cdiv(n_q_heads, block_hq)
+    k_tiles = batch * triton.cdiv(seq_len, block_sk) * triton.cdiv(n_k_heads, block_hk)
+    _rope_kernel[(q_tiles + k_tiles,)](
+        q, k, q_out, k_out, cos, sin, q_tiles, seq_len, n_q_heads, n_k_heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        HALF=half, N_PASS=n_pass, BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(n_pass, 1)),
-        num_warps=num_warps)
+        HALF=half, N_PASS=n_pass, BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_SQ=block_sq,
+        BLOCK_HK=block_hk, BLOCK_SK=block_sk, BLOCK_HALF=block_half,
+        BLOCK_PASS=triton.next_power_of_2(max(n_pass, 1)),
+        num_warps=NUM_WARPS if q.is_cuda else 1)
 
 
 def _fwd_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
 
 
-@torch.library.custom_op("sloth_plugins::rope_fwd", mutates_args=())
-def _rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, cos, sin):
     q_out, k_out = _out_like(q, _fwd_dtype(q, cos, sin)), _out_like(k, _fwd_dtype(k, cos, sin))
     _launch(q, k, cos, sin, q_out, k_out, backward=False)
     return q_out, k_out
+
+
+def _backward(dq_out, dk_out, cos, sin, q_dtype, k_dtype):
+    dq, dk = _out_like(dq_out, q_dtype), _out_like(dk_out, k_dtype)
+    _launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
+    return dq, dk
+
+
+# ------------------------------------------------------------------------ eager: autograd.Function
+
+class _RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.dtypes = (q.dtype, k.dtype)
+        return _forward(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):  # autograd materialises an unused output's grad as zeros
+        cos, sin = ctx.saved_tensors
+        dq, dk = _backward(dq_out, dk_out, cos, sin, *ctx.dtypes)
+        return dq, dk, None, None
+
+
+# ------------------------------------------------------------------------ traced: custom_op
+
+@torch.library.custom_op("sloth_plugins::rope_fwd", mutates_args=())
+def _rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, cos, sin)
 
 
 @_rope_fwd.register_fake
@@ -124,9 +207,7 @@ def _(q, k, cos, sin):
 @torch.library.custom_op("sloth_plugins::rope_bwd", mutates_args=())
 def _rope_bwd(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    dq, dk = _out_like(dq_out, q_dtype), _out_like(dk_out, k_dtype)
-    _launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
-    return dq, dk
+    return _backward(dq_out, dk_out, cos, sin, q_dtype, k_dtype)
 
 
 @_rope_bwd.register_fake
@@ -141,7 +222,7 @@ def _setup_context(ctx, inputs, output):
     ctx.k_meta = (k.shape, k.dtype)
 
 
-def _backward(ctx, dq_out, dk_out):
+def _custom_op_backward(ctx, dq_out, dk_out):
     cos, sin = ctx.saved_tensors
     (q_shape, q_dtype), (k_shape, k_dtype) = ctx.q_meta, ctx.k_meta
     if dq_out is None:
@@ -152,7 +233,7 @@ def _backward(ctx, dq_out, dk_out):
     return dq, dk, None, None
 
 
-_rope_fwd.register_autograd(_backward, setup_context=_setup_context)
+_rope_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
 
 
 def _supported(q, k, cos, sin, unsqueeze_dim) -> bool:
@@ -171,6 +252,8 @@ def _supported(q, k, cos, sin, unsqueeze_dim) -> bool:
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, Hq, S, D], k: [B, Hk, S, D], cos/sin: [B or 1, S, Drot]; others use the reference."""
-    if not _supported(q, k, cos, sin, unsqueeze_dim):
+    if not _supported(q, k, cos, sin, unsqueeze_dim) or kernel_choice("ROPE") == "torch":
         return apply_rope_reference(q, k, cos, sin, unsqueeze_dim)
+    if eager_call(q, k, cos, sin):
+        return _RopeFunction.apply(q, k, cos, sin)
     return _rope_fwd(q, k, cos, sin)

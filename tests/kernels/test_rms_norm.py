@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from sloth_plugins.kernels import _rms_norm_triton as T
+from sloth_plugins.kernels._dispatch import eager_call
 from sloth_plugins.kernels._rms_norm_triton import _rms_norm_fwd, rms_norm_triton
 from sloth_plugins.kernels.rms_norm import rms_norm, rms_norm_reference
 
@@ -85,6 +87,61 @@ def test_more_rows_than_backward_programs():
     _check(x, _weight(32, torch.float32, True), GEMMA, TOL[torch.float32])
 
 
+@FLAVOURS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weight_grad_tiles_with_ragged_rows_and_columns(dtype, flavour):
+    # the dW reduction: several column blocks (the last one partial), several row splits (the
+    # last one partial), several row tiles per split
+    rows, cols = 37, 80
+    block_m, block_n, rows_per_split, n_splits, _ = T._dw_launch(rows, cols, 4, False)
+    assert cols > block_n and cols % block_n != 0
+    assert n_splits > 1 and rows % rows_per_split != 0 and rows_per_split > block_m
+    x = torch.randn(rows, cols, dtype=dtype, requires_grad=True)
+    _check(x, _weight(cols, dtype, True), flavour, TOL[dtype])
+
+
+@FLAVOURS
+def test_custom_op_and_eager_function_agree(flavour):
+    # eager calls take the autograd.Function, traced ones the custom op: same launches, same bits
+    x = torch.randn(6, 40, requires_grad=True)
+    w = _weight(40, torch.float32, True)
+    args = (EPS, flavour["offset"], flavour["cast_before_weight"])
+    y_fn, y_op = rms_norm_triton(x, w, EPS, **flavour), _rms_norm_fwd(x, w, *args)
+    grad_out = torch.randn_like(y_fn)
+    assert torch.equal(y_fn, y_op)
+    for a, b in zip(_grads(y_fn, (x, w), grad_out), _grads(y_op, (x, w), grad_out)):
+        assert torch.equal(a, b)
+
+
+def test_eager_call_only_for_plain_tensors_outside_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    plain, param = torch.randn(2, 4), torch.nn.Parameter(torch.randn(4))
+    assert eager_call(plain, param)
+    with FakeTensorMode():
+        fake = torch.randn(2, 4)
+    assert not eager_call(fake, param)
+    seen = []
+
+    def fn(t):
+        seen.append(eager_call(t))
+        return t * 2
+
+    torch.compile(fn, backend="eager", fullgraph=True)(plain)
+    assert seen == [False]
+
+
+def test_torch_override_knob(monkeypatch):
+    x, w = torch.randn(3, 16, requires_grad=True), _weight(16, torch.float32, True)
+    monkeypatch.setenv("SLOTH_KERNEL_RMS_NORM", "torch")
+    called = []
+    monkeypatch.setattr(T, "_forward", lambda *a: called.append(a))
+    assert torch.equal(rms_norm_triton(x, w, EPS), rms_norm_reference(x, w, EPS))
+    assert not called
+    monkeypatch.setenv("SLOTH_KERNEL_RMS_NORM", "cuda")
+    with pytest.raises(ValueError, match="SLOTH_KERNEL_RMS_NORM"):
+        rms_norm_triton(x, w, EPS)
+
+
 def test_zero_rows():
     x = torch.randn(0, 32, requires_grad=True)
     w = _weight(32, torch.float32, True)
@@ -122,7 +179,8 @@ def _rel_err(got, want):
 @pytest.mark.gpu
 @FLAVOURS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows,hidden", [(32768, 2048), (8192, 4096), (4096, 8192), (512, 16384)])
+@pytest.mark.parametrize("rows,hidden", [(32768, 2048), (8192, 4096), (4096, 8192), (512, 16384),
+                                         (1000, 3000)])
 def test_gpu_matches_fp32_reference(dtype, flavour, rows, hidden):
     x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
     w = _weight(hidden, dtype, True, device="cuda")
@@ -154,3 +212,17 @@ def test_gpu_frozen_weight_and_inductor():
     (dx_ref,) = torch.autograd.grad(y_ref, (x32,), grad_out.float())
     assert w.grad is None
     assert _rel_err(y, y_ref) <= 1e-2 and _rel_err(dx, dx_ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@FLAVOURS
+def test_gpu_trained_weight_eager_and_inductor_agree(flavour):
+    x = torch.randn(4, 1024, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = _weight(4096, torch.bfloat16, True, device="cuda")
+    grad_out = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
+    eager = torch.autograd.grad(rms_norm(x, w, EPS, **flavour), (x, w), grad_out)
+    compiled = torch.compile(lambda a, b: rms_norm(a, b, EPS, **flavour), fullgraph=True)
+    traced = torch.autograd.grad(compiled(x, w), (x, w), grad_out)
+    for a, b in zip(eager, traced):  # the same launches on the same inputs
+        assert torch.isfinite(a).all()
+        assert _rel_err(a, b) <= 1e-6

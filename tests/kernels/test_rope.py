@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from sloth_plugins.kernels import _rope_triton as T
 from sloth_plugins.kernels._rope_triton import _rope_fwd, apply_rope_triton
 from sloth_plugins.kernels.rope import apply_rope, apply_rope_reference
 
@@ -37,7 +38,18 @@ def _cos_sin(batch, seq, rot, dtype, device="cpu", base=10000.0, offset=0):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _check(q, k, cos, sin, tol):
+def _grad_like(t, layout):
+    """A gradient for output t: 'like' t's own layout, or 'contiguous' / 'transposed' ([B, S, H, D]
+    storage) whatever t's layout is, as attention backward kernels hand them back."""
+    if layout == "like":
+        return torch.randn_like(t)
+    if layout == "contiguous":
+        return torch.randn(t.shape, dtype=t.dtype)
+    b, h, s, d = t.shape
+    return torch.randn(b, s, h, d, dtype=t.dtype).transpose(1, 2)
+
+
+def _check(q, k, cos, sin, tol, grad_layout="like"):
     q_before, k_before = q.detach().clone(), k.detach().clone()
     q_out, k_out = apply_rope_triton(q, k, cos, sin)
     q_ref, k_ref = apply_rope_reference(q, k, cos, sin)
@@ -45,7 +57,7 @@ def _check(q, k, cos, sin, tol):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, **tol)
-    gq, gk = torch.randn_like(q_ref), torch.randn_like(k_ref)
+    gq, gk = _grad_like(q_ref, grad_layout), _grad_like(k_ref, grad_layout)
     got = torch.autograd.grad((q_out, k_out), (q, k), (gq, gk))
     want = torch.autograd.grad((q_ref, k_ref), (q, k), (gq, gk))
     for g, w in zip(got, want):
@@ -63,6 +75,38 @@ def test_matches_reference(dtype, transposed, heads):
     k = _heads(2, n_k, 5, 16, dtype, transposed)
     cos, sin = _cos_sin(2, 5, 16, dtype, offset=3)
     _check(q, k, cos, sin, TOL[dtype])
+
+
+@pytest.mark.parametrize("tile_elements", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "hf_transposed"])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1)], ids=["gqa", "odd_heads"])
+def test_many_tiles_with_ragged_heads_and_positions(monkeypatch, tile_elements, dtype, transposed,
+                                                    grad_layout, heads):
+    # Small tiles: several head blocks and position blocks per tensor, partial ones at the
+    # edges, and gradients in the other layout than the forward's (the tiling follows each).
+    monkeypatch.setattr(T, "TILE_ELEMENTS", tile_elements)
+    n_q, n_k = heads
+    seq, half = 7, 8
+    for n, inner in [(n_q, True), (n_q, False)]:
+        block_h, block_s = T._tile_shape(n, seq, inner, half, tile_elements)
+        assert -(-n // block_h) * -(-seq // block_s) > 1, "one tile covers everything"
+    q = _heads(2, n_q, seq, 2 * half, dtype, transposed)
+    k = _heads(2, n_k, seq, 2 * half, dtype, transposed)
+    cos, sin = _cos_sin(2, seq, 2 * half, dtype, offset=5)
+    _check(q, k, cos, sin, TOL[dtype], grad_layout)
+
+
+def test_tiles_follow_the_memory_layout():
+    # Llama-3-8B at 2048 positions, head_dim 128: heads-inner tensors take whole rows of heads,
+    # positions-inner ones 4 heads x 16 positions; every tile holds 64 rows of 64 pairs
+    assert T._tile_shape(32, 2048, True, 64, 4096) == (32, 2)
+    assert T._tile_shape(8, 2048, True, 64, 4096) == (8, 8)
+    assert T._tile_shape(32, 2048, False, 64, 4096) == (4, 16)
+    assert T._tile_shape(8, 2048, False, 64, 4096) == (4, 16)
+    hf = torch.empty(1, 5, 3, 8).transpose(1, 2)
+    assert T._heads_inner(hf) and not T._heads_inner(hf.contiguous())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -101,6 +145,28 @@ def test_only_q_used_downstream():
     (dq,) = torch.autograd.grad(apply_rope_triton(q, k, cos, sin)[0].sum(), (q,))
     (dq_ref,) = torch.autograd.grad(apply_rope_reference(q, k, cos, sin)[0].sum(), (q,))
     torch.testing.assert_close(dq, dq_ref, **TOL[torch.float32])
+
+
+def test_custom_op_and_eager_function_agree():
+    # eager calls take the autograd.Function, traced ones the custom op: same launches, same bits
+    q, k = _heads(2, 4, 5, 16, torch.float32, True), _heads(2, 2, 5, 16, torch.float32, False)
+    cos, sin = _cos_sin(2, 5, 16, torch.float32)
+    outs_fn, outs_op = apply_rope_triton(q, k, cos, sin), _rope_fwd(q, k, cos, sin)
+    grads = [torch.randn_like(t) for t in outs_fn]
+    for a, b in zip(outs_fn, outs_op):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    for a, b in zip(torch.autograd.grad(outs_fn, (q, k), grads),
+                    torch.autograd.grad(outs_op, (q, k), grads)):
+        assert torch.equal(a, b)
+
+
+def test_torch_override_knob(monkeypatch):
+    q, k = _heads(1, 2, 3, 8, torch.float32, True), _heads(1, 1, 3, 8, torch.float32, True)
+    cos, sin = _cos_sin(1, 3, 8, torch.float32)
+    monkeypatch.setenv("SLOTH_KERNEL_ROPE", "torch")
+    monkeypatch.setattr(T, "_launch", lambda *a, **kw: pytest.fail("Triton path taken"))
+    for got, want in zip(apply_rope_triton(q, k, cos, sin), apply_rope_reference(q, k, cos, sin)):
+        assert torch.equal(got, want)
 
 
 def test_other_unsqueeze_dim_falls_back_to_reference():
@@ -143,14 +209,19 @@ def _rel_err(got, want):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rot", [128, 64], ids=["full_rotary", "partial_rotary"])
-def test_gpu_matches_fp32_reference(dtype, rot):
+@pytest.mark.parametrize("grad_layout", ["like_output", "contiguous"])
+def test_gpu_matches_fp32_reference(dtype, rot, grad_layout):
     batch, n_q, n_k, seq, dim = 2, 32, 8, 4096, 128
     q = _heads(batch, n_q, seq, dim, dtype, True, device="cuda")
     k = _heads(batch, n_k, seq, dim, dtype, True, device="cuda")
     cos, sin = _cos_sin(1, seq, rot, dtype, device="cuda", base=500000.0)
     q_out, k_out = apply_rope(q, k, cos, sin)  # public entry point: CUDA takes the Triton path
     assert q_out.stride() == q.stride()
-    gq, gk = torch.randn_like(q_out), torch.randn_like(k_out)
+    if grad_layout == "like_output":
+        gq, gk = torch.randn_like(q_out), torch.randn_like(k_out)
+    else:  # [B, H, S, D] contiguous, as eager attention's backward returns them
+        gq, gk = torch.randn(q_out.shape, device="cuda", dtype=dtype), torch.randn(
+            k_out.shape, device="cuda", dtype=dtype)
     dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (gq, gk))
 
     q32 = q.detach().float().requires_grad_()
