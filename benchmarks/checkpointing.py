@@ -13,7 +13,11 @@ each row, sloth rows patch and unpatch it. Rows:
     off / recompute / offload / auto / auto-40g      sloth_plugins.patch with that
                  gradient_checkpointing mode (auto-40g: memory_budget_gb=40)
 Each row: warm-up steps (auto: until its plan is settled), then timed steps; tokens/s over the
-timed steps, peak = max_memory_allocated over the timed steps. Prints a table, writes
+timed steps, peak = max_memory_allocated over the timed steps. After each row the memory still
+allocated is recorded (allocated_after_gib): it must stay at the first row's (the model), or every
+later row's peak carries what an earlier row left behind; the run says so. With both rows present
+it prints auto-40g against hf (issue 5's target on the 1B shape at bs 8 x 2048: >= 1.3x hf's
+tokens/s with the peak under 40 GiB). Prints a table, writes
 <out> (default benchmarks/results/checkpointing.json; checkpointing_8b.json for --models 8b,
 a _full suffix for --stack full) and a PNG beside it.
 """
@@ -151,7 +155,40 @@ def run_row(model, lora_init: Dict[str, torch.Tensor], row: str, batch: int, seq
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            result["allocated_after_gib"] = torch.cuda.memory_allocated(device) / C.GiB
     return result
+
+
+def left_behind(results: List[dict], tolerance_gib: float = 0.25) -> List[str]:
+    """Rows after which more memory stayed allocated than after the model's first row."""
+    first, notes = {}, []
+    for r in results:
+        after = r.get("allocated_after_gib")
+        if after is None:
+            continue
+        start = first.setdefault(r["model"], after)
+        if after > start + tolerance_gib:
+            notes.append(f"{r['model']} {r['batch']}x{r['seq']} {r['row']}: {after - start:.2f} GiB more allocated "
+                         f"than after the first row (later rows' peaks include it)")
+    return notes
+
+
+def target_lines(results: List[dict], budget_gib: float = 40.0) -> List[str]:
+    lines = []
+    for r in results:
+        if r["row"] != "auto-40g" or not r.get("tokens_per_s"):
+            continue
+        hf = next((h for h in results if h["row"] == "hf" and h.get("tokens_per_s") and
+                   (h["model"], h["batch"], h["seq"]) == (r["model"], r["batch"], r["seq"])), None)
+        if hf is None:
+            continue
+        peak = r.get("peak_gib")
+        fits = ("no device peak counter" if peak is None else
+                f"peak {peak:.2f} GiB {'within' if peak <= budget_gib else 'OVER'} the {budget_gib:.0f} GiB budget")
+        lines.append(f"{r['model']} {r['batch']}x{r['seq']}: auto-40g {r['tokens_per_s']:,.0f} tok/s = "
+                     f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x hf ({hf['tokens_per_s']:,.0f}); {fits}; "
+                     f"plan: {r.get('plan', '-')}")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -224,7 +261,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(C.text_table(["shape", "row", "tok/s", "vs hf", "peak GiB", "pred GiB", "loss0", "plan / note"],
                        [[c if not isinstance(c, float) else round(c, 3) for c in row] for row in table], left=2))
-    C.write_json(out, dict(stack=args.stack, steps=args.steps, rows=results,
+    targets, leaks = target_lines(results), left_behind(results)
+    if targets:
+        print("\nauto-40g against hf (issue 5's target, 1B 8x2048: >= 1.3x hf with the peak under 40 GiB):")
+    for line in targets:
+        print(f"  {line}")
+    for line in leaks:
+        print(f"WARNING memory left behind: {line}")
+    C.write_json(out, dict(stack=args.stack, steps=args.steps, rows=results, targets=targets, left_behind=leaks,
                            elapsed_s=time.perf_counter() - start))
     groups_tps = {f"{r['model']} {r['batch']}x{r['seq']}": {} for r in results}
     groups_mem = {k: {} for k in groups_tps}

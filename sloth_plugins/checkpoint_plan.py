@@ -2,17 +2,20 @@
 
 Memory model (bytes on the device, one training step):
 
-* ``keep``: a layer holds everything autograd saved in its forward (``full_bytes``, its input
-  included) until its backward.
+* ``keep``: a layer holds what autograd saved in its forward (``full_bytes``: unique storages,
+  views counted once, parameters and tensors shared by all layers not at all) until its
+  backward. Its input is among them only when the layer itself saves it (``input_saved``):
+  a bf16 Llama layer saves an fp32 copy of it, not the input, which is freed as the forward
+  moves on.
 * ``recompute``: it holds only its input (``input_bytes``); its backward re-runs the forward,
-  which briefly materialises ``full_bytes`` again.
+  which briefly materialises the saved tensors again next to that input (``recompute_bytes``).
 * ``offload``: its input waits in host memory, so it holds nothing; when the layer above
   starts its backward, the input is fetched back (prefetch), and then it behaves like
   ``recompute``. The last layer is never offloaded (its input would be fetched back at once).
 
 Two moments can set the peak. The end of the forward (and the loss), where every layer's
 resident bytes are alive; and the backward of layer j, where the layers below j are still
-resident, layer j has ``full_bytes`` materialised, and the input of layer j - 1 is being
+resident, layer j has its saved tensors materialised, and the input of layer j - 1 is being
 prefetched if that layer is offloaded. Everything that does not depend on the plan (weights,
 optimizer state, logits, gradients, workspaces) is ``base_bytes`` plus a per-phase overhead,
 calibrated by measuring one step.
@@ -29,11 +32,18 @@ GiB = float(2 ** 30)
 
 @dataclass(frozen=True)
 class LayerMemory:
-    full_bytes: int     # held for backward when the layer keeps its activations (input included)
-    input_bytes: int    # held when the layer is checkpointed: its input hidden states
+    full_bytes: int            # held for backward when the layer keeps its activations
+    input_bytes: int           # held when the layer is checkpointed: its input hidden states
+    input_saved: bool = True   # full_bytes includes the input (the layer itself saves it)
+
+    @property
+    def recompute_bytes(self) -> int:
+        """Held during a checkpointed layer's backward: the recomputed saved tensors and its input."""
+        return self.full_bytes if self.input_saved else self.full_bytes + self.input_bytes
 
     def scaled(self, factor: float) -> "LayerMemory":
-        return LayerMemory(int(round(self.full_bytes * factor)), int(round(self.input_bytes * factor)))
+        return LayerMemory(int(round(self.full_bytes * factor)), int(round(self.input_bytes * factor)),
+                           self.input_saved)
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,8 @@ def activation_peaks(layers: Sequence[LayerMemory], decisions: Sequence[str],
     forward = sum(resident_bytes(m, d, offload_min_bytes) for m, d in zip(layers, decisions))
     backward, below, prefetched = 0, 0, 0
     for m, d in zip(layers, decisions):
-        backward = max(backward, below + m.full_bytes + prefetched)
+        materialised = m.full_bytes if d == KEEP else m.recompute_bytes
+        backward = max(backward, below + materialised + prefetched)
         below += resident_bytes(m, d, offload_min_bytes)
         prefetched = m.input_bytes if is_offloaded(m, d, offload_min_bytes) else 0
     return forward, backward

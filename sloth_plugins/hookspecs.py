@@ -55,7 +55,21 @@ def sloth_causal_lm_loss(hidden_states, lm_head, labels, num_items_in_batch, con
 
 @hookspec(firstresult=True)
 def sloth_checkpoint_plan(model, config, layers, budget_bytes):
-    """Return a list with one of "keep" | "recompute" | "offload" per decoder layer, or None.
+    """Return one decision per decoder layer (a list as long as ``layers``), or None to pass.
+
+    Each entry is one of:
+      "keep"       no checkpointing: the layer holds its activations until its backward;
+      "recompute"  checkpointed (non-reentrant): holds only its input, re-runs its forward in backward;
+      "offload"    checkpointed, and its input waits in host memory until the layer above starts
+                   its backward (inputs under 1 MiB on CUDA stay on the device);
+      "framework"  "recompute" while the framework has enabled gradient checkpointing
+                   (``gradient_checkpointing_enable()``), "keep" otherwise;
+      "auto"       plan it: measure the first training step, then keep / recompute / offload each
+                   layer to fit ``budget_bytes`` ("auto" goes for every layer or none; with
+                   ``budget_bytes`` None it behaves as "framework").
+    Lists may mix "keep", "recompute", "offload" and "framework". The first non-None result wins;
+    the built-in plugin answers last, from ``config.gradient_checkpointing``. Anything else, or
+    a list of another length, raises ValueError at patch time.
 
     budget_bytes is the device memory the plan may fill (None when unknown, e.g. on CPU).
     """

@@ -123,6 +123,26 @@ def test_plan_rejects_bad_input():
         activation_peaks(_uniform(2), [KEEP, "sometimes"])
 
 
+def test_peaks_by_hand_when_layers_do_not_save_their_input():
+    # a bf16 Llama layer saves an fp32 copy of its input, not the input: kept, it holds 100
+    # (its input is freed as the forward moves on); recomputed, it holds its input (10) and
+    # its backward materialises both (110)
+    layers = [LayerMemory(100, 10, input_saved=False) for _ in range(4)]
+    assert layers[0].recompute_bytes == 110 and LayerMemory(100, 10).recompute_bytes == 100
+    assert activation_peaks(layers, [KEEP] * 4) == (400, 400)
+    # backward j: below + materialised_j + prefetched input of j-1:
+    #   j0: 110, j1: 10 + 110 + 0 = 120, j2: 10 + 10 + 100 + 10 (layer 1 offloaded, fetched back) = 130,
+    #   j3: 10 + 10 + 0 + 100 + 0 = 120
+    assert activation_peaks(layers, [RECOMPUTE, RECOMPUTE, OFFLOAD, KEEP]) == (10 + 10 + 0 + 100, 130)
+    assert activation_peaks(layers, [RECOMPUTE, OFFLOAD, KEEP, KEEP]) == (10 + 0 + 100 + 100, 10 + 100 + 100)
+    model = MemoryModel(base_bytes=1000, forward_overhead=500, backward_overhead=20)
+    # full logits make the end of the forward the peak: 1000 + 500 + 4 * 100
+    assert predict_peak(layers, [KEEP] * 4, model) == 1900
+    plan = plan_layers(layers, budget_bytes=1000 + 500 + 4 * 100 - 2 * 90, model=model)
+    assert plan.decisions == (RECOMPUTE, RECOMPUTE, KEEP, KEEP) and plan.predicted_peak_bytes == 1720
+    assert layers[0].scaled(2.0) == LayerMemory(200, 20, input_saved=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # exact gradient parity on a tiny Llama (fp32, CPU): every mode, PEFT, dropout
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +333,106 @@ def test_auto_measures_once_then_plans_and_reports():
     assert "auto: keep" in str(report)
 
 
+def _live_tensor_bytes():
+    """Bytes of the distinct storages of every live Python tensor but parameters (a leak shows here)."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
+            try:
+                storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):     # fake / functional tensors other tests left alive
+                pass
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_measuring_step_leaves_nothing_behind(dtype):
+    # The probe's saved tensors die with it. (An identity pack hook made each op that saves its
+    # own output, rsqrt / softmax / attention, a C++ <-> Python cycle no gc can collect: on an
+    # H200 the 1B model kept 14.5 GiB of probe activations for good, counted twice in the plan.)
+    model = _model(peft=True).to(dtype)
+    _steps(model, steps=1)
+    before = _live_tensor_bytes()
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=1000.0))
+    controller = get_checkpoint_controller(model)
+    _steps(model, steps=1)
+    assert controller.layer_memory is not None and controller.measurements == 1
+    assert _live_tensor_bytes() == before
+    _steps(model, steps=2)
+    assert controller.decisions == (KEEP,) * 4 and _live_tensor_bytes() == before
+
+
+def _bytes_saved_in_layers(model, ids):
+    """Bytes autograd holds for the decoder layers at the end of a forward, counted apart from
+    the probe: distinct storages saved from layer 0's start to the last layer's end (a
+    checkpointed layer saves only its input there; an offloaded one nothing on the device),
+    less parameters and what every layer shares (position embeddings)."""
+    layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+    state = dict(inside=False, shared=set(), held={})
+
+    def key(t):
+        return t.untyped_storage().data_ptr()
+
+    def enter(module, args, kwargs):
+        state["inside"] = True
+        state["shared"] = {key(t) for t in _flat_tensors(kwargs)}
+
+    def leave(module, args, out):
+        state["inside"] = False
+
+    def pack(t):
+        if state["inside"]:
+            state["held"].setdefault(key(t), t)
+        return None                                 # forward only: nothing to unpack
+
+    params = {key(p) for p in model.parameters()}
+    handles = [layers[0].register_forward_pre_hook(enter, with_kwargs=True), layers[-1].register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+            model(input_ids=ids, labels=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(t.untyped_storage().nbytes() for k, t in state["held"].items()
+               if k not in params and k not in state["shared"])
+
+
+def _flat_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _flat_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _flat_tensors(item)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pressure", ["keep", "partial", "offload"])
+def test_planned_resident_bytes_equal_what_autograd_holds(pressure, dtype):
+    # fp32: the layer's first op (RMSNorm's .to(fp32) is a no-op) saves the input itself;
+    # bf16: it saves an fp32 copy and the input is freed, as on the GPU
+    model = _model(peft=True, dropout=0.1).to(dtype)
+    ids = torch.randint(3, VOCAB, (2, 16))
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=1000.0))
+    controller = get_checkpoint_controller(model)
+    _steps(model, steps=1)
+    layers = controller.layer_memory
+    # (layer 0's input, the embedding output, needs no gradient under LoRA: nothing saves it)
+    assert [m.input_saved for m in layers] == [False] + [dtype == torch.float32] * 3
+    budget = {"keep": 1000 * GiB, "partial": predict_peak(layers, [RECOMPUTE, RECOMPUTE, KEEP, KEEP]), "offload": 1}
+    controller.budget_bytes = budget[pressure]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _steps(model, steps=1)
+    decisions = controller.decisions
+    assert {"keep": KEEP, "partial": RECOMPUTE, "offload": OFFLOAD}[pressure] in decisions, decisions
+    expected = activation_peaks(layers, decisions)[0]
+    assert _bytes_saved_in_layers(model, ids) == expected, decisions
+
+
 class ScriptedMemory:
     """Allocator counters of a pretend device, so the measuring code runs on CPU: memory at the
     forward's start is ``base``; the peak of each phase is what the plan model says for the
@@ -365,6 +485,135 @@ def test_auto_calibrates_overheads_from_measured_peaks_and_verifies_its_plan():
     _steps(model, steps=1)
     assert controller.plan == plan_layers(layers, budget, MemoryModel(base + full, fo, bo))
     assert controller.plan.decisions.count(KEEP) < expected.decisions.count(KEEP)
+
+
+def _plan_diagnosis(controller, plan, model) -> str:
+    m = controller.layer_memory
+    return (f"{plan.summary()}; base {model.base_bytes / GiB:.3f} GiB, forward overhead "
+            f"{model.forward_overhead / GiB:.3f}, backward overhead {model.backward_overhead / GiB:.3f}; "
+            f"activations (forward end, backward) {[round(b / GiB, 3) for b in activation_peaks(m, plan.decisions)]} "
+            f"GiB; layer 0 {m[0]}; {controller.measured_tokens} tokens measured; measured peak "
+            f"{None if controller.measured_peak_bytes is None else round(controller.measured_peak_bytes / GiB, 3)} GiB")
+
+
+def _replan_under_pressure(controller, pressure, run_steps):
+    """Measure with a budget that keeps everything, then plan again under ``pressure`` on the same
+    model, against the base memory the controller itself planned with (the budgets between plans
+    are a few layer inputs apart). Returns (the plan of the measured step, budget, diagnosis)."""
+    run_steps(2)                     # measures; then keeps all (and the optimizer state exists)
+    layers, n = controller.layer_memory, len(controller.layer_memory)
+    device = next(controller.model.parameters()).device
+    memory = controller.memory_model(device, base_bytes=controller.forward_base_bytes)
+    keep_all = predict_peak(layers, [KEEP] * n, memory)
+    recompute_but_last = predict_peak(layers, [RECOMPUTE] * (n - 1) + [KEEP], memory)
+    recompute_all = predict_peak(layers, [RECOMPUTE] * n, memory)
+    tightest = plan_layers(layers, 1, memory).predicted_peak_bytes
+    assert keep_all > recompute_but_last and recompute_all > tightest, \
+        _plan_diagnosis(controller, controller.plan, memory)
+    budget = {"keep": 1000 * GiB, "partial": (keep_all + recompute_but_last) // 2,
+              "offload": (recompute_all + tightest) // 2}[pressure]
+    controller.set_memory_budget(budget)
+    run_steps(1)                     # plans for the new budget and measures this step's peak
+    plan = controller.plan
+    diagnosis = _plan_diagnosis(controller, plan, memory)
+    assert plan.decisions == plan_layers(layers, budget, memory).decisions, \
+        f"planned against base {controller.forward_base_bytes / GiB:.3f} GiB or other overheads: {diagnosis}"
+    assert {"keep": KEEP, "partial": RECOMPUTE, "offload": OFFLOAD}[pressure] in plan.decisions, diagnosis
+    assert plan.fits, f"{pressure}: budget {budget / GiB:.3f} GiB not met: {diagnosis}"
+    assert controller.measured_peak_bytes is not None, f"the step of the new plan was not measured: {diagnosis}"
+    return plan, budget, diagnosis
+
+
+@pytest.mark.parametrize("pressure", ["keep", "partial", "offload"])
+def test_auto_replans_for_a_new_budget_and_measures_that_step(pressure):
+    # the GPU test's procedure on a pretend device whose peaks follow the plan model exactly
+    variant = VARIANTS["lora"]
+    layers = _measured_layers(variant)
+    model = _model(**variant)
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=1000.0))
+    controller = get_checkpoint_controller(model)
+    full = layers[0].full_bytes
+    controller.memory = ScriptedMemory(controller, layers, base=10 * full, forward_overhead=6 * full,
+                                       backward_overhead=full)
+    plan, budget, diagnosis = _replan_under_pressure(controller, pressure, lambda k: _steps(model, steps=k))
+    assert controller.measured_peak_bytes == plan.predicted_peak_bytes, diagnosis
+    assert controller.plan.budget_bytes == budget
+
+
+class MallocCounters:
+    """Allocator counters on CPU from glibc's mallinfo2 (bytes in use, heap and mmap), the peak
+    polled after every aten op while the mode is active: auto's whole measure-and-predict path
+    against a real allocator, as on a GPU."""
+
+    peak = 0
+
+    @staticmethod
+    def libc():
+        import ctypes
+        import ctypes.util
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallinfo2.restype = MallInfo2
+            return libc
+        except (OSError, AttributeError):
+            return None
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self._libc = self.libc()
+        counters = self
+
+        class PollAfterEachOp(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counters.peak = max(counters.peak, counters.allocated(None))
+                return out
+
+        self.polling = PollAfterEachOp
+
+    def allocated(self, device):
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def max_allocated(self, device):
+        return max(self.peak, self.allocated(device))
+
+    def reset_peak(self, device):
+        self.peak = self.allocated(device)
+
+
+@pytest.mark.skipif(MallocCounters.libc() is None, reason="needs glibc >= 2.33 (mallinfo2)")
+@pytest.mark.parametrize("pressure", ["keep", "partial"])
+def test_auto_predicted_peak_matches_a_real_allocator_on_cpu(pressure):
+    # bf16 (a Llama layer then saves an fp32 copy of its input, as on the GPU), full logits
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=4, vocab_size=4096, hidden_size=128, dtype=torch.bfloat16)
+    model.train()
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=1000.0))
+    controller = get_checkpoint_controller(model)
+    counters = controller.memory = MallocCounters()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(3, 4096, (2, 512))
+
+    def run_steps(k):
+        for _ in range(k):
+            with counters.polling():
+                model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    plan, budget, diagnosis = _replan_under_pressure(controller, pressure, run_steps)
+    measured, predicted = controller.measured_peak_bytes, plan.predicted_peak_bytes
+    # The old probe's leak and input double count made it +11% on a model like this one. What
+    # remains: allocator noise, and one-time allocations of a process's first step (thread pools,
+    # scratch space), counted in the measuring step's overhead and then in the base (+1.7% for keep).
+    assert abs(predicted - measured) <= 0.05 * measured, f"predicted {predicted}, measured {measured}: {diagnosis}"
 
 
 def test_auto_measures_again_for_larger_inputs_and_scales_for_smaller():
@@ -431,6 +680,31 @@ def test_a_third_party_plan_wins_and_bad_plans_are_rejected():
         plugin.plan = [KEEP, "later"]
         with pytest.raises(ValueError, match="sloth_checkpoint_plan returned"):
             sloth.patch(_model(), sloth.SlothConfig(kernels=False, loss="off"))
+    finally:
+        pm.unregister(plugin)
+
+
+def test_a_third_party_auto_plan_without_a_budget_follows_the_framework():
+    class AutoPlan:
+        @sloth.hookimpl
+        def sloth_checkpoint_plan(self, model, config, layers, budget_bytes):
+            return ["auto"] * len(layers)
+
+    pm = sloth.get_plugin_manager()
+    plugin = AutoPlan()
+    pm.register(plugin, name="test.auto_plan")
+    try:
+        model = _model()
+        report = sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing="recompute"))
+        controller = get_checkpoint_controller(model)
+        assert not controller.auto and controller.budget_bytes is None
+        how = report.summary()["gradient_checkpointing"]["how"]
+        assert how == ["recompute when the framework enables checkpointing"]
+        _steps(model, steps=1)
+        assert controller.decisions == (KEEP,) * 4
+        model.gradient_checkpointing_enable()
+        _steps(model, steps=1)
+        assert controller.decisions == (RECOMPUTE,) * 4
     finally:
         pm.unregister(plugin)
 
@@ -688,34 +962,45 @@ def test_gpu_bf16_parity(mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pressure", ["keep", "partial", "offload"])
 def test_gpu_measured_peak_within_10_percent_of_prediction(pressure):
-    probe = _gpu_model()
-    sloth.patch(probe, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=1000.0))
-    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-4)
-    _gpu_steps(probe, steps=2, optimizer=optimizer)
-    c = get_checkpoint_controller(probe)
-    layers, model_now = c.layer_memory, c.memory_model(torch.device("cuda"))
-    keep_all = predict_peak(layers, [KEEP] * len(layers), model_now)
-    tightest = plan_layers(layers, 1, model_now).predicted_peak_bytes
-    all_recompute = predict_peak(layers, [RECOMPUTE] * (len(layers) - 1) + [KEEP], model_now)
-    budget = {"keep": 1000 * GiB, "partial": (keep_all + all_recompute) // 2,
-              "offload": (all_recompute + tightest) // 2}
-    del probe, optimizer, c
-    gc.collect()
-    torch.cuda.empty_cache()
-
     model = _gpu_model()
-    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=budget[pressure] / GiB))
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=1000.0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    _gpu_steps(model, steps=4, optimizer=optimizer)
     c = get_checkpoint_controller(model)
-    plan = c.plan
-    expected_kind = {"keep": KEEP, "partial": RECOMPUTE, "offload": OFFLOAD}[pressure]
-    assert expected_kind in plan.decisions, plan.summary()
-    assert c.measured_peak_bytes is not None, "the first planned step was measured"
-    ratio = c.measured_peak_bytes / plan.predicted_peak_bytes
-    assert 0.9 <= ratio <= 1.1, (f"{pressure}: measured {c.measured_peak_bytes / GiB:.3f} GiB vs predicted "
-                                 f"{plan.predicted_peak_bytes / GiB:.3f} GiB ({plan.summary()})")
-    assert plan.fits
+    plan, budget, diagnosis = _replan_under_pressure(c, pressure, lambda k: _gpu_steps(model, k, optimizer=optimizer))
+    measured, predicted = c.measured_peak_bytes, plan.predicted_peak_bytes
+    error = (predicted - measured) / measured
+    assert abs(error) <= 0.10, (f"{pressure}: predicted {predicted / GiB:.3f} GiB is {error:+.1%} off the measured "
+                                f"{measured / GiB:.3f} GiB (allowed: 10%): {diagnosis}")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_keeping_everything_costs_no_more_memory_than_no_checkpointing():
+    # auto's measuring step must leave nothing behind (its probe once leaked 0.9 GiB here, 14.5 GiB
+    # on the 1B model), and keeping every layer must hold what plain autograd holds.
+    peaks, after = {}, {}
+    for mode in ("hf", "auto"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated()
+        model = _gpu_model()
+        if mode == "auto":
+            sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", memory_budget_gb=1000.0))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        _gpu_steps(model, steps=2, optimizer=optimizer)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        _gpu_steps(model, steps=2, optimizer=optimizer)
+        torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated() - start
+        after[mode] = torch.cuda.memory_allocated() - start
+        if mode == "auto":
+            assert get_checkpoint_controller(model).decisions == (KEEP,) * 8
+            sloth.unpatch(model)
+        del model, optimizer
+    summary = {k: f"peak {peaks[k] / GiB:.3f} GiB, after the step {after[k] / GiB:.3f} GiB (above the start)"
+               for k in peaks}
+    assert after["auto"] <= after["hf"] + 16 * 2 ** 20, f"auto left memory behind: {summary}"
+    assert peaks["auto"] <= 1.02 * peaks["hf"], f"auto keeping all holds more than no checkpointing: {summary}"
 
 
 @pytest.mark.gpu

@@ -189,7 +189,8 @@ class CheckpointController:
                  budget_bytes: Optional[int], report: PatchReport):
         self.model, self.paths, self.layers = model, list(paths), list(layers)
         self.requested_plan = tuple(plan)
-        self.auto = bool(plan) and all(d == AUTO for d in plan)
+        # without a budget there is nothing to plan against: "auto" then follows the framework
+        self.auto = bool(plan) and all(d == AUTO for d in plan) and budget_bytes is not None
         self.budget_bytes = budget_bytes
         self.report = report
         self.framework_request = None
@@ -205,6 +206,7 @@ class CheckpointController:
         self.forward_overhead: Optional[int] = None
         self.backward_overhead: Optional[int] = None
         self.measured_peak_bytes: Optional[int] = None
+        self.forward_base_bytes: Optional[int] = None     # allocated when the last training forward's layers began
         self.measurements = 0
         self._failed_measurements = 0
         self._probing: Optional[List[Optional[LayerMemory]]] = None
@@ -246,6 +248,12 @@ class CheckpointController:
         """No measurement pending: auto has a plan and is not measuring a step (for benchmarks' warm-up)."""
         return not self.auto or (self.plan is not None and self._window is None and self._probing is None)
 
+    def set_memory_budget(self, budget_bytes: int) -> None:
+        """A new budget for ``auto``: the next training forward plans against it."""
+        self.budget_bytes = int(budget_bytes)
+        self._plans.clear()
+        self._warned_over_budget = False
+
     def close(self) -> None:
         self._window = None
         self._probing = None
@@ -253,7 +261,8 @@ class CheckpointController:
 
     def _static_decisions(self) -> Tuple[str, ...]:
         follow = RECOMPUTE if self.framework_enabled() else KEEP
-        return tuple(follow if d == FRAMEWORK else (RECOMPUTE if d == AUTO else d) for d in self.requested_plan)
+        auto = RECOMPUTE if self.auto else follow          # auto: its first forward measures with recompute
+        return tuple(follow if d == FRAMEWORK else (auto if d == AUTO else d) for d in self.requested_plan)
 
     # ---- the training forward -------------------------------------------------------------------
     def run_layer(self, index: int, function, args: tuple, kwargs: dict):
@@ -290,6 +299,8 @@ class CheckpointController:
         hidden = _hidden_states(function, args)
         tokens = int(hidden.shape[:-1].numel()) if hidden is not None and hidden.dim() > 0 else None
         device = hidden.device if hidden is not None else next(self.model.parameters()).device
+        memory = self.counters(device)
+        self.forward_base_bytes = memory.allocated(device) if memory is not None else None
         self._probing = None
         if self._needs_measurement(tokens, device):
             self.measurements += 1
@@ -340,19 +351,30 @@ class CheckpointController:
         return False
 
     def _probe(self, index: int, function, args: tuple, kwargs: dict) -> None:
-        """Count the bytes autograd saves in this layer's forward when it is not checkpointed."""
+        """Count the bytes autograd saves in this layer's forward when it is not checkpointed.
+
+        Unique storages (a view costs nothing more than its base), without the layer's
+        parameters and the tensors every layer shares (position embeddings, masks); the input
+        only when the layer saves it. The pack hook gives autograd nothing back and keeps the
+        tensor in a local dict until the count is done, so no freed block can be reused under a
+        key already counted. Returning the tensor itself would tie every op that saves its own
+        output (rsqrt, softmax, attention) into a cycle through the C++ graph that Python's gc
+        cannot collect: the probe's activations would leak for good, on top of the step's peak.
+        """
         hidden = _hidden_states(function, args)
         layer = self.layers[index]
-        skip = {_storage_key(t) for t in list(layer.parameters()) + list(layer.buffers())}
-        skip |= {_storage_key(t) for t in _tensors_in((args, kwargs, getattr(function, "args", ()),
-                                                        getattr(function, "keywords", {})))}
-        saved = {}
+        hidden_key = _storage_key(hidden) if hidden is not None else None
+        shared = {_storage_key(t) for t in list(layer.parameters()) + list(layer.buffers())}
+        shared |= {_storage_key(t) for t in _tensors_in((args, kwargs, getattr(function, "args", ()),
+                                                         getattr(function, "keywords", {})))}
+        shared.discard(hidden_key)
+        held = {}
 
-        def count(t: torch.Tensor) -> torch.Tensor:
+        def count(t: torch.Tensor) -> None:
             key = _storage_key(t)
-            if key not in skip:
-                saved[key] = _storage_bytes(t)
-            return t
+            if key not in shared:
+                held.setdefault(key, t)
+            return None
 
         window = self._window
         if window is not None:
@@ -361,13 +383,15 @@ class CheckpointController:
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), \
-                torch.autograd.graph.saved_tensors_hooks(count, _identity):
+                torch.autograd.graph.saved_tensors_hooks(count, _never_unpacked):
             out = function(*args, **kwargs)
-        del out
+        saved_bytes = sum(_storage_bytes(t) for t in held.values())
+        input_saved = hidden_key is not None and hidden_key in held
+        del out, held
         if window is not None:
             window.resume()
         input_bytes = hidden.numel() * hidden.element_size() if hidden is not None else 0
-        self._probing[index] = LayerMemory(sum(saved.values()) + input_bytes, input_bytes)
+        self._probing[index] = LayerMemory(saved_bytes, input_bytes, input_saved)
 
     def _finish_probe(self) -> None:
         probed, self._probing = self._probing, None
@@ -390,7 +414,7 @@ class CheckpointController:
         memory = self.counters(device)
         if memory is None:
             return
-        self._window = _Window(self.generation, device, memory, tokens, self.decisions, memory.allocated(device), plan)
+        self._window = _Window(self.generation, device, memory, tokens, self.decisions, self.forward_base_bytes, plan)
         self._window.resume()
 
     def _close_window(self, window: _Window) -> None:
@@ -435,15 +459,17 @@ class CheckpointController:
             return 1.0
         return max(1.0, tokens / self.measured_tokens)
 
-    def memory_model(self, device: torch.device, tokens: Optional[int] = None) -> MemoryModel:
+    def memory_model(self, device: torch.device, tokens: Optional[int] = None,
+                     base_bytes: Optional[int] = None) -> MemoryModel:
+        """The plan's memory model; base: ``base_bytes``, else what is allocated now (0 without counters)."""
         memory = self.counters(device)
-        base = memory.allocated(device) if memory is not None else 0
+        base = base_bytes if base_bytes is not None else memory.allocated(device) if memory is not None else 0
         scale = self._overhead_scale(tokens)
         return MemoryModel(base, int((self.forward_overhead or 0) * scale), int((self.backward_overhead or 0) * scale),
                            self._offload_min(device))
 
     def _plan_for(self, tokens: Optional[int], device: torch.device) -> CheckpointPlan:
-        model = self.memory_model(device, tokens)
+        model = self.memory_model(device, tokens, self.forward_base_bytes)
         key = (tokens, model.base_bytes)
         plan = self._plans.get(key)
         if plan is None:
@@ -460,6 +486,8 @@ class CheckpointController:
     # ---- report -------------------------------------------------------------------------------
     def record_patch(self, config) -> None:
         for path, decision in zip(self.paths, self.requested_plan):
+            if decision == AUTO and not self.auto:
+                decision = FRAMEWORK
             detail = {FRAMEWORK: "recompute when the framework enables checkpointing",
                       AUTO: "auto: planned after measuring the first training step"}.get(decision, decision)
             self.report.patched("gradient_checkpointing", path, detail)
@@ -549,8 +577,8 @@ def _storage_bytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
 
-def _identity(t):
-    return t
+def _never_unpacked(_):
+    raise RuntimeError("sloth_plugins: the memory probe's forward has no backward")
 
 
 def is_checkpointing_enabled(model) -> bool:
