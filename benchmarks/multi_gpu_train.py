@@ -114,17 +114,6 @@ def build_rows(args):
     return rows, len(tok)
 
 
-def collate(rows):
-    import torch
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r["input_ids"])] = r["input_ids"]
-        mask[i, :len(r["input_ids"])] = 1
-    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-
-
 class Meter:
     """Step times (device-synchronised) and the peak memory of this process' GPU."""
 
@@ -164,6 +153,7 @@ def run_lightning(args, rows, vocab):
     import torch
 
     import sloth_plugins as sloth
+    from sloth_plugins.testing import right_pad_collate
 
     world, meter = _world(), Meter()
 
@@ -198,7 +188,7 @@ def run_lightning(args, rows, vocab):
     strategy = sloth.SlothStrategy(args.engine, **options)
     sampler = torch.utils.data.DistributedSampler(rows, num_replicas=world, rank=_rank(), shuffle=False)
     loader = torch.utils.data.DataLoader(rows, batch_size=args.global_batch // world, sampler=sampler,
-                                         collate_fn=collate)
+                                         collate_fn=right_pad_collate)
     precision = "bf16-true" if args.dtype == "bf16" else "32-true"
     trainer = L.Trainer(strategy=strategy, accelerator="gpu" if _device().type == "cuda" else "cpu", devices=world,
                         num_nodes=1, max_steps=args.steps, precision=precision, logger=False,
@@ -214,6 +204,7 @@ def run_hf(args, rows, vocab):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     import sloth_plugins as sloth
+    from sloth_plugins.testing import right_pad_collate
 
     world, meter, losses = _world(), Meter(), []
 
@@ -246,7 +237,7 @@ def run_hf(args, rows, vocab):
         bf16=args.dtype == "bf16" and cuda, use_cpu=not cuda, ddp_find_unused_parameters=False if world > 1 else None,
         ddp_backend=None if cuda or world == 1 else "gloo", **extra)
     callback = sloth.SlothCallback(gradient_checkpointing=args.grad_ckpt, verbose=False)
-    trainer = Trainer(model=build_model(args, vocab), args=targs, train_dataset=rows, data_collator=collate,
+    trainer = Trainer(model=build_model(args, vocab), args=targs, train_dataset=rows, data_collator=right_pad_collate,
                       callbacks=[callback, Measure()])
     trainer.train()
     from sloth_plugins.manager import resolve_causal_lm

@@ -72,3 +72,28 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **config_overrides), dtype=dtype)
     return model
+
+
+def right_pad_collate(rows: List[dict]) -> dict:
+    """Rows of ``input_ids`` tensors, right-padded: pad id 0, attention mask 0, label -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r["input_ids"])] = r["input_ids"]
+        mask[i, :len(r["input_ids"])] = 1
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+class MicroLossRecorder:
+    """Mixin for a (real) HF/TRL Trainer class: records each micro-batch's loss at full
+    precision, since the Trainer's logs round it. ``class T(MicroLossRecorder, Trainer)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.micro_losses = []
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.micro_losses.append(loss.item())
+        return loss

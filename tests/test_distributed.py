@@ -35,6 +35,8 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from sloth_plugins.testing import right_pad_collate  # noqa: E402
+
 WORLD = 2
 VOCAB = 256
 PER_RANK_BATCH = 2
@@ -54,15 +56,6 @@ def _rows(n, seed=0):
     return [dict(input_ids=torch.randint(3, VOCAB, (int(k),), generator=g)) for k in lengths]
 
 
-def _collate(rows):
-    """Right padding: pad id 0, attention mask 0, label -100."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r["input_ids"])] = r["input_ids"]
-        mask[i, :len(r["input_ids"])] = 1
-    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
 def _lora_model():
@@ -124,7 +117,7 @@ def _hf_train(out, per_device_batch):
         disable_tqdm=True)
     callback = sloth.SlothCallback(verbose=False)
     rows = _rows(STEPS * GRAD_ACCUM * PER_RANK_BATCH * WORLD)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=_collate, callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=right_pad_collate, callbacks=[callback])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     result = dict(world=args.world_size, loss=[h["loss"] for h in logs], grad_norm=[h["grad_norm"] for h in logs],
@@ -194,7 +187,7 @@ def _lightning_fit(out, devices, strategy):
     # process' batch k (Lightning's own distributed sampler would shuffle)
     sampler = torch.utils.data.DistributedSampler(rows, num_replicas=devices, rank=_rank(), shuffle=False)
     loader = torch.utils.data.DataLoader(rows, batch_size=PER_RANK_BATCH * WORLD // devices, sampler=sampler,
-                                         collate_fn=_collate)
+                                         collate_fn=right_pad_collate)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False)
@@ -301,7 +294,7 @@ def _fsdp_case(engine, own_unit, head, checkpointing, rank, world, device):
                   loss_report=report.summary()["loss"]["how"], steps=[])
     try:
         for step in range(2):
-            batch = {k: v.to(device) for k, v in _collate(_rows(2 * world, seed=10 + step)).items()}
+            batch = {k: v.to(device) for k, v in right_pad_collate(_rows(2 * world, seed=10 + step)).items()}
             all_tokens = (batch["labels"][:, 1:] != -100).sum()
             mine = {k: v[2 * rank:2 * rank + 2] for k, v in batch.items()}
             head_calls.clear()
@@ -343,7 +336,7 @@ def _tensor_parallel_head_case(world, device):
     sloth.patch(model, sloth.SlothConfig(gradient_checkpointing="off"))
     mesh = init_device_mesh(device.type, (world,))
     parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
-    batch = {k: v.to(device) for k, v in _collate(_rows(4, seed=20)).items()}
+    batch = {k: v.to(device) for k, v in right_pad_collate(_rows(4, seed=20)).items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = [model(**batch).loss.item() for _ in range(2)]

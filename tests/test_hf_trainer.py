@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import sloth_plugins as sloth
-from sloth_plugins.testing import format_example, load_instructions, tiny_model, train_tokenizer
+from sloth_plugins.testing import (MicroLossRecorder, format_example, load_instructions, tiny_model,
+                                   train_tokenizer)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -31,17 +32,8 @@ def dataset(tokenizer):
                   remove_columns=["text"])
 
 
-class RecordingTrainer(Trainer):
-    """The real Trainer; records each micro-batch's loss at full precision (logs round it)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.micro_losses = []
-
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
-        self.micro_losses.append(loss.item())
-        return loss
+class RecordingTrainer(MicroLossRecorder, Trainer):
+    pass
 
 
 def _train(family, tokenizer, dataset, tmp_path, *, patched, peft=True, steps=4, grad_ckpt=False, seed=0):

@@ -6,7 +6,8 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 import sloth_plugins as sloth
-from sloth_plugins.testing import format_example, load_instructions, tiny_model, train_tokenizer
+from sloth_plugins.testing import (MicroLossRecorder, format_example, load_instructions, tiny_model,
+                                   train_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -14,15 +15,8 @@ def tokenizer():
     return train_tokenizer(format_example(r) for r in load_instructions())
 
 
-class RecordingSFTTrainer(SFTTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.micro_losses = []
-
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
-        self.micro_losses.append(loss.item())
-        return loss
+class RecordingSFTTrainer(MicroLossRecorder, SFTTrainer):
+    pass
 
 
 def _sft(tokenizer, tmp_path, *, patched, peft, loss_type=None):
