@@ -487,3 +487,9 @@ if __name__ == "__main__":
         _fsdp_worker(out_dir, cuda=what == "fsdp-cuda")
     else:
         raise SystemExit(f"unknown worker {what!r}: hf, lightning, fsdp or fsdp-cuda")
+    # Leave together: a rank that exits while its peer still holds gloo pairs can abort
+    # ("terminate called without an active exception", seen once in CI).
+    import torch.distributed as _dist
+    if _dist.is_available() and _dist.is_initialized():
+        _dist.barrier()
+        _dist.destroy_process_group()
