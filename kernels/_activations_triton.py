@@ -15,13 +15,12 @@ the same launches run inside a ``torch.library.custom_op``.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ._dispatch import eager_call, kernel_choice
+from ._tuning import measured_choice, row_bucket
 from .activations import geglu_reference, swiglu_reference
 
 _KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -84,20 +83,36 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-@functools.lru_cache(maxsize=256)
-def _grid_and_block(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
-    block = min(triton.next_power_of_2(n_cols), _BLOCK_MAX)
-    num_warps = 4 if block <= 1024 else 8
-    return (n_rows, triton.cdiv(n_cols, block)), block, num_warps
+def _launch_settings(n_cols: int) -> list[tuple[int, int]]:
+    """(BLOCK, num_warps) candidates, the first one the default: one program per block of a row.
+    Liger-style whole-row programs (BLOCK up to 16k, 16 warps) win on some shapes, 2k blocks on
+    others; ``measured_choice`` times them once per shape class on the GPU."""
+    full = triton.next_power_of_2(n_cols)
+    first = min(full, _BLOCK_MAX)
+    out = [(first, 4 if first <= 1024 else 8)]
+    for block, warps in ((1024, 4), (4096, 8), (8192, 16), (16384, 16)):
+        block = min(block, full)
+        if (block, warps) not in out and block >= 256:
+            out.append((block, warps))
+    return out
+
+
+def _settings(direction: str, kind: str, g2: torch.Tensor, launch) -> tuple[int, int]:
+    n_rows, n_cols = g2.shape
+    key = ("gated", direction, kind, row_bucket(n_rows), n_cols, g2.dtype, g2.device)
+    return measured_choice(key, _launch_settings(n_cols), launch, g2.device)
 
 
 def _forward(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     g2, u2 = _as_rows(gate), _as_rows(up)
     out = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if out.numel() > 0:
-        grid, block, num_warps = _grid_and_block(*g2.shape)
-        _gated_fwd_kernel[grid](g2, u2, out, g2.shape[1], g2.stride(0), u2.stride(0), out.stride(0),
-                                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+        def launch(setting):
+            block, num_warps = setting
+            _gated_fwd_kernel[(g2.shape[0], triton.cdiv(g2.shape[1], block))](
+                g2, u2, out, g2.shape[1], g2.stride(0), u2.stride(0), out.stride(0),
+                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+        launch(_settings("fwd", kind, g2, launch))
     return out.view(gate.shape)
 
 
@@ -107,10 +122,12 @@ def _backward(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     d_gate = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     d_up = torch.empty(u2.shape, dtype=up.dtype, device=up.device)
     if d_gate.numel() > 0:
-        grid, block, num_warps = _grid_and_block(*g2.shape)
-        _gated_bwd_kernel[grid](do2, g2, u2, d_gate, d_up, g2.shape[1], do2.stride(0), g2.stride(0),
-                                u2.stride(0), d_gate.stride(0), d_up.stride(0),
-                                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+        def launch(setting):
+            block, num_warps = setting
+            _gated_bwd_kernel[(g2.shape[0], triton.cdiv(g2.shape[1], block))](
+                do2, g2, u2, d_gate, d_up, g2.shape[1], do2.stride(0), g2.stride(0), u2.stride(0),
+                d_gate.stride(0), d_up.stride(0), KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+        launch(_settings("bwd", kind, g2, launch))
     return d_gate.view(gate.shape), d_up.view(up.shape)
 
 

@@ -168,3 +168,44 @@ def test_gpu_inductor_on_fused_gate_up():
     out_ref = swiglu_reference(*ref_in.chunk(2, dim=-1))
     (d_ref,) = torch.autograd.grad(out_ref, (ref_in,), grad_out.float())
     assert _rel_err(out, out_ref) <= 1e-2 and _rel_err(d_gate_up, d_ref) <= 1e-2
+
+
+def test_launch_settings_are_only_measured_on_cuda():
+    from sloth_plugins.kernels._tuning import measured_choice
+    calls = []
+    pick = measured_choice(("test-cpu", 1), [(2048, 8), (4096, 8)], calls.append, torch.device("cpu"))
+    assert pick == (2048, 8) and calls == []
+
+
+@pytest.mark.parametrize("n_cols", [96, 14336])
+def test_every_launch_setting_covers_the_row(n_cols):
+    """Each candidate the tuner may pick computes the whole row (interpreter, small row count)."""
+    gate, up = torch.randn(3, n_cols), torch.randn(3, n_cols)
+    want = swiglu_reference(gate, up)
+    for block, warps in T._launch_settings(n_cols):
+        out = torch.full_like(gate, float("nan"))
+        T._gated_fwd_kernel[(3, -(-n_cols // block))](gate, up, out, n_cols, n_cols, n_cols, n_cols,
+                                                       KIND=0, BLOCK=block, num_warps=warps)
+        torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+def test_gpu_tuner_picks_the_fastest_and_every_setting_is_bit_identical():
+    from sloth_plugins.kernels._tuning import measured_choice
+    cycles = {"slow": 2_000_000, "fast": 10_000, "medium": 500_000}
+    pick = measured_choice(("test-gpu", 1), list(cycles), lambda c: torch.cuda._sleep(cycles[c]),
+                           torch.device("cuda"))
+    assert pick == "fast"
+    assert measured_choice(("test-gpu", 1), list(cycles), lambda c: 1 / 0, torch.device("cuda")) == "fast"
+    gate, up = (torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(gate)
+    outs = []
+    for block, warps in T._launch_settings(14336):
+        out, dg, du = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
+        grid = (gate.shape[0], -(-14336 // block))
+        T._gated_fwd_kernel[grid](gate, up, out, 14336, 14336, 14336, 14336, KIND=0, BLOCK=block, num_warps=warps)
+        T._gated_bwd_kernel[grid](do, gate, up, dg, du, 14336, 14336, 14336, 14336, 14336, 14336,
+                                  KIND=0, BLOCK=block, num_warps=warps)
+        outs.append((out, dg, du))
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
