@@ -409,68 +409,114 @@ def test_gpu_fsdp1_and_fsdp2_sharded_lm_head(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # An engine's own activation checkpointing (FSDP's apply_activation_checkpointing, accelerate's
 # fsdp activation_checkpointing, Lightning's activation_checkpointing_policy) around layers that
-# sloth also checkpoints: one recompute per layer, never two; no offload copies for nothing.
+# sloth also checkpoints: one recompute per layer, never two; no offload copies for nothing;
+# auto plans only the layers the engine leaves to sloth.
 # ---------------------------------------------------------------------------------------------
 
-_DOUBLED_TODAY = {("reentrant", "recompute"), ("reentrant", "offload"), ("reentrant", "auto"),
-                  ("non_reentrant", "offload"), ("non_reentrant", "auto")}
-_DOUBLED_REASON = ("checkpointing.py: run_layer checkpoints (or offloads, or probes) inside an engine's checkpoint; "
-                   "fix proposed in the issue-7 report (run the layer plainly when called inside one)")
-
-
-def _engine_ac_run(engine, mode, steps=2):
+def _engine_ac_run(engine, mode, steps=2, wrapped=None, n_layers=4):
+    """Steps of a tiny Llama whose decoder layers ``wrapped`` (default: all) an engine checkpoints,
+    patched by sloth in ``mode`` first (None: the engine alone). Returns, per step, the forward
+    calls of each layer's MLP, the losses, the gradients and the controller (None unpatched)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
                                                                              apply_activation_checkpointing,
                                                                              checkpoint_wrapper)
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     import sloth_plugins as sloth
     from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
     from sloth_plugins.testing import tiny_model
 
-    model = tiny_model("llama", seed=0, vocab_size=VOCAB)
+    model = tiny_model("llama", seed=0, vocab_size=VOCAB, layers=n_layers)
+    layers = list(model.model.layers)
+    wrapped = set(range(len(layers))) if wrapped is None else set(wrapped)
     if mode is not None:
-        options = dict(memory_budget_gb=1e-6) if mode == "auto" else {}   # a budget that makes auto recompute
+        options = dict(memory_budget_gb=1e-6) if mode == "auto" else {}   # the tightest plan: offload
         sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing=mode, **options))
     impl = CheckpointImpl.REENTRANT if engine == "reentrant" else CheckpointImpl.NO_REENTRANT
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
+    apply_activation_checkpointing(model, check_fn=lambda m: any(m is layers[i] for i in wrapped),
                                    checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=impl))
-    calls = []
-    for wrapper in model.model.layers:
-        wrapper._checkpoint_wrapped_module.mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     per_step, losses = [], []
     for _ in range(steps):
-        calls.clear()
+        calls[:] = [0] * len(layers)
         # no KV cache: a reentrant engine recompute would append to it a second time (transformers)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         losses.append(loss.item())
-        per_step.append(len(calls) / len(model.model.layers))
-    controller = get_checkpoint_controller(model)
+        per_step.append(list(calls))
     grads = {n: p.grad for n, p in model.named_parameters()}
-    return per_step, losses, grads, controller.offloader.parked_count if controller else 0
+    return per_step, losses, grads, get_checkpoint_controller(model)
 
 
 @functools.lru_cache(maxsize=None)
-def _engine_ac_reference(engine):
-    return _engine_ac_run(engine, None)
+def _engine_ac_reference(engine, wrapped=None, steps=2, n_layers=4):
+    return _engine_ac_run(engine, None, steps=steps, wrapped=wrapped, n_layers=n_layers)
 
 
-@pytest.mark.parametrize("engine, mode", [
-    pytest.param(e, m, marks=pytest.mark.xfail(strict=True, reason=_DOUBLED_REASON) if (e, m) in _DOUBLED_TODAY else ())
-    for e in ("non_reentrant", "reentrant") for m in ("recompute", "offload", "auto")])
+def _assert_same_training(got, ref):
+    (_, losses, grads, _), (_, ref_losses, ref_grads, _) = got, ref
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert grad is not None and not torch.isnan(grads[name]).any(), name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def _engine_notes(report):
+    return [n for n in report.notes if "engine already checkpoints" in n]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "offload", "auto"])
+@pytest.mark.parametrize("engine", ["non_reentrant", "reentrant"])
 def test_engine_activation_checkpointing_is_not_doubled(engine, mode):
+    from sloth_plugins.plugins.checkpointing import ENGINE_DETAIL
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref_steps, ref_losses, ref_grads, _ = _engine_ac_reference(engine)
-        steps, losses, grads, parked = _engine_ac_run(engine, mode)
-    assert ref_steps == [2, 2]             # the engine alone: the forward and one recompute
-    assert losses == pytest.approx(ref_losses, rel=1e-6)
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
-    # the first step included (auto measures there), offloaded inputs counted
-    assert (steps, parked) == ([2, 2], 0)
+        ref = _engine_ac_reference(engine)
+        got = _engine_ac_run(engine, mode)
+    assert ref[0] == [[2] * 4] * 2          # the engine alone: the forward and one recompute per layer
+    _assert_same_training(got, ref)
+    steps, _, _, controller = got
+    # the first step included (auto measures there): no probe, no second recompute, nothing parked
+    assert steps == [[2] * 4] * 2 and controller.offloader.parked_count == 0
+    assert controller.engine_layers == {0, 1, 2, 3}
+    report = controller.report
+    assert [e.detail for e in report.entries if e.kind == "gradient_checkpointing"] == [ENGINE_DETAIL] * 4
+    assert len(_engine_notes(report)) == 1 and "every decoder layer" in _engine_notes(report)[0]
+    if mode == "auto":
+        # nothing seen, nothing planned: no measurement, no plan, and warm-up loops see it settled
+        assert controller.measurements == 0 and controller.plan is None and controller.settled
+        assert "nothing left to plan" in _engine_notes(report)[0]
+
+
+@pytest.mark.parametrize("engine", ["non_reentrant", "reentrant"])
+def test_auto_plans_only_the_layers_an_engine_does_not_checkpoint(engine):
+    from sloth_plugins.checkpoint_plan import KEEP, OFFLOAD, RECOMPUTE
+    from sloth_plugins.plugins.checkpointing import ENGINE_DETAIL
+
+    wrapped = (0, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _engine_ac_reference(engine, wrapped, steps=3, n_layers=6)
+        got = _engine_ac_run(engine, "auto", steps=3, wrapped=wrapped, n_layers=6)
+    assert ref[0] == [[2, 1, 2, 1, 1, 1]] * 3
+    _assert_same_training(got, ref)
+    steps, _, _, controller = got
+    # step 1 measures layers 1, 3, 4 and 5 (checkpointed, plus the probe's forward); then the
+    # tightest plan of those four, as for any four layers: offload, offload, recompute, keep (the
+    # last: its activations return at the start of the backward); the engine's layers: 2 always
+    assert steps == [[2, 3, 2, 3, 3, 3]] + [[2, 2, 2, 2, 2, 1]] * 2
+    assert controller.engine_layers == set(wrapped) and controller.measurements == 1
+    assert controller.plan.decisions == (OFFLOAD, OFFLOAD, RECOMPUTE, KEEP), "planned for the layers sloth runs"
+    assert controller.decisions == (RECOMPUTE, OFFLOAD, RECOMPUTE, OFFLOAD, RECOMPUTE, KEEP)
+    assert controller.offloader.parked_count == 2 * 2 and controller.offloader.live_parked() == 0
+    details = [e.detail for e in controller.report.entries if e.kind == "gradient_checkpointing"]
+    assert details == [ENGINE_DETAIL, "auto: offload", ENGINE_DETAIL, "auto: offload", "auto: recompute", "auto: keep"]
+    notes = _engine_notes(controller.report)
+    assert len(notes) == 1 and "2 of 6 decoder layers" in notes[0] and "auto plans the other 4" in notes[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ Modes:
   when it starts. Larger inputs than the measured one trigger a new measurement. Without a
   device budget (CPU, no ``memory_budget_gb``) ``auto`` recomputes exactly when the framework
   enabled checkpointing.
+
+An engine that already checkpoints a decoder layer (FSDP's ``apply_activation_checkpointing`` /
+``checkpoint_wrapper``, accelerate's and Lightning's activation checkpointing, reentrant or
+not) has it run plainly by ``run_layer``: no second recompute, no offload, no probe. Those
+layers are named in the report once, and ``auto`` plans the others.
 """
 from __future__ import annotations
 
@@ -216,6 +221,9 @@ class CheckpointController:
         self._plans: "OrderedDict[tuple, CheckpointPlan]" = OrderedDict()
         self._entries: list = []
         self._note_index: Optional[int] = None
+        self.engine_layers: set = set()   # layers an engine's own checkpoint runs; we run them plainly
+        self._engine_note_index: Optional[int] = None
+        self._last_index: Optional[int] = None
         self._warned_over_budget = False
         self.memory = None            # None: CudaMemory on CUDA devices, no counters elsewhere
 
@@ -246,7 +254,8 @@ class CheckpointController:
     @property
     def settled(self) -> bool:
         """No measurement pending: auto has a plan and is not measuring a step (for benchmarks' warm-up)."""
-        return not self.auto or (self.plan is not None and self._window is None and self._probing is None)
+        return (not self.auto or len(self.engine_layers) == len(self.layers)
+                or (self.plan is not None and self._window is None and self._probing is None))
 
     def set_memory_budget(self, budget_bytes: int) -> None:
         """A new budget for ``auto``: the next training forward plans against it."""
@@ -267,9 +276,14 @@ class CheckpointController:
     # ---- the training forward -------------------------------------------------------------------
     def run_layer(self, index: int, function, args: tuple, kwargs: dict):
         if not torch.is_grad_enabled():
+            return function(*args, **kwargs)      # also the forward of a reentrant engine checkpoint
+        if engine_checkpoint_phase() is not None:
+            self._engine_checkpoints(index)
             return function(*args, **kwargs)
-        if index == 0:
+        # A new forward starts at the first layer we run (layer 0 unless an engine checkpoints it).
+        if self._last_index is None or index <= self._last_index:
             self._begin_forward(function, args)
+        self._last_index = index
         generation, decision = self.generation, self.decisions[index]
         if self._probing is not None:
             self._probe(index, function, args, kwargs)
@@ -311,7 +325,7 @@ class CheckpointController:
         plan = self._plan_for(tokens, device)
         if self.plan is None or plan.decisions != self.plan.decisions:
             self._record_plan(plan, tokens, device)
-        self.plan, self.decisions = plan, plan.decisions
+        self.plan, self.decisions = plan, self._all_layers(plan.decisions)
         if (self.counters(device) is not None and plan.decisions not in self._verified
                 and len(self._verified) < _MAX_VERIFICATIONS):
             self._verified.add(plan.decisions)
@@ -424,8 +438,11 @@ class CheckpointController:
         self._window = None
         if self.layer_memory is None:
             return
+        ours = self.our_layers()
         layers = self._scaled(window.tokens)
-        forward_act, backward_act = activation_peaks(layers, window.decisions, self._offload_min(window.device))
+        # an engine's layers cost the same whatever we plan: the overheads absorb them
+        forward_act, backward_act = activation_peaks([layers[i] for i in ours], [window.decisions[i] for i in ours],
+                                                     self._offload_min(window.device))
         scale = self._overhead_scale(window.tokens)
         forward_overhead = int((window.forward_peak - window.base - forward_act) / scale)
         backward_overhead = int((backward_peak - window.base - backward_act) / scale)
@@ -473,7 +490,8 @@ class CheckpointController:
         key = (tokens, model.base_bytes)
         plan = self._plans.get(key)
         if plan is None:
-            plan = plan_layers(self._scaled(tokens), self.budget_bytes, model)
+            layers = self._scaled(tokens)
+            plan = plan_layers([layers[i] for i in self.our_layers()], self.budget_bytes, model)
             self._plans[key] = plan
             while len(self._plans) > 64:
                 self._plans.popitem(last=False)
@@ -482,6 +500,39 @@ class CheckpointController:
             warnings.warn(f"sloth_plugins gradient_checkpointing='auto': {plan.summary()}", RuntimeWarning,
                           stacklevel=2)
         return plan
+
+    # ---- an engine's checkpoint around some layers ----------------------------------------------
+    def our_layers(self) -> List[int]:
+        """Indices of the layers we checkpoint (all but those an engine checkpoints); auto plans these."""
+        return [i for i in range(len(self.layers)) if i not in self.engine_layers]
+
+    def _all_layers(self, ours: Sequence[str]) -> Tuple[str, ...]:
+        # an engine's layers are recomputed by the engine: that is what their activations cost
+        decisions = [RECOMPUTE] * len(self.layers)
+        for i, decision in zip(self.our_layers(), ours):
+            decisions[i] = decision
+        return tuple(decisions)
+
+    def _engine_checkpoints(self, index: int) -> None:
+        if index in self.engine_layers:
+            return
+        self.engine_layers.add(index)
+        self._plans.clear()            # planned for layers that are no longer ours
+        if index < len(self._entries):
+            self._entries[index].detail = ENGINE_DETAIL
+        n, k = len(self.layers), len(self.engine_layers)
+        which = "every decoder layer" if k == n else f"{k} of {n} decoder layers"
+        text = (f"gradient_checkpointing: the training engine already checkpoints {which} (its own "
+                f"torch.utils.checkpoint around the layer: FSDP apply_activation_checkpointing, accelerate, "
+                f"Lightning); sloth runs those plainly inside it: no second recompute, no offload")
+        if self.auto:
+            text += ("; auto has nothing left to plan" if k == n else f"; auto plans the other {n - k}")
+        if self._engine_note_index is None:
+            self.report.note(text)
+            self._engine_note_index = len(self.report.notes) - 1
+            logger.info("sloth_plugins: %s", text)
+        else:
+            self.report.notes[self._engine_note_index] = text
 
     # ---- report -------------------------------------------------------------------------------
     def record_patch(self, config) -> None:
@@ -505,8 +556,8 @@ class CheckpointController:
             self._note_index = len(self.report.notes) - 1
 
     def _record_plan(self, plan: CheckpointPlan, tokens: Optional[int], device: torch.device) -> None:
-        for entry, decision in zip(self._entries, plan.decisions):
-            entry.detail = f"auto: {decision}"
+        for i, decision in zip(self.our_layers(), plan.decisions):
+            self._entries[i].detail = f"auto: {decision}"
         self.measured_peak_bytes = None
         self._update_note(plan, tokens, device)
         logger.info("sloth_plugins gradient_checkpointing auto plan: %s", plan.summary())
@@ -522,6 +573,45 @@ class CheckpointController:
             self._note_index = len(self.report.notes) - 1
         else:
             self.report.notes[self._note_index] = text
+
+
+ENGINE_DETAIL = "checkpointed by the training engine: run plainly inside its checkpoint"
+_TORCH_CHECKPOINT_FORWARD = ("torch.utils.checkpoint", "_checkpoint_hook.__init__.<locals>.pack_hook")
+_TORCH_CHECKPOINT_RECOMPUTE = ("torch.utils.checkpoint", "_recomputation_hook.__init__.<locals>.pack_hook")
+
+
+def engine_checkpoint_phase() -> Optional[str]:
+    """Where the caller runs if inside someone else's activation checkpoint, else None.
+
+    ``"forward"``: the forward of a non-reentrant ``torch.utils.checkpoint`` (FSDP's
+    ``checkpoint_wrapper``, accelerate, Lightning, ``torch.distributed._composable.checkpoint``):
+    its saved-tensors pack hook is on top of the stack. ``"recompute"``: its recompute (its
+    recomputation hook on top), or a reentrant checkpoint's recompute, which runs the forward
+    with grad enabled inside a backward pass and with no saved-tensors hooks of its own. The
+    forward of a reentrant checkpoint runs under ``no_grad``, which needs no detection.
+
+    Private torch API, isolated here: ``torch._C._autograd._top_saved_tensors_default_hooks``
+    (torch >= 2.8), the qualified names of ``torch.utils.checkpoint``'s pack hooks, and
+    ``torch._C._current_graph_task_id``; checked on torch 2.13 (CPU; the GPU tests check 2.11).
+    Without them this answers None for both phases, which must agree: a plain forward under a
+    non-reentrant checkpoint and a checkpointed recompute would save different tensors. None
+    means we checkpoint a second time, as before. ``tests/test_checkpointing.py`` fails if the
+    detection stops working on the installed torch.
+    """
+    try:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        in_backward = torch._C._current_graph_task_id() != -1
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    if top is None:
+        return "recompute" if in_backward else None
+    pack = top[0]
+    where = (getattr(pack, "__module__", None), getattr(pack, "__qualname__", None))
+    if where == _TORCH_CHECKPOINT_FORWARD:
+        return "forward"
+    if where == _TORCH_CHECKPOINT_RECOMPUTE:
+        return "recompute"
+    return None
 
 
 def _validated(plan: Optional[Sequence[str]], n: int) -> List[str]:
