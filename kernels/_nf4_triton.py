@@ -14,9 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import interpreting
+from ._tuning import measured_choice, row_bucket
 from .nf4 import QuantState4bit, _packed_bytes, _prepare_out, code_table
 
-_ELEMENTS_PER_PROGRAM = 4096
+# (output elements per program, warps); the first is the default off the GPU. The output does
+# not depend on the choice: every element is decoded the same way.
+_LAUNCH_SETTINGS = ((4096, 8), (2048, 4), (8192, 8), (16384, 16), (4096, 4))
 
 
 @triton.jit
@@ -73,13 +77,20 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState4bit, dtype: t
         absmax = state.absmax.reshape(-1).float()
         nested_absmax = nested_code = offset = absmax  # unused placeholders
         nested_blocksize = 1
-    to_bf16 = dtype == torch.bfloat16
+    # the GPU's own float->bf16 store rounds to nearest even; only the interpreter needs it by hand
+    by_hand = dtype == torch.bfloat16 and interpreting()
     n_blocks = triton.cdiv(n, state.blocksize)
-    rows = max(1, _ELEMENTS_PER_PROGRAM // state.blocksize)
-    _dequant_4bit_kernel[(triton.cdiv(n_blocks, rows),)](
-        data, absmax, code, dest.view(torch.int16) if to_bf16 else dest, n, n_blocks,
-        nested_absmax, nested_code, offset,
-        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.nested,
-        ROUND_TO_BF16=to_bf16, ROWS=rows, num_warps=8, enable_fp_fusion=False,
-    )
+
+    def launch(setting):
+        elements, num_warps = setting
+        rows = max(1, elements // state.blocksize)
+        _dequant_4bit_kernel[(triton.cdiv(n_blocks, rows),)](
+            data, absmax, code, dest.view(torch.int16) if by_hand else dest, n, n_blocks,
+            nested_absmax, nested_code, offset,
+            BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.nested,
+            ROUND_TO_BF16=by_hand, ROWS=rows, num_warps=num_warps, enable_fp_fusion=False,
+        )
+
+    key = ("nf4", row_bucket(n), state.blocksize, state.nested, dtype, packed.device)
+    launch(measured_choice(key, _LAUNCH_SETTINGS, launch, packed.device))
     return dest

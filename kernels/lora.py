@@ -80,9 +80,13 @@ def as_projection(p: ProjectionLike) -> LoraProjection:
 # ----------------------------------------------------------------------------- building blocks
 # All take 2-D tensors, run without autograd, and are shared by the three Functions.
 
-def _base_weight(p: LoraProjection, cd: torch.dtype) -> torch.Tensor:
+def _base_weight(p: LoraProjection, cd: torch.dtype, slot: tuple) -> torch.Tensor:
+    """The base weight in the compute dtype. A 4-bit weight is dequantized into the scratch
+    buffer of its ``slot`` (its role in the layer, e.g. the second of three fused projections):
+    one buffer per role, so a layer's backward right after its forward (or its checkpoint
+    recompute) finds its weights still dequantized and skips the kernel."""
     if p.quant is not None:
-        return dequantize_4bit(p.weight, p.quant, cd, reuse_buffer=True)
+        return dequantize_4bit(p.weight, p.quant, cd, reuse_buffer=True, slot=slot)
     return p.weight if p.weight.dtype == cd else p.weight.to(cd)
 
 
@@ -106,8 +110,8 @@ def _lora_down(xl: torch.Tensor, projs: Sequence[LoraProjection]) -> list:
     return [next(hs) if p.has_lora else None for p in projs]
 
 
-def _project(x: torch.Tensor, h: Optional[torch.Tensor], p: LoraProjection, cd, ld) -> torch.Tensor:
-    W = _base_weight(p, cd)
+def _project(x: torch.Tensor, h: Optional[torch.Tensor], p: LoraProjection, cd, ld, slot) -> torch.Tensor:
+    W = _base_weight(p, cd, slot)
     y = torch.mm(x, W.t()) if p.bias is None else torch.addmm(p.bias.to(cd), x, W.t())
     if h is None:
         return y
@@ -117,10 +121,10 @@ def _project(x: torch.Tensor, h: Optional[torch.Tensor], p: LoraProjection, cd, 
     return (y.to(pd) + torch.mm(h, p.B.t()).mul_(p.scale).to(pd)).to(cd)
 
 
-def _forward_projections(x: torch.Tensor, projs: Sequence[LoraProjection], cd, ld):
+def _forward_projections(x: torch.Tensor, projs: Sequence[LoraProjection], cd, ld, role: str):
     xl = x if ld == cd else x.to(ld)
     hs = _lora_down(xl, projs)
-    return [_project(x, h, p, cd, ld) for h, p in zip(hs, projs)], hs
+    return [_project(x, h, p, cd, ld, (role, i, len(projs))) for i, (h, p) in enumerate(zip(hs, projs))], hs
 
 
 def _lora_grads(dy, h, xl, p: LoraProjection, ld, need_dA: bool, need_dB: bool):
@@ -143,7 +147,7 @@ def _add_lora_input_grad(dx: torch.Tensor, dhs: list, As: list, cd, ld) -> torch
     return dx.add_(torch.mm(dh, A).to(cd))
 
 
-def _backward_projections(dys, x, hs, projs, cd, ld, need_dx: bool, need_params: list):
+def _backward_projections(dys, x, hs, projs, cd, ld, need_dx: bool, need_params: list, role: str):
     """Gradients of projections sharing input x: dx (or None) and (dA, dB, dbias) per projection."""
     xl = None
     dhs, lora_As, grads = [], [], []
@@ -160,8 +164,8 @@ def _backward_projections(dys, x, hs, projs, cd, ld, need_dx: bool, need_params:
         grads.append((dA, dB, db))
     dx = None
     if need_dx:
-        for dy, p in zip(dys, projs):
-            W = _base_weight(p, cd)
+        for i, (dy, p) in enumerate(zip(dys, projs)):
+            W = _base_weight(p, cd, (role, i, len(projs)))
             dx = torch.mm(dy, W) if dx is None else dx.addmm_(dy, W)
         dx = _add_lora_input_grad(dx, dhs, lora_As, cd, ld)
     return dx, grads
@@ -218,7 +222,7 @@ class _LoraProjectionsFn(torch.autograd.Function):
         cd = x.dtype
         ld = _lora_dtype(projs, cd)
         with _no_autocast(x):
-            outs, hs = _forward_projections(x, projs, cd, ld)
+            outs, hs = _forward_projections(x, projs, cd, ld, "proj")
         _save(ctx, x, projs, *hs)
         ctx.dtypes = (cd, ld)
         return tuple(outs)
@@ -229,7 +233,7 @@ class _LoraProjectionsFn(torch.autograd.Function):
         cd, ld = ctx.dtypes
         with _no_autocast(x):
             dx, grads = _backward_projections(dys, x, hs, projs, cd, ld, ctx.needs_input_grad[0],
-                                              _param_needs(ctx, 2, len(projs)))
+                                              _param_needs(ctx, 2, len(projs)), "proj")
         return (dx, None, *_grad_tuple(grads))
 
 
@@ -286,10 +290,10 @@ class _LoraGatedMLPFn(torch.autograd.Function):
         cd = x.dtype
         ld = _lora_dtype(projs, cd)
         with _no_autocast(x):
-            outs, hs = _forward_projections(x, up_projs, cd, ld)
+            outs, hs = _forward_projections(x, up_projs, cd, ld, "mlp_in")
             g, u = _split_gate_up(outs)
             a = gated_activation(activation, g, u)
-            (y,), (h_down,) = _forward_projections(a, [down], cd, ld)
+            (y,), (h_down,) = _forward_projections(a, [down], cd, ld, "mlp_out")
         _save(ctx, x, projs, h_down, *hs, *outs)
         ctx.dtypes = (cd, ld)
         ctx.activation = activation
@@ -304,7 +308,7 @@ class _LoraGatedMLPFn(torch.autograd.Function):
         needs = _param_needs(ctx, 3, len(projs))
         need_dA_down, need_dB_down, need_db_down = needs[-1]
         with _no_autocast(x):
-            da = torch.mm(dy, _base_weight(down, cd))
+            da = torch.mm(dy, _base_weight(down, cd, ("mlp_out", 0, 1)))
             dA_down = dB_down = db_down = dh_down = None
             if down.has_lora:
                 dh_down, _, dB_down = _lora_grads(dy, h_down, None, down, ld, False, need_dB_down)
@@ -316,7 +320,7 @@ class _LoraGatedMLPFn(torch.autograd.Function):
             if need_dA_down:
                 dA_down = torch.mm(dh_down.t(), a if ld == cd else a.to(ld))
             dx, grads = _backward_projections(outs, x, hs, up_projs, cd, ld, ctx.needs_input_grad[0],
-                                              needs[:-1])
+                                              needs[:-1], "mlp_in")
         grads.append((dA_down, dB_down, db_down))
         return (dx, None, None, *_grad_tuple(grads))
 

@@ -16,6 +16,7 @@ object with bitsandbytes ``QuantState``'s fields (:meth:`QuantState4bit.from_bnb
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -104,15 +105,16 @@ def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 
 _buffers: dict = {}
+_holds: dict = {}   # buffer key -> what the buffer holds now (see _contents)
 
 
-def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A flat scratch tensor reused for every weight of this (device, dtype, numel).
+def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int, slot=None) -> torch.Tensor:
+    """A flat scratch tensor reused for every weight of this (device, dtype, numel, slot).
 
     One layer is dequantized at a time on one stream, so a buffer is free again as soon as the
     matmul that reads it has been queued. Never keep a reference to it.
     """
-    key = (torch.device(device), dtype, int(numel))
+    key = (torch.device(device), dtype, int(numel), slot)
     buf = _buffers.get(key)
     if buf is None:
         buf = torch.empty(numel, dtype=dtype, device=device)
@@ -122,6 +124,22 @@ def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torc
 
 def clear_dequant_buffers() -> None:
     _buffers.clear()
+    _holds.clear()
+
+
+def _contents(packed: torch.Tensor, state: "QuantState4bit") -> tuple:
+    """Identifies a dequantized weight: the packed tensor object itself (a weak reference, so a
+    new tensor that reuses a dead one's id or memory never matches), where its bytes and scales
+    live and their version counters (any in-place write bumps them). Base weights are frozen;
+    a sharded engine may free and re-gather them between forward and backward, but the bytes
+    it gathers back are the same."""
+    scales = state.absmax
+    return (weakref.ref(packed), packed.data_ptr(), packed._version, scales.data_ptr(), scales._version)
+
+
+def _holds_already(key, contents: tuple) -> bool:
+    held = _holds.get(key)
+    return held is not None and held[0]() is contents[0]() and held[1:] == contents[1:]
 
 
 def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
@@ -170,16 +188,28 @@ def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState4bit, dtype
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: Optional[torch.dtype] = None,
-                    out: Optional[torch.Tensor] = None, reuse_buffer: bool = False) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, reuse_buffer: bool = False, slot=None) -> torch.Tensor:
     """Dequantize a bitsandbytes 4-bit weight to ``dtype`` (default ``state.dtype``), shape ``state.shape``.
 
     ``out``: write there. ``reuse_buffer``: write into the shared per-(device, dtype, numel)
-    scratch buffer (see :func:`dequant_buffer`). Equal bit for bit to bitsandbytes' CUDA
-    ``dequantize_4bit`` when dequantizing to the quantized dtype.
+    scratch buffer (see :func:`dequant_buffer`); with a ``slot`` (any hashable: the weight's
+    role) the buffer is that slot's, and when it still holds this very weight nothing is
+    recomputed. Equal bit for bit to bitsandbytes' CUDA ``dequantize_4bit`` when dequantizing
+    to the quantized dtype.
     """
     dtype = dtype or state.dtype
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dequantize_4bit supports {_SUPPORTED_DTYPES}, got {dtype}")
+    if reuse_buffer and slot is not None and out is None:
+        key = (torch.device(packed.device), dtype, state.numel, slot)
+        contents = _contents(packed, state)
+        buf = dequant_buffer(packed.device, dtype, state.numel, slot).view(state.shape)
+        if _holds_already(key, contents):
+            return buf
+        _holds.pop(key, None)
+        result = dequantize_4bit(packed, state, dtype, out=buf)
+        _holds[key] = contents
+        return result
     if use_triton(packed):
         from ._nf4_triton import dequantize_4bit_triton
         return dequantize_4bit_triton(packed, state, dtype, out=out, reuse_buffer=reuse_buffer)

@@ -209,6 +209,55 @@ def test_cuda_dispatch_path_under_interpreter(monkeypatch):
         y.sum().backward()
 
 
+def test_dequantized_weights_are_reused_only_while_the_buffer_still_holds_them(monkeypatch):
+    """Per-role buffers: a layer's backward right after its forward skips the dequant; anything
+    that changed the buffer's contents (another weight, an in-place write, a new tensor) does not."""
+    import sloth_plugins.kernels.nf4 as nf4
+    nf4.clear_dequant_buffers()
+    calls = []
+    real = nf4.dequantize_4bit_reference
+    monkeypatch.setattr(nf4, "dequantize_4bit_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first, second = _proj(128, 64, torch.float32, quant="nf4"), _proj(128, 64, torch.float32, quant="nf4")
+    want = real(first.weight, first.quant, torch.float32)
+    for expected_calls in (1, 1):
+        got = nf4.dequantize_4bit(first.weight, first.quant, torch.float32, reuse_buffer=True, slot="a")
+        assert len(calls) == expected_calls and torch.equal(got, want)
+    nf4.dequantize_4bit(second.weight, second.quant, torch.float32, reuse_buffer=True, slot="a")
+    got = nf4.dequantize_4bit(first.weight, first.quant, torch.float32, reuse_buffer=True, slot="a")
+    assert len(calls) == 3 and torch.equal(got, want)
+    nf4.dequantize_4bit(first.weight, first.quant, torch.float32, reuse_buffer=True, slot="b")
+    assert len(calls) == 4                                 # another role: its own buffer
+    first.weight.view(torch.uint8).bitwise_xor_(0x11)      # in place: the version counter moves
+    got = nf4.dequantize_4bit(first.weight, first.quant, torch.float32, reuse_buffer=True, slot="a")
+    assert len(calls) == 5 and torch.equal(got, real(first.weight, first.quant, torch.float32))
+    copy = first.weight.clone()                            # equal bytes, another tensor
+    nf4.dequantize_4bit(copy, first.quant, torch.float32, reuse_buffer=True, slot="a")
+    assert len(calls) == 6
+    nf4.clear_dequant_buffers()
+
+
+def test_stacked_quantized_layers_share_role_buffers_and_stay_exact():
+    """Two 4-bit MLPs and QKV blocks in a row use the same role buffers: the backward of the
+    first layer must dequantize its own weights again, not reuse the second layer's."""
+    x = torch.randn(2, 4, 64, requires_grad=True)
+    layers = [[_proj(128, 64, torch.float32, quant="nf4"), _proj(128, 64, torch.float32, quant="nf4"),
+               _proj(64, 128, torch.float32, quant="nf4")] for _ in range(2)]
+    qkv = [[_proj(64, 64, torch.float32, quant="nf4"), _proj(32, 64, torch.float32, quant="nf4"),
+            _proj(32, 64, torch.float32, quant="nf4")] for _ in range(2)]
+
+    def run(mlp, attn):
+        h = x
+        for (gate, up, down), (q, k, v) in zip(layers, qkv):
+            a, b, c = attn(h, q, k, v)
+            h = mlp(h + a + torch.cat([b, c], -1).repeat(1, 1, 1), gate, up, down)
+        return h
+
+    leaves = _leaves(x, [p for layer in layers + qkv for p in layer])
+    _compare(lambda: run(lambda h, g, u, d: L.lora_gated_mlp(h, g, u, d, "swiglu"), L.lora_qkv),
+             lambda: run(lambda h, g, u, d: L.lora_gated_mlp_reference(h, g, u, d, "swiglu"), L.lora_qkv_reference),
+             leaves, dict(rtol=1e-5, atol=1e-5))
+
+
 def test_input_validation():
     x = torch.randn(4, 32)
     p = _proj(16, 32, torch.float32)
