@@ -4,6 +4,7 @@ each in its own process, on one random-init model saved once to a local folder.
     python benchmarks/e2e.py --model llama-1b                         # 4 impls, bf16, checkpointing on
     python benchmarks/e2e.py --model llama-8b --qlora --impls hf_peft,sloth
     python benchmarks/e2e.py --model llama-8b --grad-ckpt off --steps 5
+    python benchmarks/e2e.py --model llama-8b --impls sloth,unsloth --profile   # + where the step's time goes
     python benchmarks/e2e.py --smoke                                  # tiny model on CPU (hf_peft, sloth)
 
 Implementations (each only when importable):
@@ -20,6 +21,11 @@ MFU = tok/s * (4*N_matmul + 6*L*seq*d) / peak FLOPs (790e12 default), where N_ma
 number of parameters of all linear layers including lm_head (LoRA adapters excluded), and
 every implementation's step-0 and final loss. Writes <out>/e2e_<name>.json (after every
 implementation, so a killed run keeps what finished), e2e_<name>.png and one log per impl.
+
+--profile: after its timed steps each worker profiles 2 more steps (torch.profiler) and sums
+device time per kernel category (matmul, attention, norm/rope/activation/loss kernels, NF4
+dequant, offload copies HtoD/DtoH, optimizer, ...; the table is PROFILE_CATEGORIES in
+e2e_worker.py); stored as "profile" in each implementation's result, printed per impl.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ WORKER = C.HERE / "e2e_worker.py"
 MARK = "@@SLOTHBENCH@@ "
 IMPLS = ["hf_peft", "sloth", "liger", "unsloth"]
 DEFAULT_BATCH = {"llama-1b": 8, "llama-8b": 2, "tiny": 2}
+PROFILE_EXTRA_S = 180     # worker timeout added by --profile: 2 more steps and the trace's analysis
 NEEDS = {"hf_peft": ["transformers", "peft"], "sloth": ["transformers", "peft", "sloth_plugins"],
          "liger": ["transformers", "peft", "liger_kernel"], "unsloth": ["unsloth", "peft"]}
 
@@ -131,8 +138,9 @@ def run_impl(impl: str, args, work: Path, progress: C.Progress) -> dict:
            "--seq-len", str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--grad-ckpt", str(int(args.grad_ckpt == "on")), "--qlora", str(int(args.qlora)),
            "--autocast", str(int(args.autocast)), "--lr", str(args.lr), "--seed", str(args.seed),
-           "--peak-flops", str(args.peak_tflops * 1e12), "--unsloth-gc", args.unsloth_gc]
-    state = {"result": None, "loaded": None}
+           "--peak-flops", str(args.peak_tflops * 1e12), "--unsloth-gc", args.unsloth_gc,
+           "--profile", str(int(args.profile))]
+    state = {"result": None, "loaded": None, "profile": None}
     t0 = time.perf_counter()
 
     def on_event(e: dict) -> None:
@@ -153,13 +161,23 @@ def run_impl(impl: str, args, work: Path, progress: C.Progress) -> dict:
                            f"{e['step_s'] * 1e3:.0f} ms  {e['tok_s']:,.0f} tok/s")
         elif e["event"] == "result":
             state["result"] = e
-    res = stream_worker(cmd, Path(args.out_dir) / f"e2e_{args.name}_{impl}.log", args.timeout, on_event,
+        elif e["event"] == "profile":
+            state["profile"] = {k: v for k, v in e.items() if k not in ("event", "impl")}
+            progress.write(f"  [{impl}] profiled: " + (state["profile"].get("error") or
+                                                       f"{state['profile'].get('events', 0)} events"))
+    timeout = args.timeout + (PROFILE_EXTRA_S if args.profile else 0)
+    res = stream_worker(cmd, Path(args.out_dir) / f"e2e_{args.name}_{impl}.log", timeout, on_event,
                         args.verbose, work / impl, worker_env(args.smoke))
     wall = time.perf_counter() - t0
     if state["result"] is not None:           # a crash at interpreter exit does not void the measurement
         out = dict(state["result"])
         out.pop("event", None)
         out["wall_s"] = wall
+        if state["profile"] is not None:
+            out["profile"] = state["profile"]
+        elif args.profile:
+            out["profile"] = {"error": "no profile event (worker " + ("timed out" if res["timed_out"] else
+                                                                      f"exit code {res['rc']}") + ")"}
         if res["rc"] != 0:
             out["exit_code"] = res["rc"]
         return out
@@ -183,6 +201,26 @@ def summary_table(results: List[dict]) -> str:
                      f"{r['loss_final']:.4f}", f"{r['load_s']:.0f}", f"{r['wall_s']:.0f}"])
     return "\n".join([C.text_table(["impl", "tok/s", "vs hf_peft", "step ms", "peak GiB", "MFU %", "loss step0",
                                     "loss final", "load s", "wall s"], rows)] + why)
+
+
+def profile_table(result: dict, top: int = 8) -> str:
+    prof = result.get("profile") or {}
+    if prof.get("error"):
+        return f"profile {result['impl']}: {prof['error']}"
+    busy, idle = prof.get("device_busy"), prof.get("device_idle")
+    head = (f"profile {result['impl']}: {prof['source']}, {prof['steps']} steps; "
+            f"timed step {C.fmt(prof['step_ms'], 1)} ms (profiled {C.fmt(prof.get('profiled_step_ms'), 1)} ms), "
+            f"sum {C.fmt(prof['total']['ms_per_step'], 1)} ms"
+            + (f", device busy {C.fmt(busy['ms_per_step'], 1)} ms" if busy else "")
+            + (f", idle {C.fmt(idle['ms_per_step'], 1)} ms ({C.fmt(idle['pct_of_step'], 1)}%)" if idle else "")
+            + (f"; {prof['note']}" if prof.get("note") else ""))
+    cats = C.text_table(["category", "ms/step", "% of step"],
+                        [[c["category"], C.fmt(c["ms_per_step"], 2), C.fmt(c["pct_of_step"], 1)]
+                         for c in prof["categories"]])
+    kernels = C.text_table(["top kernels", "category", "calls/step", "ms/step", "%"],
+                           [[k["name"][:70], k["category"], C.fmt(k["calls_per_step"], 1), C.fmt(k["ms_per_step"], 2),
+                             C.fmt(k["pct_of_step"], 1)] for k in prof["top_kernels"][:top]], left=2)
+    return "\n".join([head, cats, kernels])
 
 
 def plot(results: List[dict], path: Path, title: str):
@@ -223,6 +261,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=360.0, help="seconds per worker process before it is killed")
     p.add_argument("--time-budget-s", type=float, default=0.0,
                    help="start no further implementation once this much time has passed (0: no limit)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile 2 more steps per impl: device time per kernel category")
     p.add_argument("--verbose", action="store_true", help="echo every line the workers print")
     p.add_argument("--smoke", action="store_true", help="tiny model, fp32, CPU, hf_peft + sloth, 1+2 steps")
     args = p.parse_args(argv)
@@ -291,6 +331,10 @@ def main(argv=None) -> int:
           + (f" = {payload['results'][0].get('n_matmul', 0) / 1e9:.3f} B" if payload["results"]
              and payload["results"][0].get("n_matmul") else ""))
     print(parity_line(payload["results"]))
+    for r in payload["results"]:
+        if r.get("profile"):
+            print()
+            print(profile_table(r))
     png = plot(payload["results"], out_dir / f"e2e_{args.name}.png",
                f"{args.name}: bs {args.batch_size} x {args.seq_len}, LoRA r16, {args.device}")
     print(f"wrote {path}" + (f" and {png}" if png else "") + f" in {payload['total_s']:.0f} s")

@@ -4,22 +4,32 @@
     e2e_worker.py train --impl sloth --dir /tmp/m ...         # LoRA/QLoRA steps, timed
 
 Progress and the result go to stdout as lines ``@@SLOTHBENCH@@ <json>`` (events "loaded",
-"step", "result"); everything else the libraries print passes through untouched.
+"step", "result", and "profile" with ``--profile 1``); everything else the libraries print
+passes through untouched.
 
 The loop is the same for every implementation: fixed random token batches (same seed, same
 data for all), labels = input_ids (the model shifts), ``model(input_ids, labels).loss``,
 backward, AdamW step, zero_grad; bf16 runs under torch.autocast(bfloat16) as HF Trainer's
 bf16=True does; torch.cuda.synchronize() around every step. Peak memory is
-torch.cuda.max_memory_allocated() from after loading (weights included) to the end.
+torch.cuda.max_memory_allocated() from after loading (weights included) to the end, kept
+across anyone's torch.cuda.reset_peak_memory_stats (sloth's auto checkpointing resets the
+counter while it measures a step): see PeakMemory.
+
+``--profile 1``: after the timed steps (so the timings and peaks above are unaffected), two
+more steps run under torch.profiler; the device time of every CUDA kernel and copy (CPU
+self time of every op on CPU) is summed per category (PROFILE_CATEGORIES) and per kernel.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 _HERE = Path(__file__).resolve().parent
 # benchmarks/kernels.py must never be importable as Hugging Face's `kernels` package
@@ -64,6 +74,173 @@ def _device(name: str):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+
+class PeakMemory:
+    """torch.cuda.max_memory_allocated / max_memory_reserved over a run, kept across resets.
+
+    Other code resets the CUDA peak counters mid-run (sloth's auto checkpointing while it
+    measures a step; Axolotl's trainer at every log), which would leave the benchmark with the
+    peak since the last reset only. Once one of these exists, every torch.cuda.reset_peak_memory_stats
+    in the process first folds the current peaks into ours. ``mark()`` starts a window (our own reset);
+    ``peak()``/``window_peak()`` read bytes. Without CUDA every reading is None."""
+
+    def __init__(self, device):
+        import torch
+        self._torch, self.device = torch, device
+        self.cuda = device.type == "cuda"
+        self.total, self.window = [0, 0], [0, 0]        # [allocated, reserved]
+        self.resets_by_others = 0
+        self._reset = torch.cuda.reset_peak_memory_stats
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats = torch.cuda.memory.reset_peak_memory_stats = self._reset_by_others
+
+    def _fold(self) -> None:
+        if self.cuda:
+            cuda = self._torch.cuda
+            now = [cuda.max_memory_allocated(self.device), cuda.max_memory_reserved(self.device)]
+            self.total = [max(a, b) for a, b in zip(self.total, now)]
+            self.window = [max(a, b) for a, b in zip(self.window, now)]
+
+    def _reset_by_others(self, device=None) -> None:
+        self._fold()
+        self.resets_by_others += 1
+        self._reset(device)
+
+    def start(self) -> None:
+        """Forget everything before now (the run's start)."""
+        self.mark()
+        self.total = list(self.window)
+
+    def mark(self) -> None:
+        """Start a new window; the run's total keeps what came before."""
+        self._fold()
+        if self.cuda:
+            self._reset(self.device)
+        self.window = [0, 0]
+        self._fold()
+
+    def peak(self, reserved: bool = False) -> Optional[int]:
+        self._fold()
+        return self.total[int(reserved)] if self.cuda else None
+
+    def window_peak(self, reserved: bool = False) -> Optional[int]:
+        self._fold()
+        return self.window[int(reserved)] if self.cuda else None
+
+
+# ------------------------------------------------------------------------------------- profiling
+
+# Kernel (CUDA) or op (CPU) name -> category: the first pattern found in the name wins
+# (case-insensitive). Order matters: fmha_cutlass* kernels are attention, not matmul; our
+# attention kernels' names are generic (_fwd_kernel) and match exactly; _gated_bwd_inplace_kernel
+# is the fused LoRA MLP's backward. Activation/norm/rope/loss names also catch Unsloth's and
+# Liger's Triton kernels (the category is the work, not whose kernel did it).
+PROFILE_CATEGORIES: List[Tuple[str, str]] = [
+    ("memcpy HtoD", r"memcpy htod"),
+    ("memcpy DtoH", r"memcpy dtoh"),
+    ("lora (fused)", r"lora|^_gated_bwd_inplace_kernel$"),
+    ("attention", r"flash|fmha|sdpa|attention|cudnn|^_(fwd|dq|dkdv|delta)_kernel$"),
+    ("rms_norm", r"rms_?norm|rms_layernorm"),
+    ("rope", r"rope|rotary"),
+    ("swiglu/geglu", r"swiglu|geglu|_gated_(fwd|bwd)_kernel|_fg_kernel|dwf_dw_dfg"),
+    ("cross_entropy", r"cross_entropy|nll_loss|softmax"),
+    ("bnb dequant", r"kdequantize|kquantize|dequantize_blockwise|kgemm_4bit|bitsandbytes"),
+    ("nf4 dequant (triton)", r"dequant|nf4"),
+    ("optimizer", r"adam|foreach|multi_tensor_apply|optimizer"),
+    ("matmul", r"gemm|gemv|cutlass|cublas|nvjet|xmma|wgmma|splitk|"
+               r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_addmm_activation)$"),
+    ("elementwise/copy", r"elementwise|vectorized|unrolled|copy|memcpy|memset|fill|reduce|catarray|index|gather|"
+                         r"scatter|embedding|where|triton_(poi|red|per)_|^aten::"),
+]
+OTHER = "other"
+# CUPTI's synchronization records (only with the profiler's cuda-sync option) are waits, not work
+_SYNC_EVENT = re.compile(r"^(stream|event|context|device) (sync|wait)", re.IGNORECASE)
+_COMPILED_CATEGORIES = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in PROFILE_CATEGORIES]
+
+
+def categorize(name: str) -> str:
+    for category, pattern in _COMPILED_CATEGORIES:
+        if pattern.search(name):
+            return category
+    return OTHER
+
+
+def _busy_us(intervals: Sequence[Tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (kernels on several streams overlap)."""
+    busy, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        busy += e - max(s, end)
+        end = e
+    return busy
+
+
+def summarize_profile(records: Sequence[Tuple[str, float, float, float]], n_steps: int, step_s: Optional[float],
+                      source: str, top: int = 15, intervals: bool = True) -> dict:
+    """records: (name, microseconds, start_us, end_us) per kernel launch (or op). Returns per
+    category and per name milliseconds per step, and their share of ``step_s`` (the unprofiled
+    step time)."""
+    by_category, by_name, calls = defaultdict(float), defaultdict(float), defaultdict(int)
+    for name, us, _start, _end in records:
+        by_category[categorize(name)] += us
+        by_name[name] += us
+        calls[name] += 1
+    step_ms = step_s * 1e3 if step_s else None
+
+    def share(us: float) -> dict:
+        ms = us / 1e3 / n_steps
+        return {"ms_per_step": round(ms, 4), "pct_of_step": round(100 * ms / step_ms, 2) if step_ms else None}
+
+    total_us = sum(by_category.values())
+    out = {"source": source, "steps": n_steps, "step_ms": round(step_ms, 3) if step_ms else None,
+           "events": len(records), "total": share(total_us),
+           "categories": [{"category": c, **share(us)}
+                          for c, us in sorted(by_category.items(), key=lambda kv: -kv[1])],
+           "top_kernels": [{"name": n[:200], "category": categorize(n), "calls_per_step": calls[n] / n_steps,
+                            **share(us)} for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]}
+    if intervals:       # device time on any stream; idle = the unprofiled step minus that (launch gaps, syncs)
+        busy_us = _busy_us([(s, e) for _n, _us, s, e in records])
+        out["device_busy"] = share(busy_us)
+        if step_ms:
+            out["device_idle"] = share(max(0.0, step_ms * 1e3 * n_steps - busy_us))
+    return out
+
+
+def profile_steps(step, batches, device, step_s: Optional[float]) -> dict:
+    """Run ``step(ids)`` for each batch under torch.profiler; summarize device (CUDA) or CPU time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    walls = []
+    with profile(activities=activities) as prof:
+        for ids in batches:
+            if cuda:
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            step(ids)
+            if cuda:
+                torch.cuda.synchronize(device)
+            walls.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    events = prof.events()
+    if cuda:      # kernels, memcpys and memsets: one event each, timed on the device
+        records = [(e.name, e.time_range.elapsed_us(), e.time_range.start, e.time_range.end)
+                   for e in events if e.device_type == DeviceType.CUDA and not _SYNC_EVENT.search(e.name)]
+        source = "CUDA kernels and copies, device time"
+    else:         # nested ops: self time only, so nothing counts twice
+        records = [(e.name, e.self_cpu_time_total, e.time_range.start, e.time_range.end)
+                   for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+        source = "CPU ops, self time"
+    out = summarize_profile(records, len(batches), step_s, source, intervals=cuda)
+    out["profiled_step_ms"] = round(1e3 * sum(walls) / len(walls), 3)
+    out["analysis_s"] = round(time.perf_counter() - t, 1)
+    if cuda and not records:
+        out["note"] = "no CUDA events recorded (CUPTI unavailable?)"
+    return out
 
 
 # ---------------------------------------------------------------------------------------- create
@@ -219,42 +396,60 @@ def train(args) -> None:
     batches = [torch.randint(0, cfg["vocab_size"], (args.batch_size, args.seq_len), generator=gen).to(device)
                for _ in range(n_steps)]
     cuda = device.type == "cuda"
+    memory = PeakMemory(device)
     if cuda:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
         info["model_mem_gib"] = torch.cuda.memory_allocated(device) / 2**30
+    memory.start()
     emit("loaded", impl=args.impl, load_s=round(load_s, 1), **info)
     use_autocast = bool(dtype in (torch.bfloat16, torch.float16) and args.autocast)
     tokens = args.batch_size * args.seq_len
-    losses, times = [], []
-    for step, ids in enumerate(batches):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
+
+    def step(ids):
         with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    losses, times, loss = [], [], None
+    for i, ids in enumerate(batches):
+        if i == args.warmup:
+            memory.mark()
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        loss = step(ids)
         if cuda:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t
         losses.append(float(loss.detach().float().item()))
         times.append(dt)
-        emit("step", impl=args.impl, step=step, warmup=step < args.warmup, loss=losses[-1], step_s=dt,
+        emit("step", impl=args.impl, step=i, warmup=i < args.warmup, loss=losses[-1], step_s=dt,
              tok_s=tokens / dt)
+    loss = None
     timed = times[args.warmup:]
     tok_s = tokens * len(timed) / sum(timed) if timed else None
+    gib = lambda b: b / 2**30 if b is not None else None
     result = {
         "impl": args.impl, "ok": True, "load_s": load_s, "tokens_per_step": tokens, "tok_s": tok_s,
         "step_s_mean": sum(timed) / len(timed) if timed else None, "step_s": times, "losses": losses,
         "loss_step0": losses[0], "loss_final": losses[-1],
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+        "peak_mem_gib": gib(memory.peak()),                     # from after loading, every step
+        "peak_mem_timed_gib": gib(memory.window_peak()) if timed else None,
+        "peak_reserved_gib": gib(memory.peak(reserved=True)),
+        "peak_resets_by_others": memory.resets_by_others,
         "mfu": tok_s * flops["flops_per_token"] / args.peak_flops if tok_s else None,
         **flops, "autocast": use_autocast, **info,
     }
     emit("result", **result)
+    if args.profile:
+        try:
+            profile = profile_steps(step, batches[-2:], device, result["step_s_mean"] or times[-1])
+        except Exception as exc:  # the timed result is already out; a failed profile must not void it
+            profile = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        emit("profile", impl=args.impl, **profile)
 
 
 def main(argv=None) -> None:
@@ -284,6 +479,7 @@ def main(argv=None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--peak-flops", type=float, default=790e12)
     t.add_argument("--unsloth-gc", default="unsloth", choices=["unsloth", "true"])
+    t.add_argument("--profile", type=int, default=0, help="1: after the timed steps, profile 2 more steps")
     args = p.parse_args(argv)
     create(args) if args.cmd == "create" else train(args)
 
