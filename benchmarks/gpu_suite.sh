@@ -11,8 +11,13 @@
 #   e2e-8b         e2e.py llama-8b bf16, checkpointing on, 4 impls (creates the 16 GB model folder once)
 #   e2e-8b-qlora   e2e.py llama-8b QLoRA NF4, checkpointing on, 4 impls
 #   e2e-8b-nogc    llama-8b bf16, checkpointing off
-# Extra flags: KERNELS_ARGS="--kernels fused_ce" / E2E_ARGS="--impls hf_peft,sloth --steps 5";
-# E2E_BUDGET_S (default 420): an e2e phase starts no new implementation after that many seconds.
+#   padding-free-1b  padding_free.py llama-1b: long-tailed SFT lengths, padded vs packed, 7 impls (~7 min)
+#   padding-free-8b  the same on llama-8b, 12 samples a step (~8 min; the budget may skip the last impl)
+#   attention      benchmarks/attention.py: varlen kernel vs SDPA / flex, full and packed rows (< 3 min)
+# Extra flags: KERNELS_ARGS="--kernels fused_ce" / E2E_ARGS="--impls hf_peft,sloth --steps 5" /
+# PF_ARGS="--impls hf_peft,sloth,unsloth --tokens-per-step 16384" / ATTN_ARGS="--seqs 4096,16384".
+# E2E_BUDGET_S (default 420): an e2e or padding-free phase starts no new implementation after that
+# many seconds.
 # The model folders live in /tmp/sloth_bench_models and survive between calls while the machine
 # stays warm.
 #
@@ -50,7 +55,11 @@ run_phase() {
     e2e-8b)       "$PY" benchmarks/e2e.py --model llama-8b $e2e ;;
     e2e-8b-qlora) "$PY" benchmarks/e2e.py --model llama-8b --qlora $e2e ;;
     e2e-8b-nogc)  "$PY" benchmarks/e2e.py --model llama-8b --grad-ckpt off $e2e ;;
-    *) echo "unknown phase $phase (tests kernels e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc)"; return 2 ;;
+    padding-free-1b) "$PY" benchmarks/padding_free.py --model llama-1b --time-budget-s ${E2E_BUDGET_S:-420} ${PF_ARGS:-} ;;
+    padding-free-8b) "$PY" benchmarks/padding_free.py --model llama-8b --time-budget-s ${E2E_BUDGET_S:-420} ${PF_ARGS:-} ;;
+    attention)    "$PY" benchmarks/attention.py ${ATTN_ARGS:-} ;;
+    *) echo "unknown phase $phase (tests kernels e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
+            "padding-free-1b padding-free-8b attention)"; return 2 ;;
   esac 2>&1 | tee "$OUT/$phase.log"
   rc=${PIPESTATUS[0]}
   echo "=== $phase: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$phase.log"
@@ -58,7 +67,7 @@ run_phase() {
   return "$rc"
 }
 
-[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,29p' "$0"; exit 2; }
 status=0
 for phase in "$@"; do
   run_phase "$phase" || status=1
