@@ -128,13 +128,14 @@ def clear_dequant_buffers() -> None:
 
 
 def _contents(packed: torch.Tensor, state: "QuantState4bit") -> tuple:
-    """Identifies a dequantized weight: the packed tensor object itself (a weak reference, so a
-    new tensor that reuses a dead one's id or memory never matches), where its bytes and scales
-    live and their version counters (any in-place write bumps them). Base weights are frozen;
-    a sharded engine may free and re-gather them between forward and backward, but the bytes
-    it gathers back are the same."""
+    """Identifies a dequantized weight: its scales tensor object (a weak reference: callers hand
+    us a fresh ``.data`` view of the packed bytes every call, but bitsandbytes keeps one absmax
+    tensor per weight, and a new tensor that reuses a dead one's id or memory never matches),
+    where the bytes and scales live and their version counters (an in-place write bumps them).
+    Base weights are frozen; a sharded engine may free and re-gather them between forward and
+    backward, but the bytes it gathers back are the same."""
     scales = state.absmax
-    return (weakref.ref(packed), packed.data_ptr(), packed._version, scales.data_ptr(), scales._version)
+    return (weakref.ref(scales), packed.data_ptr(), packed._version, scales.data_ptr(), scales._version)
 
 
 def _holds_already(key, contents: tuple) -> bool:

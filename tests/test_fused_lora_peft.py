@@ -274,3 +274,22 @@ def test_gpu_llama3_8b_layer_vs_peft(quant_type, autocast):
                        maybe_autocast(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t))), x, 1e-2)
     check_against_peft(model, maybe_autocast(lambda t: FL.fused_o_forward(attn.o_proj, t)),
                        maybe_autocast(attn.o_proj), x, 1e-2)
+
+
+def test_qlora_backward_reuses_the_weights_its_forward_dequantized(monkeypatch):
+    """Through the PEFT patch (which hands the kernels a fresh .data view per call): a layer's
+    backward right after its forward finds its 4-bit weights still dequantized."""
+    import sloth_plugins.kernels.nf4 as nf4
+    nf4.clear_dequant_buffers()
+    calls = []
+    real = nf4.dequantize_4bit_reference
+    monkeypatch.setattr(nf4, "dequantize_4bit_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, block = peft_block(_quantized_block("nf4", True), targets=["gate_proj", "up_proj", "down_proj"])
+    x = torch.randn(2, 4, 64, requires_grad=True)
+    out = FL.fused_mlp_forward(block.mlp, x, "swiglu")
+    forward_calls = len(calls)
+    out.float().pow(2).mean().backward()
+    assert forward_calls == 3 and len(calls) == 3, (forward_calls, len(calls))
+    FL.fused_mlp_forward(block.mlp, x, "swiglu")         # the same weights again: still held
+    assert len(calls) == 3
+    nf4.clear_dequant_buffers()

@@ -233,6 +233,8 @@ def test_dequantized_weights_are_reused_only_while_the_buffer_still_holds_them(m
     copy = first.weight.clone()                            # equal bytes, another tensor
     nf4.dequantize_4bit(copy, first.quant, torch.float32, reuse_buffer=True, slot="a")
     assert len(calls) == 6
+    nf4.dequantize_4bit(copy.data, first.quant, torch.float32, reuse_buffer=True, slot="a")
+    assert len(calls) == 6                                 # a fresh .data view of the same bytes: a hit
     nf4.clear_dequant_buffers()
 
 
