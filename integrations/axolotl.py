@@ -5,6 +5,7 @@
     sloth_kernels: true
     sloth_loss: chunked
     sloth_gradient_checkpointing: auto      # auto | offload | recompute | off
+    sloth_padding_free: true                # unset: follows sample_packing
 
 Hooks, in Axolotl's order:
 * ``register`` (raw config, before validation): Axolotl auto-enables its own LoRA kernels
@@ -15,6 +16,9 @@ Hooks, in Axolotl's order:
 * ``post_model_load``: after the adapter is attached and after Axolotl's own post-load patches,
   ``sloth_plugins.patch`` the model (idempotent) and log the PatchReport. Modules someone else
   already replaced on the instance fall back (the report says so): never two patches on one.
+  With ``sloth_padding_free`` (on by itself with ``sample_packing``), padded batches are trained
+  as one packed row; Axolotl's packed batches reach the model as they are, and its mask of
+  sample indices (kept when the attention cannot isolate packed samples) is split into samples.
 * ``add_callbacks_post_trainer``: ``SlothCallback`` re-asserts the patch when training begins.
 * ``post_train`` (Axolotl calls it twice): writes ``sloth_report.json`` to ``output_dir``.
 """
@@ -38,6 +42,19 @@ REPORT_FILE = "sloth_report.json"
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def _packing_note(cfg, config: SlothConfig) -> Optional[str]:
+    if not (config.padding_free and cfg.get("sample_packing")):
+        return None
+    attention = cfg.get("attn_implementation")
+    if cfg.get("attn_decontaminates_packing"):
+        how = (f"drops the attention mask and {attention or 'the model'} attention keeps the samples apart from the "
+               f"position ids")
+    else:
+        how = ("keeps its mask of sample indices (attn_implementation does not isolate packed samples), which "
+               "sloth's padding-free forward splits into samples")
+    return f"padding_free follows sample_packing: Axolotl packs the rows (position ids restarting per sample) and {how}"
 
 
 class SlothPlugin(BasePlugin):
@@ -81,6 +98,9 @@ class SlothPlugin(BasePlugin):
         if self.config is None:
             self.config = sloth_config_from(cfg)
         self.report = patch(model, self.config)
+        note = _packing_note(cfg, self.config)
+        if note and note not in self.report.notes:
+            self.report.note(note)
         if not self._logged:
             self._logged = True
             LOG.info("%s", self.report)

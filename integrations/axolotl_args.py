@@ -4,6 +4,17 @@ Axolotl merges this pydantic model into its own config model (``get_input_args``
 validators below see the whole config: they reject bad ``sloth_*`` values, unknown
 ``sloth_*`` keys (Axolotl drops unknown keys silently) and every option that would patch a
 module sloth also patches, naming the key to change.
+
+``sloth_padding_free`` follows ``sample_packing`` when unset. Axolotl 0.19 packs for in-tree
+models without patching them: its multipack batches carry position ids restarting per sample,
+and for a packing-capable attention (sdpa, eager, flash / flex ...) it drops the attention mask,
+so transformers (and sloth's attention, which hands the calls it does not take back to the
+implementation Axolotl chose, its ``sdpa_varlen`` wrapper included) keep the samples apart from
+the position ids. Its ``_get_unpad_data`` multipack patch only touches remote-code models. With
+an attention that does not decontaminate packing (``attn_implementation`` unset), Axolotl keeps
+its mask of sample indices, which transformers reads as one sample per row; sloth's padding-free
+forward splits it into its samples instead. The one combination refused: padded (unpacked)
+batches under context parallelism, which splits rows across ranks before the model's forward.
 """
 from __future__ import annotations
 
@@ -38,6 +49,10 @@ class SlothArgs(BaseModel):
     sloth_gradient_checkpointing: Optional[Literal["auto", "offload", "recompute", "off"]] = None
     sloth_memory_budget_gb: Optional[float] = Field(default=None, gt=0)
     sloth_strict: Optional[bool] = None
+    sloth_attention: Optional[Literal["auto", "sloth", "sdpa"]] = None
+    sloth_padding_free: Optional[bool] = Field(
+        default=None, json_schema_extra={"description": "train padded batches as one packed row; unset: follows "
+                                                        "sample_packing"})
 
     @model_validator(mode="before")
     @classmethod
@@ -68,11 +83,16 @@ class SlothArgs(BaseModel):
 
 def sloth_config_from(cfg: Any) -> SlothConfig:
     """The SlothConfig of an Axolotl config (a validated DictDefault or the merged pydantic model)."""
+    def get(key):
+        return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
     options = {}
     for name in CONFIG_FIELDS:
-        value = cfg.get(PREFIX + name) if isinstance(cfg, dict) else getattr(cfg, PREFIX + name, None)
+        value = get(PREFIX + name)
         if value is not None:
             options[name] = value
+    if "padding_free" not in options and _truthy(get("sample_packing")):
+        options["padding_free"] = True   # Axolotl's batches are packed: say so, and read them as packed
     try:
         return SlothConfig(**options)
     except SlothConfigError as exc:
@@ -124,6 +144,12 @@ def conflicts(get: Callable[[str], Any], config: SlothConfig) -> List[str]:
             if _truthy(get(key)):
                 clash(key, f"sloth_loss: {config.loss}", "set sloth_loss: off",
                       f"compute the causal-LM loss ({what})")
+
+    cp = get("context_parallel_size")
+    if config.padding_free and isinstance(cp, int) and cp > 1 and not _truthy(get("sample_packing")):
+        out.append(f"sloth_padding_free: true and context_parallel_size: {cp}: Axolotl splits each padded row across "
+                   f"the ranks before the model's forward, and packing the pieces would mix the ranks' samples: set "
+                   f"sloth_padding_free: false, or sample_packing: true (its rows are packed before the split)")
 
     mode = config.gradient_checkpointing
     if mode != "off":

@@ -1,5 +1,10 @@
 """Hugging Face Trainer / TRL adapter: ``Trainer(..., callbacks=[SlothCallback()])``.
 
+Padding-free training: ``SlothCallback(padding_free=True)`` packs the default collator's padded
+batches inside the model (``plugins/padding_free.py``); batches a collator already packed
+(``integrations.collators.PaddingFreeCollator``, TRL's ``padding_free``) reach the model as they
+are. An ``SFTConfig`` that makes TRL flatten its batches turns ``padding_free`` on by itself.
+
 The callback patches the Trainer's model when the Trainer finishes ``__init__`` (before any
 wrapping, optimizer or dataloader) and re-asserts the patch when training begins, after the
 Trainer has called ``gradient_checkpointing_enable()``. ``patch`` is idempotent, so the
@@ -37,9 +42,15 @@ class SlothCallback(TrainerCallback):
             note = (f"TRL SFTTrainer with loss_type={args.loss_type!r} computes its token metrics from the full "
                     f"logits, so sloth's chunked loss is off for this trainer; use loss_type='chunked_nll' (or TRL "
                     f">= 1.16) for a loss without full logits")
+        notes = [note] if note else []
+        if _trl_padding_free(args) and not config.padding_free:
+            config = config.replace(padding_free=True)
+            notes.append("TRL SFTTrainer flattens each batch into one row itself (padding_free, or packing with "
+                         "the bfd strategy): padding_free is on, its packed batches reach the model as they are")
         self.report = patch(model, config)
-        if note:
-            self.report.note(note)
+        for text in notes:
+            if text not in self.report.notes:
+                self.report.note(text)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._patch(model, args)
@@ -49,6 +60,14 @@ class SlothCallback(TrainerCallback):
         if self.verbose and not self._printed and state.is_world_process_zero:
             print(self.report)
             self._printed = True
+
+
+def _trl_padding_free(args) -> bool:
+    """What SFTTrainer decides (TRL 1.9 - 1.16): padding_free, or packing with a best-fit-decreasing strategy."""
+    if not hasattr(args, "packing_strategy"):
+        return False    # not an SFTConfig
+    return bool(getattr(args, "padding_free", False)
+                or (getattr(args, "packing", False) and args.packing_strategy in ("bfd", "bfd_split")))
 
 
 def _trl_reads_full_logits(model, args) -> bool:

@@ -13,6 +13,9 @@ FSDP) and before the optimizers exist. The names ``"sloth"``, ``"sloth_ddp"`` an
 Lightning ships twice (``lightning.pytorch`` and ``pytorch_lightning``) and each Trainer only
 accepts strategies of its own namespace. Classes exist for both; ``SlothStrategy`` picks the
 namespace that is imported (``lightning.pytorch`` when both are), or ``namespace=`` says which.
+
+Padding-free training: ``SlothStrategy(padding_free=True)``; the ``training_step`` keeps calling
+``self.model(**batch)`` with padded batches, and the patched model packs them into one row.
 """
 from __future__ import annotations
 
@@ -235,7 +238,8 @@ class _FSDPMixin(_DDPMixin):
             raise SlothConfigError(
                 f"FSDP activation_checkpointing(_policy) and gradient_checkpointing="
                 f"{self.sloth_config.gradient_checkpointing!r} would checkpoint the same layers twice: drop the FSDP "
-                f"argument, or pass gradient_checkpointing='off' (or 'auto', which follows the model's own setting)")
+                f"argument, or pass gradient_checkpointing='off' (or 'auto': a plan measured under the memory budget, "
+                f"which leaves the layers FSDP checkpoints to FSDP)")
 
     def setup_environment(self) -> None:
         # Lightning refuses FSDPStrategy off CUDA by exact type, which a subclass slips past

@@ -35,10 +35,13 @@ class SlothConfig:
         row) on CUDA where a one-time measurement finds sloth's varlen kernel faster; "sloth" sends
         every call it can to the kernel (torch reference off CUDA); "sdpa" leaves the model's
         attention (SDPA / FlashAttention through transformers) alone.
-    padding_free: batches are packed: samples concatenated with position ids restarting at 0 and
-        each sample's first label -100 (``integrations.collators.PaddingFreeCollator``, TRL's
-        ``padding_free``, Axolotl's ``sample_packing``). Adapters read it; the report says what
-        keeps the samples apart.
+    padding_free: train without padding. In a training forward with a 2-D padding mask (right or
+        left padding) the decoder runs its layers on one packed row of the real tokens (position
+        ids restarting at 0 per sample, ``cu_seq_lens``) and hands the head the hidden states in
+        the padded layout again: same loss and logits shape, labels untouched. Batches a collator
+        already packed (``integrations.collators.PaddingFreeCollator``, TRL's ``padding_free``,
+        Axolotl's ``sample_packing``) pass through. The HF callback turns it on for TRL's
+        padding-free SFTConfig; Axolotl's plugin follows ``sample_packing``.
     """
 
     kernels: Any = True

@@ -39,6 +39,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
         for name, plugin in builtin_plugins():
             pm.register(plugin, name=name)
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        # Registered last (with a trylast hook): it wraps the decoder forward whatever plugin,
+        # built-in or from an entry point, may have left there.
+        from .plugins.padding_free import PaddingFreePlugin
+        pm.register(PaddingFreePlugin(), name="sloth.padding_free")
         _manager = pm
     return _manager
 
