@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import eager_call, kernel_choice
+from ._dispatch import eager_call, use_reference
 from ._tuning import measured_choice, row_bucket
 from .activations import geglu_reference, swiglu_reference
 
@@ -196,7 +196,7 @@ def _gated(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if gate.shape != up.shape or gate.dim() == 0 or kernel_choice("GATED_ACT") == "torch":
+    if gate.shape != up.shape or gate.dim() == 0 or use_reference("GATED_ACT"):
         return swiglu_reference(gate, up)
     return _gated(gate, up, "silu")
 
@@ -204,6 +204,6 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"geglu approximate must be 'none' or 'tanh', got {approximate!r}")
-    if gate.shape != up.shape or gate.dim() == 0 or kernel_choice("GATED_ACT") == "torch":
+    if gate.shape != up.shape or gate.dim() == 0 or use_reference("GATED_ACT"):
         return geglu_reference(gate, up, approximate)
     return _gated(gate, up, "gelu" if approximate == "none" else "gelu_tanh")

@@ -4,9 +4,12 @@ Triton kernels run on CUDA tensors. Everything else (CPU tensors, no Triton inst
 the torch reference beside each kernel. Tests drive the Triton functions on CPU under
 ``TRITON_INTERPRET=1`` by calling them directly, never through this dispatch.
 
-Per-kernel override (read at every call, default ``triton``): ``SLOTH_KERNEL_<NAME>=torch``
-sends that kernel to its torch reference even on CUDA, e.g. when the whole model runs under
-``torch.compile`` and inductor should fuse the reference with its neighbours. Names:
+Per-kernel choice (read at every call): ``SLOTH_KERNEL_<NAME>`` = ``auto`` (default),
+``triton`` or ``torch``. ``torch`` sends that kernel to its torch reference even on CUDA;
+``triton`` takes the Triton kernel wherever it can, also inside ``torch.compile`` (as a custom
+op). ``auto`` does the same, except that inside a graph ``torch.compile`` is tracing it hands
+the kernels listed in ``COMPILED_REFERENCE_WINS`` their reference, for inductor to generate and
+fuse: there, benchmarks/kernels.py measured inductor's code at least as fast as ours. Names:
 ``RMS_NORM``, ``ROPE``, ``GATED_ACT`` (SwiGLU and GeGLU). ``SLOTH_DISABLE_TRITON=1`` turns
 every Triton path off.
 """
@@ -17,8 +20,12 @@ import os
 
 import torch
 
-KERNEL_CHOICES = ("triton", "torch")
+KERNEL_CHOICES = ("auto", "triton", "torch")
 KERNEL_NAMES = ("RMS_NORM", "ROPE", "GATED_ACT")
+# H200, Llama-3-8B shapes, forward+backward (benchmarks/RESULTS.md section 1): torch.compile of the
+# reference 0.440 ms vs ours 0.445 (SwiGLU) and 0.439 vs 0.455 (tanh GeGLU); ours wins for RMSNorm
+# (0.375 vs 0.436) and RoPE (0.497 vs 0.573), so those keep the Triton kernel under compile too.
+COMPILED_REFERENCE_WINS = frozenset({"GATED_ACT"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,12 +50,20 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def kernel_choice(name: str) -> str:
-    """``SLOTH_KERNEL_<NAME>``: 'triton' (default) or 'torch'; anything else is an error."""
-    choice = os.environ.get(f"SLOTH_KERNEL_{name}", "triton").strip().lower() or "triton"
+    """``SLOTH_KERNEL_<NAME>``: 'auto' (default), 'triton' or 'torch'; anything else is an error."""
+    choice = os.environ.get(f"SLOTH_KERNEL_{name}", "auto").strip().lower() or "auto"
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"SLOTH_KERNEL_{name}={choice!r}: expected one of "
                          f"{', '.join(KERNEL_CHOICES)}")
     return choice
+
+
+def use_reference(name: str) -> bool:
+    """True when kernel ``name`` should run its torch reference instead of Triton (see above)."""
+    choice = kernel_choice(name)
+    if choice == "auto":
+        return name in COMPILED_REFERENCE_WINS and torch.compiler.is_compiling()
+    return choice == "torch"
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -78,7 +93,6 @@ def triton_status() -> str:
         return "SLOTH_DISABLE_TRITON=1: torch reference paths only"
     if not torch.cuda.is_available():
         return "no CUDA device: Triton paths are GPU-only, torch reference paths in use"
-    forced = [n for n in KERNEL_NAMES
-              if os.environ.get(f"SLOTH_KERNEL_{n}", "").strip().lower() == "torch"]
+    forced = [n for n in KERNEL_NAMES if kernel_choice(n) == "torch"]
     suffix = f" (torch reference forced for {', '.join(forced)})" if forced else ""
     return f"Triton paths active on {torch.cuda.get_device_name()}{suffix}"

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import eager_call, kernel_choice, sm_count
+from ._dispatch import eager_call, sm_count, use_reference
 from .rms_norm import rms_norm_reference
 
 MAX_HIDDEN = 65536
@@ -249,7 +249,7 @@ _rms_norm_fwd.register_autograd(_custom_op_backward, setup_context=_setup_contex
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
                     cast_before_weight: bool = True) -> torch.Tensor:
     if (x.shape[-1] > MAX_HIDDEN or weight.shape != x.shape[-1:]
-            or kernel_choice("RMS_NORM") == "torch"):
+            or use_reference("RMS_NORM")):
         return rms_norm_reference(x, weight, eps, offset, cast_before_weight)
     args = (x, weight, float(eps), float(offset), bool(cast_before_weight))
     if eager_call(x, weight):

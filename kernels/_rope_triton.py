@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import eager_call, kernel_choice
+from ._dispatch import eager_call, use_reference
 from .rope import apply_rope_reference
 
 TILE_ELEMENTS = 4096  # per half tile: 64 (head, position) rows of head_dim 128, 16 KiB of bf16 in
@@ -252,7 +252,7 @@ def _supported(q, k, cos, sin, unsqueeze_dim) -> bool:
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, Hq, S, D], k: [B, Hk, S, D], cos/sin: [B or 1, S, Drot]; others use the reference."""
-    if not _supported(q, k, cos, sin, unsqueeze_dim) or kernel_choice("ROPE") == "torch":
+    if not _supported(q, k, cos, sin, unsqueeze_dim) or use_reference("ROPE"):
         return apply_rope_reference(q, k, cos, sin, unsqueeze_dim)
     if eager_call(q, k, cos, sin):
         return _RopeFunction.apply(q, k, cos, sin)
