@@ -43,6 +43,10 @@ class SlothCallback(TrainerCallback):
                     f"logits, so sloth's chunked loss is off for this trainer; use loss_type='chunked_nll' (or TRL "
                     f">= 1.16) for a loss without full logits")
         notes = [note] if note else []
+        if hasattr(args, "loss_type") and _trl_has_fused_head():
+            notes.append("TRL SFTTrainer (>= 1.16) computes the training loss with its own fused LM head "
+                         "(trl add_fused_lm_head: no full logits), which it installs over the model's forward "
+                         "after this callback patched it; sloth's chunked loss serves the other forward calls")
         if _trl_padding_free(args) and not config.padding_free:
             config = config.replace(padding_free=True)
             notes.append("TRL SFTTrainer flattens each batch into one row itself (padding_free, or packing with "
@@ -70,9 +74,17 @@ def _trl_padding_free(args) -> bool:
                 or (getattr(args, "packing", False) and args.packing_strategy in ("bfd", "bfd_split")))
 
 
+def _trl_has_fused_head() -> bool:
+    """TRL >= 1.16: SFTTrainer installs ``add_fused_lm_head`` at the end of its ``__init__`` (after the
+    callbacks' ``on_init_end``) and trains through it, so it never reads full logits."""
+    import sys
+    module = sys.modules.get("trl.trainer.sft_trainer")
+    return module is not None and hasattr(module, "add_fused_lm_head")
+
+
 def _trl_reads_full_logits(model, args) -> bool:
     """SFTTrainer (TRL < 1.16, loss_type 'nll'/'dft', no Liger) reads ``outputs.logits`` after the loss."""
-    if not hasattr(args, "loss_type") or getattr(args, "use_liger_kernel", False):
+    if not hasattr(args, "loss_type") or getattr(args, "use_liger_kernel", False) or _trl_has_fused_head():
         return False
     from ..instance_patch import has_instance_override
     from ..manager import resolve_causal_lm

@@ -52,6 +52,9 @@ def test_sft_trainer_parity_and_report(tokenizer, tmp_path, peft):
     assert loss_lines or "loss_type" in notes
     if loss_lines and not loss_lines[0].patched:
         assert "TRL" in loss_lines[0].detail
+    from sloth_plugins.integrations.hf import _trl_has_fused_head
+    if _trl_has_fused_head():   # TRL >= 1.16 trains through its own fused head, installed after ours
+        assert "own fused LM head" in notes and "computes its token metrics from the full logits" not in notes
     assert len(trainer.micro_losses) == 6
     # fp32. Before the first optimizer step the losses agree to 2e-5. After it they drift: fused LoRA
     # sums dA/dB in another order, and Adam (lr 2e-3) turns 1e-7 gradient noise on near-zero elements
