@@ -44,6 +44,14 @@ def auto_chunk_size(n_tokens: int, vocab: int, device: torch.device, *, bytes_pe
     return int(max(1, min(chunk, n_tokens)))
 
 
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is a class index in [0, vocab) or ``ignore_index``; otherwise an error, as
+    ``F.cross_entropy`` gives (on CUDA a device-side assert: checked without a host sync)."""
+    ok = ((labels >= 0) & (labels < vocab)) | (labels == ignore_index)
+    torch._assert_async(ok.all(), f"cross-entropy labels must lie in [0, {vocab}) or equal ignore_index "
+                                  f"({ignore_index})")
+
+
 def _select_valid(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     labels = labels.reshape(-1)
     hidden = hidden.reshape(labels.shape[0], -1)
@@ -120,6 +128,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                ignore_index: int = -100, softcap: Optional[float] = None,
                                num_items_in_batch: Divisor = None,
                                chunk_size: Optional[int] = None) -> torch.Tensor:
+    check_labels(labels, weight.shape[0], ignore_index)
     if use_triton(hidden, weight):
         from ._cross_entropy_triton import fused_linear_cross_entropy_triton
         return fused_linear_cross_entropy_triton(hidden, weight, labels, ignore_index=ignore_index,
@@ -135,6 +144,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], t
                           softcap: Optional[float] = None, num_items_in_batch: Divisor = None,
                           chunk_size: Optional[int] = None) -> torch.Tensor:
     """Same contract, for any callable head; each chunk's logits are recomputed in backward."""
+    check_labels(labels, vocab_size, ignore_index)
     h, y = _select_valid(hidden, labels, ignore_index)
     if h.shape[0] == 0:
         return _zero_loss(hidden)

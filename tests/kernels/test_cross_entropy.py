@@ -367,3 +367,17 @@ def test_gpu_torch_compile_and_autocast(exact_fp32_matmul):
         loss, gh, gw = run(loss_fn, hidden.float(), weight.float(), labels)
     assert gh.dtype == torch.float32 and gw.dtype == torch.float32
     assert_matches((loss, gh, gw), expected, 1e-2)
+
+
+@pytest.mark.parametrize("bad", [-1, 64, 1000])
+def test_labels_outside_the_vocabulary_are_an_error_not_a_wrong_loss(bad):
+    """Like F.cross_entropy: a label that is neither a class index nor ignore_index raises (on CUDA
+    as a device-side assert, without a host sync), in the fused and the chunked loss."""
+    hidden, weight = torch.randn(6, 16), torch.randn(64, 16)
+    labels = torch.tensor([1, 2, -100, bad, 5, 6])
+    with pytest.raises(RuntimeError, match="labels must lie in"):
+        ce.fused_linear_cross_entropy(hidden, weight, labels)
+    with pytest.raises(RuntimeError, match="labels must lie in"):
+        ce.chunked_cross_entropy(hidden, lambda h: h @ weight.t(), labels, 64)
+    labels[3] = -100
+    assert torch.isfinite(ce.fused_linear_cross_entropy(hidden, weight, labels))
