@@ -337,28 +337,6 @@ def missing_modules(impl: str, device: str) -> List[str]:
     return missing
 
 
-def ensure_model(args, work: Path) -> dict:
-    """The model folder benchmarks/e2e.py uses (same default path and meta): created once."""
-    meta_path = Path(args.model_dir) / "bench_meta.json"
-    if meta_path.exists() and not args.recreate:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("model") == args.model and meta.get("dtype") == args.dtype:
-            print(f"model: reusing {args.model_dir} ({meta.get('params', 0) / 1e9:.2f} B params)", flush=True)
-            return meta
-    print(f"model: creating random-init {args.model} in {args.model_dir} on {args.device} ...", flush=True)
-    created: dict = {}
-    cmd = [sys.executable, str(C.HERE / "e2e_worker.py"), "create", "--model", args.model,
-           "--dir", str(Path(args.model_dir).resolve()), "--device", args.device, "--dtype", args.dtype,
-           "--seed", str(args.seed)]
-    res = E2E.stream_worker(cmd, Path(args.out_dir) / f"{args.name}_create.log", args.timeout,
-                            created.update, args.verbose, work / "create", E2E.worker_env(args.smoke))
-    if res["rc"] != 0 or not created:
-        print("\n".join(res["tail"]), file=sys.stderr)
-        raise SystemExit(f"model creation failed (rc {res['rc']}{', timed out' if res['timed_out'] else ''})")
-    print(f"model: created {created.get('params', 0) / 1e9:.2f} B params", flush=True)
-    return created
-
-
 WORKER_FLAGS = ["device", "dtype", "warmup", "steps", "samples_per_step", "tokens_per_step", "micro_batch",
                 "mean_len", "min_len", "max_len", "sigma", "grad_ckpt", "autocast", "lora_r", "lora_alpha", "lr",
                 "seed", "peak_flops", "unsloth_gc"]
@@ -560,7 +538,7 @@ def main(argv=None) -> int:
           f"{100 * data['padding_frac_whole_step']:.1f}% padding whole steps", flush=True)
     work = Path(tempfile.gettempdir()) / "sloth_bench_work"
     out_dir = Path(args.out_dir)
-    payload = {"config": vars(args), "model": ensure_model(args, work), "dataset": data, "results": []}
+    payload = {"config": vars(args), "model": E2E.ensure_model(args, work), "dataset": data, "results": []}
     progress = C.Progress(total=len(impls) * (args.warmup + args.steps), desc=args.name)
     for impl in impls:
         missing = missing_modules(impl, args.device)
