@@ -67,8 +67,9 @@ def _cross_entropy_rows_kernel(logits_ptr, row_stride, labels_ptr, losses_ptr, d
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
         running_max = new_max
-    lse = running_max + tl.log(running_sum)
-    tl.store(losses_ptr + row, lse - target)
+    # Never form lse = max + log(sum) itself: at |logits| ~ 1e3 its fp32 rounding (~1e-4) would
+    # become the relative error of every probability.
+    tl.store(losses_ptr + row, (running_max - target) + tl.log(running_sum))
 
     if WRITE_GRAD:
         if DIVISOR_FROM_PTR:
@@ -76,6 +77,7 @@ def _cross_entropy_rows_kernel(logits_ptr, row_stride, labels_ptr, losses_ptr, d
         else:
             divisor = divisor_value
         scale = 1.0 / divisor
+        inv_sum = 1.0 / running_sum
         for start in range(0, vocab, BLOCK):
             cols = start + offsets
             mask = cols < vocab
@@ -83,7 +85,7 @@ def _cross_entropy_rows_kernel(logits_ptr, row_stride, labels_ptr, losses_ptr, d
             if HAS_SOFTCAP:
                 t = _tanh(z / softcap)
                 z = softcap * t
-            grad = tl.exp(z - lse)
+            grad = tl.exp(z - running_max) * inv_sum
             grad = tl.where(cols == label, grad - 1.0, grad)
             if HAS_SOFTCAP:
                 grad = grad * (1.0 - t * t)
