@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
 WORKER = C.HERE / "e2e_worker.py"
 MARK = "@@SLOTHBENCH@@ "
@@ -187,6 +187,29 @@ def run_impl(impl: str, args, work: Path, progress: C.Progress) -> dict:
             **({"loaded": state["loaded"]} if state["loaded"] else {})}
 
 
+def run_each(impls: List[str], args, start: float, payload: dict, json_path: Path, progress: C.Progress, *,
+             missing: Callable[[str], List[str]], run: Callable[[str], dict], done: Callable[[dict], str]) -> None:
+    """The driver loop of e2e.py and padding_free.py: each implementation in turn, skipped (and
+    recorded as such) when a module is missing or ``args.time_budget_s`` is spent; the JSON is
+    rewritten after each one so a run cut short keeps what finished."""
+    for impl in impls:
+        needs = missing(impl)
+        over = bool(args.time_budget_s) and time.perf_counter() - start > args.time_budget_s
+        if needs or over:
+            why = f"needs {', '.join(needs)}" if needs else "time budget spent"
+            shown = why if needs else f"time budget of {args.time_budget_s:.0f} s spent"
+            progress.write(f"  [{impl}] skipped: {shown}")
+            payload["results"].append({"impl": impl, "ok": False, "skipped": why})
+            progress.update(args.warmup + args.steps)
+            continue
+        progress.write(f"  [{impl}] starting ({time.perf_counter() - start:.0f} s elapsed)")
+        result = run(impl)
+        payload["results"].append(result)
+        if result.get("ok"):
+            progress.write(f"  [{impl}] {done(result)}")
+        C.write_json(json_path, payload)
+
+
 def summary_table(results: List[dict]) -> str:
     base = next((r for r in results if r["impl"] == "hf_peft" and r.get("ok")), None)
     rows, why = [], []
@@ -301,26 +324,11 @@ def main(argv=None) -> int:
                "mfu_definition": "tok/s * (4*N_matmul + 6*L*seq*d) / peak_flops; N_matmul = parameters of all "
                                  "linear layers incl. lm_head (LoRA adapters excluded)", "results": []}
     progress = C.Progress(total=len(impls) * (args.warmup + args.steps), desc=args.name)
-    for impl in impls:
-        missing = missing_modules(impl, args.qlora, args.device)
-        if missing:
-            progress.write(f"  [{impl}] skipped: needs {', '.join(missing)}")
-            payload["results"].append({"impl": impl, "ok": False, "skipped": f"needs {', '.join(missing)}"})
-            progress.update(args.warmup + args.steps)
-            continue
-        if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
-            progress.write(f"  [{impl}] skipped: time budget of {args.time_budget_s:.0f} s spent")
-            payload["results"].append({"impl": impl, "ok": False, "skipped": "time budget spent"})
-            progress.update(args.warmup + args.steps)
-            continue
-        progress.write(f"  [{impl}] starting ({time.perf_counter() - start:.0f} s elapsed)")
-        result = run_impl(impl, args, work, progress)
-        payload["results"].append(result)
-        if result.get("ok"):
-            progress.write(f"  [{impl}] {result['tok_s']:,.0f} tok/s, peak {C.fmt(result['peak_mem_gib'], 2)} GiB, "
-                           f"loss {result['loss_step0']:.4f} -> {result['loss_final']:.4f}, "
-                           f"wall {result['wall_s']:.0f} s")
-        C.write_json(out_dir / f"e2e_{args.name}.json", payload)
+    run_each(impls, args, start, payload, out_dir / f"e2e_{args.name}.json", progress,
+             missing=lambda impl: missing_modules(impl, args.qlora, args.device),
+             run=lambda impl: run_impl(impl, args, work, progress),
+             done=lambda r: (f"{r['tok_s']:,.0f} tok/s, peak {C.fmt(r['peak_mem_gib'], 2)} GiB, "
+                             f"loss {r['loss_step0']:.4f} -> {r['loss_final']:.4f}, wall {r['wall_s']:.0f} s"))
     progress.close()
     payload["total_s"] = time.perf_counter() - start
     path = C.write_json(out_dir / f"e2e_{args.name}.json", payload)

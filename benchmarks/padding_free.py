@@ -66,7 +66,7 @@ def _sibling(name: str) -> ModuleType:
     return sys.modules[name]
 
 
-E2E = _sibling("e2e")              # stream_worker, worker_env
+E2E = _sibling("e2e")              # stream_worker, worker_env, ensure_model, run_each
 W = _sibling("e2e_worker")         # create, MODELS, LORA_TARGETS, emit, matmul_flops, _device, _dtype
 
 IMPLS = ["hf_peft", "sloth", "unsloth", "unsloth_packed", "sloth_padded", "sloth_unpad", "hf_peft_packed"]
@@ -540,23 +540,12 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     payload = {"config": vars(args), "model": E2E.ensure_model(args, work), "dataset": data, "results": []}
     progress = C.Progress(total=len(impls) * (args.warmup + args.steps), desc=args.name)
-    for impl in impls:
-        missing = missing_modules(impl, args.device)
-        skipped = (f"needs {', '.join(missing)}" if missing else "time budget spent"
-                   if args.time_budget_s and time.perf_counter() - start > args.time_budget_s else None)
-        if skipped:
-            progress.write(f"  [{impl}] skipped: {skipped}")
-            payload["results"].append({"impl": impl, "ok": False, "skipped": skipped})
-            progress.update(args.warmup + args.steps)
-            continue
-        progress.write(f"  [{impl}] starting ({time.perf_counter() - start:.0f} s elapsed)")
-        result = run_impl(impl, args, work, progress)
-        payload["results"].append(result)
-        if result.get("ok"):
-            progress.write(f"  [{impl}] {result['real_tok_s']:,.0f} real tok/s ({100 * result['padding_frac']:.0f}% "
-                           f"padding), peak {C.fmt(result['peak_mem_gib'], 2)} GiB, loss {result['loss_step0']:.5f} "
-                           f"-> {result['loss_final']:.5f}, wall {result['wall_s']:.0f} s")
-        C.write_json(out_dir / f"{args.name}.json", payload)
+    E2E.run_each(impls, args, start, payload, out_dir / f"{args.name}.json", progress,
+                 missing=lambda impl: missing_modules(impl, args.device),
+                 run=lambda impl: run_impl(impl, args, work, progress),
+                 done=lambda r: (f"{r['real_tok_s']:,.0f} real tok/s ({100 * r['padding_frac']:.0f}% padding), "
+                                 f"peak {C.fmt(r['peak_mem_gib'], 2)} GiB, loss {r['loss_step0']:.5f} -> "
+                                 f"{r['loss_final']:.5f}, wall {r['wall_s']:.0f} s"))
     progress.close()
     payload["total_s"] = time.perf_counter() - start
     payload["verdict"] = verdict_lines(payload["results"])
