@@ -29,10 +29,9 @@ import torch
 from ._dispatch import use_triton
 
 
-def _allowed(n: int, causal: bool, window: Optional[int], device) -> torch.Tensor:
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    ok = torch.ones(n, n, dtype=torch.bool, device=device)
+def _restrict(ok: torch.Tensor, i: torch.Tensor, j: torch.Tensor, causal: bool,
+              window: Optional[int]) -> torch.Tensor:
+    """``ok`` (in place) where query position i may see key position j: causal, sliding window."""
     if causal:
         ok &= j <= i
     if window:
@@ -40,6 +39,12 @@ def _allowed(n: int, causal: bool, window: Optional[int], device) -> torch.Tenso
         if not causal:
             ok &= j < i + window
     return ok
+
+
+def _allowed(n: int, causal: bool, window: Optional[int], device) -> torch.Tensor:
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return _restrict(torch.ones(n, n, dtype=torch.bool, device=device), i, j, causal, window)
 
 
 def _bounds(cu_seqlens: torch.Tensor) -> List[int]:
@@ -212,11 +217,4 @@ def segment_mask(segments: Segments, *, causal: bool = True, sliding_window: Opt
     pos_full[index] = offset
     sample_full, pos_full = sample_full.view(batch, seq), pos_full.view(batch, seq)
     same = (sample_full[:, :, None] == sample_full[:, None, :]) & (sample_full[:, :, None] >= 0)
-    i, j = pos_full[:, :, None], pos_full[:, None, :]
-    if causal:
-        same &= j <= i
-    if sliding_window:
-        same &= j > i - sliding_window
-        if not causal:
-            same &= j < i + sliding_window
-    return same[:, None]
+    return _restrict(same, pos_full[:, :, None], pos_full[:, None, :], causal, sliding_window)[:, None]
