@@ -15,6 +15,8 @@ the same launches run inside a ``torch.library.custom_op``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,7 +85,8 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch_settings(n_cols: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=64)
+def _launch_settings(n_cols: int) -> tuple[tuple[int, int], ...]:
     """(BLOCK, num_warps) candidates, the first one the default: one program per block of a row.
     Liger-style whole-row programs (BLOCK up to 16k, 16 warps) win on some shapes, 2k blocks on
     others; ``measured_choice`` times them once per shape class on the GPU."""
@@ -94,7 +97,7 @@ def _launch_settings(n_cols: int) -> list[tuple[int, int]]:
         block = min(block, full)
         if (block, warps) not in out and block >= 256:
             out.append((block, warps))
-    return out
+    return tuple(out)
 
 
 def _settings(direction: str, kind: str, g2: torch.Tensor, launch) -> tuple[int, int]:
