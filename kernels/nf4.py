@@ -108,13 +108,17 @@ _buffers: dict = {}
 _holds: dict = {}   # buffer key -> what the buffer holds now (see _contents)
 
 
+def _buffer_key(device, dtype: torch.dtype, numel: int, slot) -> tuple:
+    return torch.device(device), dtype, int(numel), slot
+
+
 def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int, slot=None) -> torch.Tensor:
     """A flat scratch tensor reused for every weight of this (device, dtype, numel, slot).
 
     One layer is dequantized at a time on one stream, so a buffer is free again as soon as the
     matmul that reads it has been queued. Never keep a reference to it.
     """
-    key = (torch.device(device), dtype, int(numel), slot)
+    key = _buffer_key(device, dtype, numel, slot)
     buf = _buffers.get(key)
     if buf is None:
         buf = torch.empty(numel, dtype=dtype, device=device)
@@ -202,7 +206,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: Optional
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dequantize_4bit supports {_SUPPORTED_DTYPES}, got {dtype}")
     if reuse_buffer and slot is not None and out is None:
-        key = (torch.device(packed.device), dtype, state.numel, slot)
+        key = _buffer_key(packed.device, dtype, state.numel, slot)
         contents = _contents(packed, state)
         buf = dequant_buffer(packed.device, dtype, state.numel, slot).view(state.shape)
         if _holds_already(key, contents):
