@@ -137,6 +137,7 @@ class PeakMemory:
 # is the fused LoRA MLP's backward. Activation/norm/rope/loss names also catch Unsloth's and
 # Liger's Triton kernels (the category is the work, not whose kernel did it).
 PROFILE_CATEGORIES: List[Tuple[str, str]] = [
+    ("communication (nccl)", r"nccl"),
     ("memcpy HtoD", r"memcpy htod"),
     ("memcpy DtoH", r"memcpy dtoh"),
     ("lora (fused)", r"lora|^_gated_bwd_inplace_kernel$"),

@@ -15,7 +15,9 @@
 #                     model, fp32, synthetic equal-length rows, sequential sampling             (~3 min)
 #   scale-8b          Llama-3-8B shape, bf16 LoRA r16, 2 x 2048 tokens per GPU, 13 steps (3 warm-up):
 #                     Lightning 1 GPU / DDP / FSDP: tokens/s and peak memory per GPU           (~5 min)
-#   scale-8b-hf       the same through the HF Trainer: 1 GPU / torchrun DDP                    (~4 min)
+#   scale-8b-hf       the same through the HF Trainer: 1 GPU / torchrun DDP / torchrun FSDP2  (~3 min)
+#   profile-8b-hf     scale-8b-hf's 1 GPU and DDP runs with their last 2 steps under torch.profiler:
+#                     device time per kernel category on each rank, NCCL included             (~2 min)
 #   report            the tables of every run in $RESULTS
 #
 # Parity: the global batch is the same on 1 and 2 GPUs (rows in order, split over the ranks) and each
@@ -228,11 +230,17 @@ run_phase() {
       scale-8b-hf)
         one --framework hf --engine single --tag "$phase" --global-batch 2 "${SCALE[@]}" || rc=1
         many --framework hf --engine ddp --tag "$phase" --global-batch $((2 * NGPU)) "${SCALE[@]}" || rc=1
+        many --framework hf --engine fsdp2 --tag "$phase" --global-batch $((2 * NGPU)) "${SCALE[@]}" || rc=1
+        report --tag "$phase" ;;
+      profile-8b-hf)
+        one --framework hf --engine single --tag "$phase" --global-batch 2 "${SCALE[@]}" --steps 15 --profile 2 || rc=1
+        many --framework hf --engine ddp --tag "$phase" --global-batch $((2 * NGPU)) "${SCALE[@]}" --steps 15 \
+          --profile 2 || rc=1
         report --tag "$phase" ;;
       report)
         report ;;
       *)
-        echo "unknown phase $phase (tests parity-lightning parity-hf parity-axolotl scale-8b scale-8b-hf report)"
+        echo "unknown phase $phase (tests parity-lightning parity-hf parity-axolotl scale-8b scale-8b-hf profile-8b-hf report)"
         rc=2 ;;
     esac
     echo "=== $phase: exit $rc after $((SECONDS - t0)) s"

@@ -115,10 +115,15 @@ def build_rows(args):
 
 
 class Meter:
-    """Step times (device-synchronised) and the peak memory of this process' GPU."""
+    """Step times (device-synchronised) and the peak memory of this process' GPU. With
+    ``profile_last`` > 0 the last that many of ``steps`` steps run under torch.profiler and are
+    left out of the timings; ``profile`` is then their device time per kernel category."""
 
-    def __init__(self):
+    def __init__(self, steps: int = 0, profile_last: int = 0):
         self.times, self._t0, self.wrapped = [], None, None
+        self.profile, self._prof, self._step = None, None, 0
+        self._profile_from = steps - profile_last if profile_last else None
+        self._profile_n = profile_last
 
     def start_training(self):
         import torch
@@ -130,20 +135,43 @@ class Meter:
         import torch
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        if self._step == self._profile_from and torch.cuda.is_available():
+            from torch.profiler import ProfilerActivity, profile
+            self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._prof.__enter__()
         self._t0 = time.perf_counter()
 
     def step_end(self):
         import torch
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if self._t0 is not None:
+        self._step += 1
+        if self._t0 is not None and self._prof is None:
             self.times.append(time.perf_counter() - self._t0)
         self._t0 = None
+        if self._prof is not None and self._step == self._profile_from + self._profile_n:
+            self._prof.__exit__(None, None, None)
+            self.profile = _summarize_profile(self._prof, self._profile_n, self.times)
+            self._prof = None
 
     @staticmethod
     def peak_gib():
         import torch
         return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def _summarize_profile(prof, n_steps: int, times) -> dict:
+    """Device time per kernel category of the profiled steps (e2e_worker's categories, NCCL included)."""
+    import importlib.util
+
+    from torch.autograd import DeviceType
+    spec = importlib.util.spec_from_file_location("e2e_worker", _HERE / "e2e_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    records = [(e.name, e.time_range.elapsed_us(), e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == DeviceType.CUDA and not worker._SYNC_EVENT.search(e.name)]
+    step_s = sorted(times)[len(times) // 2] if times else None      # the unprofiled median step
+    return worker.summarize_profile(records, n_steps, step_s, "CUDA kernels and copies, device time")
 
 
 # ---------------------------------------------------------------------------------------- frameworks
@@ -155,7 +183,7 @@ def run_lightning(args, rows, vocab):
     import sloth_plugins as sloth
     from sloth_plugins.testing import right_pad_collate
 
-    world, meter = _world(), Meter()
+    world, meter = _world(), Meter(args.steps, args.profile)
 
     class LoRAModule(L.LightningModule):
         def __init__(self):
@@ -206,7 +234,7 @@ def run_hf(args, rows, vocab):
     import sloth_plugins as sloth
     from sloth_plugins.testing import right_pad_collate
 
-    world, meter, losses = _world(), Meter(), []
+    world, meter, losses = _world(), Meter(args.steps, args.profile), []
 
     class Measure(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -281,6 +309,7 @@ def run(args):
     losses, meter, report = (run_lightning if args.framework == "lightning" else run_hf)(args, rows, vocab)
     import torch
     peaks = _all_ranks(meter.peak_gib())
+    profiles = _all_ranks(meter.profile) if args.profile else None
     steady = meter.times[args.warmup:] or meter.times
     tokens_per_step = args.global_batch * args.seq if args.data == "random" else None
     if _rank() != 0:
@@ -294,6 +323,7 @@ def run(args):
                              if tokens_per_step and steady else None),
                peak_gib_per_gpu=peaks, wall_s=round(time.perf_counter() - started, 1), wrapped=meter.wrapped,
                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               profile_per_rank=profiles,
                sloth={k: v["how"] + v["why"] for k, v in report.summary().items()} if report else None,
                versions=_versions())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +332,14 @@ def run(args):
     print("MGPU " + json.dumps({k: row[k] for k in ("tag", "framework", "engine", "world", "tokens_per_s",
                                                        "s_per_step", "peak_gib_per_gpu", "wrapped")}), flush=True)
     print(f"losses: {[round(x, 5) for x in losses]}", flush=True)
+    for rank, prof in enumerate(profiles or []):
+        if prof:
+            cats = ", ".join(f"{c['category']} {c['ms_per_step']:.1f}" for c in prof["categories"])
+            print(f"profile rank {rank}: step {prof['step_ms']:.1f} ms, device busy "
+                  f"{prof['device_busy']['ms_per_step']:.1f}, idle {prof.get('device_idle', {}).get('ms_per_step')}"
+                  f" ms; {cats}", flush=True)
+            for k in prof["top_kernels"][:8]:
+                print(f"    {k['ms_per_step']:8.2f} ms  x{k['calls_per_step']:g}  {k['name'][:110]}", flush=True)
 
 
 def report(args):
@@ -357,6 +395,8 @@ def main():
     r.add_argument("--warmup", default=3, type=int, help="steps left out of tokens/s")
     r.add_argument("--lr", default=1e-3, type=float)
     r.add_argument("--grad-ckpt", default="auto", choices=["auto", "offload", "recompute", "off"])
+    r.add_argument("--profile", default=0, type=int,
+                   help="profile the last N of --steps on every rank (left out of tokens/s): device time per category")
     r.add_argument("--seed", default=0, type=int)
     r.add_argument("--workdir", default="/tmp/sloth-multi-gpu")
     r.add_argument("--out", default="benchmarks/results/multi_gpu.jsonl")
