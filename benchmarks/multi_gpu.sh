@@ -7,14 +7,14 @@
 # Phases (each one device call, well under 8 minutes; rough H200 times):
 #   tests             pytest -m gpu tests/test_distributed.py: FSDP1 + FSDP2 with a sharded lm_head on
 #                     2 GPUs (NCCL, Triton kernels): loss and gradients = the unsharded model   (~1 min)
-#   parity-lightning  SlothStrategy single / "ddp" / "fsdp" (FSDP1): small Llama, fp32, shipped text,
+#   parity-lightning  SlothStrategy single / "ddp" / "fsdp" (FSDP1) / "fsdp2": small Llama, fp32, text,
 #                     20 steps, checkpointing=recompute; per-step loss vs 1 GPU               (~3 min)
 #   parity-hf         Trainer + SlothCallback: 1 GPU / torchrun DDP / torchrun + accelerate FSDP2,
 #                     same model and data, checkpointing=offload                               (~3 min)
 #   parity-axolotl    axolotl.cli.train with SlothPlugin: 1 GPU / torchrun 2 GPUs, tiny local
 #                     model, fp32, synthetic equal-length rows, sequential sampling             (~3 min)
-#   scale-8b          Llama-3-8B shape, bf16 LoRA r16, 2 x 2048 tokens per GPU, 13 steps (3 warm-up):
-#                     Lightning 1 GPU / DDP / FSDP: tokens/s and peak memory per GPU           (~5 min)
+#   scale-8b          Llama-3-8B shape, bf16 LoRA r16, 2 x 2048 tokens per GPU, 23 steps (3 warm-up):
+#                     Lightning 1 GPU / DDP / FSDP1 / FSDP2: tokens/s, peak memory per GPU     (~5 min)
 #   scale-8b-hf       the same through the HF Trainer: 1 GPU / torchrun DDP / torchrun FSDP2  (~3 min)
 #   profile-8b-hf     scale-8b-hf's 1 GPU and DDP runs with their last 2 steps under torch.profiler:
 #                     device time per kernel category on each rank, NCCL included             (~2 min)
@@ -61,7 +61,7 @@ report() {
 
 # PARITY_ARGS / SCALE_ARGS append flags (later flags win), e.g. PARITY_ARGS="--steps 5" for a quick look
 PARITY=(--shape small --dtype fp32 --data text --global-batch 8 --seq 256 --steps 20 --warmup 3 ${PARITY_ARGS:-})
-SCALE=(--shape llama-8b --dtype bf16 --data random --seq 2048 --steps 13 --warmup 3 --grad-ckpt auto --lr 1e-4 \
+SCALE=(--shape llama-8b --dtype bf16 --data random --seq 2048 --steps 23 --warmup 3 --grad-ckpt auto --lr 1e-4 \
        ${SCALE_ARGS:-})
 
 axolotl_parity() {
@@ -213,6 +213,7 @@ run_phase() {
         one --framework lightning --engine single --tag "$phase" --grad-ckpt recompute "${PARITY[@]}" || rc=1
         many --framework lightning --engine ddp --tag "$phase" --grad-ckpt recompute "${PARITY[@]}" || rc=1
         many --framework lightning --engine fsdp --tag "$phase" --grad-ckpt recompute "${PARITY[@]}" || rc=1
+        many --framework lightning --engine fsdp2 --tag "$phase" --grad-ckpt recompute "${PARITY[@]}" || rc=1
         report --tag "$phase" --strict || rc=1 ;;
       parity-hf)
         one --framework hf --engine single --tag "$phase" --grad-ckpt offload "${PARITY[@]}" || rc=1
@@ -226,6 +227,7 @@ run_phase() {
         one --framework lightning --engine single --tag "$phase" --global-batch 2 "${SCALE[@]}" || rc=1
         many --framework lightning --engine ddp --tag "$phase" --global-batch $((2 * NGPU)) "${SCALE[@]}" || rc=1
         many --framework lightning --engine fsdp --tag "$phase" --global-batch $((2 * NGPU)) "${SCALE[@]}" || rc=1
+        many --framework lightning --engine fsdp2 --tag "$phase" --global-batch $((2 * NGPU)) "${SCALE[@]}" || rc=1
         report --tag "$phase" ;;
       scale-8b-hf)
         one --framework hf --engine single --tag "$phase" --global-batch 2 "${SCALE[@]}" || rc=1

@@ -6,7 +6,8 @@
 
 Frameworks and engines (``--engine single`` runs as one process, the others under torchrun):
     lightning  single | ddp | fsdp    sloth.SlothStrategy(kind); fsdp = Lightning's FSDPStrategy
-                                      (FSDP1, decoder layers wrapped, use_orig_params)
+               | fsdp2                (FSDP1, decoder layers wrapped, use_orig_params); fsdp2 =
+                                      ModelParallelStrategy + fully_shard per decoder layer
     hf         single | ddp | fsdp2   Trainer + SlothCallback; fsdp2 = accelerate FSDP2 through
                                       TrainingArguments(fsdp=..., fsdp_config={"version": 2})
 
@@ -49,7 +50,7 @@ SHAPES = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
 }
-ENGINES = {"lightning": ("single", "ddp", "fsdp"), "hf": ("single", "ddp", "fsdp2")}
+ENGINES = {"lightning": ("single", "ddp", "fsdp", "fsdp2"), "hf": ("single", "ddp", "fsdp2")}
 
 
 def _rank() -> int:

@@ -6,9 +6,12 @@ a real ``FSDPStrategy``: Lightning picks precision plugins and launchers by stra
 so each one is a subclass of the strategy it extends and changes nothing but one step of
 ``setup()``: the Hugging Face causal LMs held by the LightningModule are patched after the
 module is converted to its precision and moved to its device, and before it is wrapped (DDP,
-FSDP) and before the optimizers exist. The names ``"sloth"``, ``"sloth_ddp"`` and
-``"sloth_fsdp"`` are registered in Lightning's strategy registry once this module is imported
-(``import sloth_plugins.integrations.lightning``, or touching ``sloth_plugins.SlothStrategy``).
+FSDP) and before the optimizers exist. ``SlothStrategy("fsdp2")`` is a real
+``ModelParallelStrategy`` that also applies FSDP2's ``fully_shard`` itself (per decoder layer,
+then the model), unless the LightningModule's ``configure_model`` does. The names ``"sloth"``,
+``"sloth_ddp"``, ``"sloth_fsdp"`` and ``"sloth_fsdp2"`` are registered in Lightning's strategy
+registry once this module is imported (``import sloth_plugins.integrations.lightning``, or
+touching ``sloth_plugins.SlothStrategy``).
 
 Lightning ships twice (``lightning.pytorch`` and ``pytorch_lightning``) and each Trainer only
 accepts strategies of its own namespace. Classes exist for both; ``SlothStrategy`` picks the
@@ -33,13 +36,17 @@ from ..report import PatchReport
 
 logger = logging.getLogger("sloth_plugins")
 
-KINDS = ("single", "ddp", "fsdp")
-REGISTRY_NAMES = {"single": "sloth", "ddp": "sloth_ddp", "fsdp": "sloth_fsdp"}
+KINDS = ("single", "ddp", "fsdp", "fsdp2")
+REGISTRY_NAMES = {"single": "sloth", "ddp": "sloth_ddp", "fsdp": "sloth_fsdp", "fsdp2": "sloth_fsdp2"}
 NAMESPACES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+_FABRIC = {"lightning.pytorch": "lightning.fabric", "pytorch_lightning": "lightning_fabric"}
 _KIND_ALIASES = {"single": "single", "single_device": "single", "auto": "single", "sloth": "single",
-                 "ddp": "ddp", "sloth_ddp": "ddp", "fsdp": "fsdp", "sloth_fsdp": "fsdp"}
-_CLASS_NAMES = {"single": "SlothSingleDeviceStrategy", "ddp": "SlothDDPStrategy", "fsdp": "SlothFSDPStrategy"}
-_BASES = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}
+                 "ddp": "ddp", "sloth_ddp": "ddp", "fsdp": "fsdp", "sloth_fsdp": "fsdp", "fsdp1": "fsdp",
+                 "fsdp2": "fsdp2", "sloth_fsdp2": "fsdp2"}
+_CLASS_NAMES = {"single": "SlothSingleDeviceStrategy", "ddp": "SlothDDPStrategy", "fsdp": "SlothFSDPStrategy",
+                "fsdp2": "SlothFSDP2Strategy"}
+_BASES = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPStrategy",
+          "fsdp2": "ModelParallelStrategy"}
 _CONFIG_KEYS = tuple(SlothConfig().to_dict())
 
 
@@ -241,6 +248,19 @@ class _FSDPMixin(_DDPMixin):
                 f"argument, or pass gradient_checkpointing='off' (or 'auto': a plan measured under the memory budget, "
                 f"which leaves the layers FSDP checkpoints to FSDP)")
 
+    def _sloth_patch_models(self) -> None:
+        pending = self._sloth_pending
+        super()._sloth_patch_models()
+        if not pending:
+            return
+        params = [p for _, m in find_hf_models(self.lightning_module, self._sloth_model_attr) for p in m.parameters()]
+        frozen = sum(p.numel() for p in params if not p.requires_grad)
+        if frozen and frozen < sum(p.numel() for p in params):
+            importlib.import_module(self._sloth_namespace + ".utilities").rank_zero_warn(
+                "SlothStrategy('fsdp') is FSDP1: it flattens each layer's frozen and trainable (LoRA) parameters "
+                "into one tensor and keeps a gradient for all of it, so sharding saves little memory here; "
+                "SlothStrategy('fsdp2') shards per parameter and keeps no gradients for frozen weights")
+
     def setup_environment(self) -> None:
         # Lightning refuses FSDPStrategy off CUDA by exact type, which a subclass slips past
         if self.root_device.type != "cuda":
@@ -249,12 +269,96 @@ class _FSDPMixin(_DDPMixin):
         super().setup_environment()
 
 
-_MIXINS = {"single": _SingleDeviceMixin, "ddp": _DDPMixin, "fsdp": _FSDPMixin}
+def _module_classes(spec) -> Optional[Tuple[type, ...]]:
+    if spec is None:
+        return None
+    classes = tuple(spec) if isinstance(spec, (set, frozenset, list, tuple)) else (spec,)
+    bad = [c for c in classes if not (isinstance(c, type) and issubclass(c, torch.nn.Module))]
+    if bad:
+        raise SlothConfigError(f"SlothStrategy('fsdp2', shard_modules=...) takes nn.Module classes (e.g. "
+                               f"{{LlamaDecoderLayer}}); got {', '.join(map(repr, bad))}")
+    return classes
+
+
+class _FSDP2Mixin(_SlothStrategyMixin):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) over data parallelism only,
+    with the sharding applied by the strategy: each decoder layer (``shard_modules``, default the
+    classes the model lists in ``_no_split_modules``) is a unit, the HF model the root unit. The
+    patches go in first, on the device, as for DDP. A LightningModule that overrides
+    ``configure_model`` shards (and places) the model itself there; it is then patched as it is.
+
+    FSDP2 shards every parameter on its own, so frozen base weights carry no gradients: with
+    LoRA a GPU holds 1/world of the base weights. (FSDP1 flattens a layer's parameters into one
+    tensor and, with frozen and trainable ones mixed, keeps a gradient for all of it.)
+    """
+
+    def __init__(self, *args: Any, config: Optional[SlothConfig] = None,
+                 model_attr: Union[str, Sequence[str], None] = None, verbose: bool = True,
+                 shard_modules=None, reshard_after_forward: bool = True, **kwargs: Any):
+        options = _split_sloth_options(kwargs)
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(*args, **kwargs)
+        self._sloth_init(config, options, model_attr, verbose)
+        self._sloth_shard_classes = _module_classes(shard_modules)
+        self._sloth_reshard = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size == 1:
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        ns = self._sloth_namespace
+        is_overridden = importlib.import_module(ns + ".utilities.model_helpers").is_overridden
+        if is_overridden("configure_model", self.lightning_module):
+            self._sloth_pending = True
+            self._sloth_patch_models()
+            return super(_SlothStrategyMixin, self).setup(trainer)
+        fitting = importlib.import_module(ns + ".trainer.states").TrainerFn.FITTING
+        move = importlib.import_module(_FABRIC[ns] + ".utilities.optimizer")._optimizers_to_device
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self._sloth_pending = True
+        self.model_to_device()        # patches (the mixin's model_to_device)
+        self._sloth_fully_shard()
+        self.barrier()
+        if trainer.state.fn == fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == fitting:
+            move(self.optimizers, self.root_device)
+
+    def _sloth_fully_shard(self) -> None:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:              # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        mesh = self.device_mesh["data_parallel"]
+        for _name, model in find_hf_models(self.lightning_module, self._sloth_model_attr):
+            classes = self._sloth_shard_classes or _no_split_classes(model)
+            if not classes:
+                raise RuntimeError(
+                    f"SlothStrategy('fsdp2') found no layer classes to shard in {type(model).__name__} (its "
+                    f"_no_split_modules is empty): pass shard_modules={{YourDecoderLayer}}")
+            for module in list(model.modules()):
+                if isinstance(module, classes):
+                    fully_shard(module, mesh=mesh, reshard_after_forward=self._sloth_reshard)
+            fully_shard(model, mesh=mesh, reshard_after_forward=self._sloth_reshard)
+
+
+def _no_split_classes(model: torch.nn.Module) -> Tuple[type, ...]:
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+_MIXINS = {"single": _SingleDeviceMixin, "ddp": _DDPMixin, "fsdp": _FSDPMixin, "fsdp2": _FSDP2Mixin}
 _CLASSES: Dict[str, Dict[str, type]] = {}
 
 
 def strategy_classes(namespace: str = "lightning") -> Dict[str, type]:
-    """``{"single": cls, "ddp": cls, "fsdp": cls}`` for ``"lightning"`` or ``"pytorch_lightning"``."""
+    """``{"single": cls, "ddp": cls, "fsdp": cls, "fsdp2": cls}`` for ``"lightning"`` or ``"pytorch_lightning"``."""
     if namespace not in NAMESPACES:
         raise ValueError(f"namespace must be one of {', '.join(NAMESPACES)} (or 'auto'); got {namespace!r}")
     if namespace not in _CLASSES:
@@ -268,6 +372,8 @@ def strategy_classes(namespace: str = "lightning") -> Dict[str, type]:
         prefix = "" if namespace == "lightning" else "PL"
         classes = {}
         for kind in KINDS:
+            if not hasattr(strategies, _BASES[kind]):     # ModelParallelStrategy: Lightning >= 2.4
+                continue
             name = prefix + _CLASS_NAMES[kind]
             cls = type(name, (_MIXINS[kind], getattr(strategies, _BASES[kind])),
                        {"strategy_name": REGISTRY_NAMES[kind], "_sloth_namespace": package,
@@ -303,7 +409,9 @@ def SlothStrategy(kind: str = "single", *, namespace: str = "auto", config: Opti
     """A Lightning strategy that patches the LightningModule's Hugging Face causal LMs in ``setup()``.
 
     kind: ``"single"`` (default; one device, chosen as Lightning's automatic strategy would,
-    or ``device=``), ``"ddp"`` or ``"fsdp"``.
+    or ``device=``), ``"ddp"``, ``"fsdp"`` (Lightning's ``FSDPStrategy``, FSDP1) or ``"fsdp2"``
+    (Lightning's ``ModelParallelStrategy`` with ``fully_shard`` applied per decoder layer: the one
+    that saves memory with LoRA; ``shard_modules=``, ``reshard_after_forward=``).
     options: ``SlothConfig`` keys (``kernels``, ``loss``, ``gradient_checkpointing``, ...) plus the
     base strategy's own arguments (e.g. ``find_unused_parameters`` for DDP,
     ``auto_wrap_policy`` for FSDP), ``model_attr`` (which attribute(s) hold the model; found
@@ -315,6 +423,9 @@ def SlothStrategy(kind: str = "single", *, namespace: str = "auto", config: Opti
     if key is None:
         raise ValueError(f"SlothStrategy kind must be one of {', '.join(KINDS)}; got {kind!r}")
     classes = strategy_classes(_detect_namespace() if namespace == "auto" else namespace)
+    if key not in classes:
+        raise ImportError(f"SlothStrategy({kind!r}) builds on Lightning's {_BASES[key]}, which this Lightning "
+                          f"lacks: pip install -U 'lightning>=2.4'")
     return classes[key](config=config, **options)
 
 

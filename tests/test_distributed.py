@@ -179,9 +179,24 @@ def _lightning_module_class():
     return TokenSummedLoRA
 
 
-def _lightning_fit(out, devices, strategy):
+def _user_sharded_module_class():
+    """The module shards itself in configure_model, as Lightning's FSDP2 examples do."""
+    base = _lightning_module_class()
+
+    class UserSharded(base):
+        def configure_model(self):
+            from torch.distributed.fsdp import fully_shard
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.base_model.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    return UserSharded
+
+
+def _lightning_fit(out, devices, strategy, module_class=None):
     import lightning as L
-    module = _lightning_module_class()()
+    module = (module_class or _lightning_module_class)()()
     rows = _rows(STEPS * PER_RANK_BATCH * WORLD)
     # rank r of w takes the rows r, r + w, ... in order: together the ranks' step k is the single
     # process' batch k (Lightning's own distributed sampler would shuffle)
@@ -193,7 +208,11 @@ def _lightning_fit(out, devices, strategy):
                         use_distributed_sampler=False)
     trainer.fit(module, loader)
     report = getattr(trainer.strategy, "sloth_report", None)
-    result = dict(world=trainer.world_size, loss=module.losses, report=report.to_dict() if report else None)
+    frozen = [p for p in module.model.parameters() if not p.requires_grad]
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in frozen)
+    result = dict(world=trainer.world_size, loss=module.losses, report=report.to_dict() if report else None,
+                  frozen_numel=sum(p.numel() for p in frozen), frozen_local_numel=local,
+                  strategy=type(trainer.strategy).__name__)
     _write(out, f"lightning_rank{trainer.global_rank}.json", result)
     return result
 
@@ -213,6 +232,29 @@ def test_lightning_ddp_torchrun_token_summed_loss_matches_one_process(tmp_path):
     assert summed == pytest.approx(ref["loss"], rel=1e-5)
     assert ranks[0]["report"] == ranks[1]["report"]
     assert ranks[0]["report"]["summary"]["loss"]["patched"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("who_shards", ["strategy", "configure_model"])
+def test_lightning_fsdp2_shards_the_frozen_weights_and_matches_one_process(tmp_path, who_shards):
+    """SlothStrategy("fsdp2"): Lightning's ModelParallelStrategy, fully_shard applied per decoder
+    layer by the strategy (or by the module's own configure_model, patched afterwards); each rank
+    holds about half of the frozen base weights, and the token-summed loss equals one process'
+    on the global batch."""
+    pytest.importorskip("lightning")
+    import sloth_plugins as sloth
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = _lightning_fit(str(ref_dir), 1, sloth.SlothStrategy(verbose=False))
+    _torchrun("lightning-fsdp2" if who_shards == "strategy" else "lightning-fsdp2-user", tmp_path)
+    ranks = _read_ranks(tmp_path, "lightning_rank")
+    assert all(r["world"] == WORLD and r["strategy"] == "SlothFSDP2Strategy" for r in ranks)
+    summed = [sum(step) for step in zip(*(r["loss"] for r in ranks))]
+    assert summed == pytest.approx(ref["loss"], rel=1e-5)
+    assert ranks[0]["report"] == ranks[1]["report"] == ref["report"]
+    for r in ranks:
+        assert r["frozen_numel"] == ref["frozen_numel"]
+        assert r["frozen_local_numel"] < 0.6 * r["frozen_numel"], r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,13 +568,14 @@ if __name__ == "__main__":
     warnings.simplefilter("ignore")
     if what == "hf":
         _hf_train(out_dir, PER_RANK_BATCH)
-    elif what == "lightning":
+    elif what in ("lightning", "lightning-fsdp2", "lightning-fsdp2-user"):
         import sloth_plugins as _sloth
-        _lightning_fit(out_dir, WORLD, _sloth.SlothStrategy("ddp", verbose=False))
+        _lightning_fit(out_dir, WORLD, _sloth.SlothStrategy("ddp" if what == "lightning" else "fsdp2", verbose=False),
+                       _user_sharded_module_class if what == "lightning-fsdp2-user" else None)
     elif what in ("fsdp", "fsdp-cuda"):
         _fsdp_worker(out_dir, cuda=what == "fsdp-cuda")
     else:
-        raise SystemExit(f"unknown worker {what!r}: hf, lightning, fsdp or fsdp-cuda")
+        raise SystemExit(f"unknown worker {what!r}: hf, lightning, lightning-fsdp2(-user), fsdp or fsdp-cuda")
     # Leave together: a rank that exits while its peer still holds gloo pairs can abort
     # ("terminate called without an active exception", seen once in CI).
     import torch.distributed as _dist

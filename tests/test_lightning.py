@@ -1,14 +1,15 @@
 """Lightning + SlothStrategy: real fits of a tiny HF Llama + PEFT LoRA, against the default strategy."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 L = pytest.importorskip("lightning")
 from lightning.pytorch.plugins.precision import FSDPPrecision  # noqa: E402
-from lightning.pytorch.strategies import (DDPStrategy, FSDPStrategy, SingleDeviceStrategy,  # noqa: E402
-                                          StrategyRegistry)
+from lightning.pytorch.strategies import (DDPStrategy, FSDPStrategy, ModelParallelStrategy,  # noqa: E402
+                                          SingleDeviceStrategy, StrategyRegistry)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import sloth_plugins as sloth  # noqa: E402
@@ -95,6 +96,24 @@ def test_strategy_classes_and_registry_names():
     assert trainer.strategy.sloth_config.loss == "off"
     with pytest.raises(ValueError, match=r"SlothStrategy\('fsdp'\) needs CUDA devices"):
         L.Trainer(strategy=SlothStrategy("fsdp"), accelerator="cpu", devices=1, max_steps=1, **QUIET).fit(TinyLoRA())
+    assert isinstance(SlothStrategy("fsdp2"), ModelParallelStrategy)
+    assert issubclass(StrategyRegistry["sloth_fsdp2"]["strategy"], ModelParallelStrategy)
+    with pytest.raises(sloth.SlothConfigError, match="nn.Module classes"):
+        SlothStrategy("fsdp2", shard_modules="LlamaDecoderLayer")
+
+
+def test_fsdp1_with_lora_says_fsdp2_is_the_one_that_saves_memory():
+    strategy = SlothStrategy("fsdp", verbose=False)
+    strategy._lightning_module = TinyLoRA()
+    strategy._sloth_pending = True
+    with pytest.warns(UserWarning, match=r"FSDP1.*SlothStrategy\('fsdp2'\)"):
+        strategy._sloth_patch_models()
+    strategy = SlothStrategy("fsdp", verbose=False)
+    strategy._lightning_module = TinyLoRA(peft=False)      # full fine-tuning: nothing frozen, no warning
+    strategy._sloth_pending = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy._sloth_patch_models()
 
 
 def test_options_map_onto_sloth_config_and_unknown_ones_are_named():
@@ -107,7 +126,7 @@ def test_options_map_onto_sloth_config_and_unknown_ones_are_named():
         SlothStrategy(kernal=True)
     with pytest.raises(sloth.SlothConfigError, match="loss must be one of chunked, off"):
         SlothStrategy("ddp", loss="fused")
-    with pytest.raises(ValueError, match="kind must be one of single, ddp, fsdp"):
+    with pytest.raises(ValueError, match="kind must be one of single, ddp, fsdp, fsdp2"):
         SlothStrategy("deepspeed")
     with pytest.raises(ValueError, match="namespace must be one of"):
         SlothStrategy(namespace="lightning_fabric")
