@@ -226,6 +226,8 @@ def run_lightning(args, rows, vocab):
     module = LoRAModule()
     trainer.fit(module, loader)
     meter.wrapped = type(trainer.strategy.model).__name__
+    if args.engine == "fsdp2":       # fully_shard swaps the class of the model it shards, not the module's
+        meter.wrapped += f" > model {type(module.model).__name__}"
     return module.losses, meter, trainer.strategy.sloth_report
 
 
