@@ -133,6 +133,7 @@ class _SlothStrategyMixin:
                     model_attr: Union[str, Sequence[str], None], verbose: bool) -> None:
         self.sloth_config = _make_config(config, options)
         self.sloth_reports: Dict[str, PatchReport] = {}
+        self._sloth_models: List[Tuple[str, torch.nn.Module]] = []   # (attribute path, model) patched
         self._sloth_model_attr = model_attr
         self._sloth_verbose = verbose
         self._sloth_logged = False
@@ -171,8 +172,8 @@ class _SlothStrategyMixin:
         module = self.lightning_module
         if module is None:
             raise RuntimeError("SlothStrategy.setup ran without a LightningModule attached")
-        self.sloth_reports = {name: patch(model, self.sloth_config)
-                              for name, model in find_hf_models(module, self._sloth_model_attr)}
+        self._sloth_models = find_hf_models(module, self._sloth_model_attr)
+        self.sloth_reports = {name: patch(model, self.sloth_config) for name, model in self._sloth_models}
         if not self._sloth_logged:
             self._sloth_logged = True
             text = "\n".join(f"sloth_plugins patched {type(module).__name__}.{name}:\n{report}"
@@ -253,7 +254,7 @@ class _FSDPMixin(_DDPMixin):
         super()._sloth_patch_models()
         if not pending:
             return
-        params = [p for _, m in find_hf_models(self.lightning_module, self._sloth_model_attr) for p in m.parameters()]
+        params = [p for _, m in self._sloth_models for p in m.parameters()]
         frozen = sum(p.numel() for p in params if not p.requires_grad)
         if frozen and frozen < sum(p.numel() for p in params):
             importlib.import_module(self._sloth_namespace + ".utilities").rank_zero_warn(
@@ -280,7 +281,7 @@ def _module_classes(spec) -> Optional[Tuple[type, ...]]:
     return classes
 
 
-class _FSDP2Mixin(_SlothStrategyMixin):
+class _FSDP2Mixin(_DDPMixin):
     """Lightning's ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) over data parallelism only,
     with the sharding applied by the strategy: each decoder layer (``shard_modules``, default the
     classes the model lists in ``_no_split_modules``) is a unit, the HF model the root unit. The
@@ -292,13 +293,9 @@ class _FSDP2Mixin(_SlothStrategyMixin):
     tensor and, with frozen and trainable ones mixed, keeps a gradient for all of it.)
     """
 
-    def __init__(self, *args: Any, config: Optional[SlothConfig] = None,
-                 model_attr: Union[str, Sequence[str], None] = None, verbose: bool = True,
-                 shard_modules=None, reshard_after_forward: bool = True, **kwargs: Any):
-        options = _split_sloth_options(kwargs)
+    def __init__(self, *args: Any, shard_modules=None, reshard_after_forward: bool = True, **kwargs: Any):
         kwargs.setdefault("tensor_parallel_size", 1)
         super().__init__(*args, **kwargs)
-        self._sloth_init(config, options, model_attr, verbose)
         self._sloth_shard_classes = _module_classes(shard_modules)
         self._sloth_reshard = reshard_after_forward
 
@@ -334,7 +331,7 @@ class _FSDP2Mixin(_SlothStrategyMixin):
         except ImportError:              # torch < 2.6
             from torch.distributed._composable.fsdp import fully_shard
         mesh = self.device_mesh["data_parallel"]
-        for _name, model in find_hf_models(self.lightning_module, self._sloth_model_attr):
+        for _name, model in self._sloth_models:
             classes = self._sloth_shard_classes or _no_split_classes(model)
             if not classes:
                 raise RuntimeError(
