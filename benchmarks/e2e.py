@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 WORKER = C.HERE / "e2e_worker.py"
 MARK = "@@SLOTHBENCH@@ "
@@ -168,23 +168,31 @@ def run_impl(impl: str, args, work: Path, progress: C.Progress) -> dict:
     timeout = args.timeout + (PROFILE_EXTRA_S if args.profile else 0)
     res = stream_worker(cmd, Path(args.out_dir) / f"e2e_{args.name}_{impl}.log", timeout, on_event,
                         args.verbose, work / impl, worker_env(args.smoke))
-    wall = time.perf_counter() - t0
-    if state["result"] is not None:           # a crash at interpreter exit does not void the measurement
-        out = dict(state["result"])
-        out.pop("event", None)
+    out = worker_outcome(impl, res, state["result"], state["loaded"], time.perf_counter() - t0, progress)
+    if state["result"] is not None and args.profile:
+        out["profile"] = state["profile"] or {"error": f"no profile event (worker {_why(res)})"}
+    return out
+
+
+def _why(res: dict) -> str:
+    return "timed out" if res["timed_out"] else f"exit code {res['rc']}"
+
+
+def worker_outcome(impl: str, res: dict, result: Optional[dict], loaded: Optional[dict], wall: float,
+                   progress: C.Progress) -> dict:
+    """What one worker process gave (``res``: stream_worker's): its result event with the wall
+    time (a crash at interpreter exit does not void the measurement, the exit code is kept), or a
+    failure record with the last lines of its output."""
+    if result is not None:
+        out = {k: v for k, v in result.items() if k != "event"}
         out["wall_s"] = wall
-        if state["profile"] is not None:
-            out["profile"] = state["profile"]
-        elif args.profile:
-            out["profile"] = {"error": "no profile event (worker " + ("timed out" if res["timed_out"] else
-                                                                      f"exit code {res['rc']}") + ")"}
         if res["rc"] != 0:
             out["exit_code"] = res["rc"]
         return out
-    why = "timed out" if res["timed_out"] else f"exit code {res['rc']}"
+    why = _why(res)
     progress.write(f"  [{impl}] FAILED ({why}); last lines:\n" + "\n".join("    | " + l for l in res["tail"][-25:]))
     return {"impl": impl, "ok": False, "error": why, "tail": res["tail"][-25:], "wall_s": wall,
-            **({"loaded": state["loaded"]} if state["loaded"] else {})}
+            **({"loaded": loaded} if loaded else {})}
 
 
 def run_each(impls: List[str], args, start: float, payload: dict, json_path: Path, progress: C.Progress, *,

@@ -209,6 +209,17 @@ def summarize_profile(records: Sequence[Tuple[str, float, float, float]], n_step
     return out
 
 
+CUDA_SOURCE = "CUDA kernels and copies, device time"
+
+
+def cuda_records(prof) -> List[Tuple[str, float, float, float]]:
+    """summarize_profile's records from a torch.profiler run: kernels, memcpys and memsets, one
+    event each, timed on the device (CUPTI's synchronization waits left out)."""
+    from torch.autograd import DeviceType
+    return [(e.name, e.time_range.elapsed_us(), e.time_range.start, e.time_range.end)
+            for e in prof.events() if e.device_type == DeviceType.CUDA and not _SYNC_EVENT.search(e.name)]
+
+
 def profile_steps(step, batches, device, step_s: Optional[float]) -> dict:
     """Run ``step(ids)`` for each batch under torch.profiler; summarize device (CUDA) or CPU time."""
     import torch
@@ -227,14 +238,11 @@ def profile_steps(step, batches, device, step_s: Optional[float]) -> dict:
                 torch.cuda.synchronize(device)
             walls.append(time.perf_counter() - t)
     t = time.perf_counter()
-    events = prof.events()
-    if cuda:      # kernels, memcpys and memsets: one event each, timed on the device
-        records = [(e.name, e.time_range.elapsed_us(), e.time_range.start, e.time_range.end)
-                   for e in events if e.device_type == DeviceType.CUDA and not _SYNC_EVENT.search(e.name)]
-        source = "CUDA kernels and copies, device time"
+    if cuda:
+        records, source = cuda_records(prof), CUDA_SOURCE
     else:         # nested ops: self time only, so nothing counts twice
         records = [(e.name, e.self_cpu_time_total, e.time_range.start, e.time_range.end)
-                   for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+                   for e in prof.events() if e.device_type == DeviceType.CPU and not e.is_async]
         source = "CPU ops, self time"
     out = summarize_profile(records, len(batches), step_s, source, intervals=cuda)
     out["profiled_step_ms"] = round(1e3 * sum(walls) / len(walls), 3)

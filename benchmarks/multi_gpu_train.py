@@ -165,14 +165,12 @@ def _summarize_profile(prof, n_steps: int, times) -> dict:
     """Device time per kernel category of the profiled steps (e2e_worker's categories, NCCL included)."""
     import importlib.util
 
-    from torch.autograd import DeviceType
+    # by path: benchmarks/ is kept off sys.path (see the top of this file)
     spec = importlib.util.spec_from_file_location("e2e_worker", _HERE / "e2e_worker.py")
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    records = [(e.name, e.time_range.elapsed_us(), e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == DeviceType.CUDA and not worker._SYNC_EVENT.search(e.name)]
     step_s = sorted(times)[len(times) // 2] if times else None      # the unprofiled median step
-    return worker.summarize_profile(records, n_steps, step_s, "CUDA kernels and copies, device time")
+    return worker.summarize_profile(worker.cuda_records(prof), n_steps, step_s, worker.CUDA_SOURCE)
 
 
 # ---------------------------------------------------------------------------------------- frameworks

@@ -368,17 +368,8 @@ def run_impl(impl: str, args, work: Path, progress: C.Progress) -> dict:
             state["result"] = e
     res = E2E.stream_worker(cmd, Path(args.out_dir) / f"{args.name}_{impl}.log", args.timeout, on_event,
                             args.verbose, work / impl, E2E.worker_env(args.smoke))
-    wall = time.perf_counter() - t0
-    if "result" in state:                   # a crash at interpreter exit does not void the measurement
-        out = {k: v for k, v in state["result"].items() if k != "event"}
-        out["wall_s"] = wall
-        if res["rc"] != 0:
-            out["exit_code"] = res["rc"]
-        return out
-    why = "timed out" if res["timed_out"] else f"exit code {res['rc']}"
-    progress.write(f"  [{impl}] FAILED ({why}); last lines:\n" + "\n".join("    | " + l for l in res["tail"][-25:]))
-    return {"impl": impl, "ok": False, "error": why, "tail": res["tail"][-25:], "wall_s": wall,
-            **({"loaded": state["loaded"]} if "loaded" in state else {})}
+    return E2E.worker_outcome(impl, res, state.get("result"), state.get("loaded"), time.perf_counter() - t0,
+                              progress)
 
 
 def _ratio(r: dict, base) -> str:
