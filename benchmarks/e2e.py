@@ -5,6 +5,8 @@ each in its own process, on one random-init model saved once to a local folder.
     python benchmarks/e2e.py --model llama-8b --qlora --impls hf_peft,sloth
     python benchmarks/e2e.py --model llama-8b --grad-ckpt off --steps 5
     python benchmarks/e2e.py --model llama-8b --impls sloth,unsloth --profile   # + where the step's time goes
+    python benchmarks/e2e.py --model llama-8b-host --qlora --impls sloth,unsloth --host-profile
+                                                      # host cost of a step: 8B's 32 layers, 1/16 widths
     python benchmarks/e2e.py --smoke                                  # tiny model on CPU (hf_peft, sloth)
 
 Implementations (each only when importable):
@@ -26,6 +28,9 @@ implementation, so a killed run keeps what finished), e2e_<name>.png and one log
 device time per kernel category (matmul, attention, norm/rope/activation/loss kernels, NF4
 dequant, offload copies HtoD/DtoH, optimizer, ...; the table is PROFILE_CATEGORIES in
 e2e_worker.py); stored as "profile" in each implementation's result, printed per impl.
+--host-profile: then 3 more steps under cProfile: the Python functions a step spends its host
+time in ("host_profile"). With --model llama-8b-host (llama-8b's 32 layers and modules at 1/16
+of its widths, so the GPU always waits for the host) the step time itself is the host cost.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from typing import Callable, List, Optional
 WORKER = C.HERE / "e2e_worker.py"
 MARK = "@@SLOTHBENCH@@ "
 IMPLS = ["hf_peft", "sloth", "liger", "unsloth"]
-DEFAULT_BATCH = {"llama-1b": 8, "llama-8b": 2, "tiny": 2}
+DEFAULT_BATCH = {"llama-1b": 8, "llama-8b": 2, "llama-8b-host": 2, "tiny": 2}
 PROFILE_EXTRA_S = 180     # worker timeout added by --profile: 2 more steps and the trace's analysis
 NEEDS = {"hf_peft": ["transformers", "peft"], "sloth": ["transformers", "peft", "sloth_plugins"],
          "liger": ["transformers", "peft", "liger_kernel"], "unsloth": ["unsloth", "peft"]}
@@ -139,8 +144,8 @@ def run_impl(impl: str, args, work: Path, progress: C.Progress) -> dict:
            "--grad-ckpt", str(int(args.grad_ckpt == "on")), "--qlora", str(int(args.qlora)),
            "--autocast", str(int(args.autocast)), "--lr", str(args.lr), "--seed", str(args.seed),
            "--peak-flops", str(args.peak_tflops * 1e12), "--unsloth-gc", args.unsloth_gc,
-           "--profile", str(int(args.profile))]
-    state = {"result": None, "loaded": None, "profile": None}
+           "--profile", str(int(args.profile)), "--host-profile", str(int(args.host_profile))]
+    state = {"result": None, "loaded": None, "profile": None, "host_profile": None}
     t0 = time.perf_counter()
 
     def on_event(e: dict) -> None:
@@ -165,12 +170,16 @@ def run_impl(impl: str, args, work: Path, progress: C.Progress) -> dict:
             state["profile"] = {k: v for k, v in e.items() if k not in ("event", "impl")}
             progress.write(f"  [{impl}] profiled: " + (state["profile"].get("error") or
                                                        f"{state['profile'].get('events', 0)} events"))
-    timeout = args.timeout + (PROFILE_EXTRA_S if args.profile else 0)
+        elif e["event"] == "host_profile":
+            state["host_profile"] = {k: v for k, v in e.items() if k not in ("event", "impl")}
+    timeout = args.timeout + (PROFILE_EXTRA_S if args.profile or args.host_profile else 0)
     res = stream_worker(cmd, Path(args.out_dir) / f"e2e_{args.name}_{impl}.log", timeout, on_event,
                         args.verbose, work / impl, worker_env(args.smoke))
     out = worker_outcome(impl, res, state["result"], state["loaded"], time.perf_counter() - t0, progress)
     if state["result"] is not None and args.profile:
         out["profile"] = state["profile"] or {"error": f"no profile event (worker {_why(res)})"}
+    if state["result"] is not None and args.host_profile:
+        out["host_profile"] = state["host_profile"] or {"error": f"no host_profile event (worker {_why(res)})"}
     return out
 
 
@@ -254,6 +263,19 @@ def profile_table(result: dict, top: int = 8) -> str:
     return "\n".join([head, cats, kernels])
 
 
+def host_profile_table(result: dict, top: int = 15) -> str:
+    prof = result.get("host_profile") or {}
+    if prof.get("error"):
+        return f"host profile {result['impl']}: {prof['error']}"
+    head = (f"host profile {result['impl']}: {prof['source']}, {prof['steps']} steps, "
+            f"{C.fmt(prof['profiled_step_ms'], 1)} ms a step under the profiler, "
+            f"{prof['python_calls_per_step']:,.0f} Python calls a step")
+    return "\n".join([head, C.text_table(
+        ["by own time", "calls/step", "own ms/step", "cum ms/step"],
+        [[r["function"][:80], C.fmt(r["calls_per_step"], 0), C.fmt(r["own_ms_per_step"], 2),
+          C.fmt(r["cum_ms_per_step"], 2)] for r in prof["by_own_time"][:top]], left=2)])
+
+
 def plot(results: List[dict], path: Path, title: str):
     ok = [r for r in results if r.get("ok")]
     if not ok:
@@ -268,7 +290,7 @@ def plot(results: List[dict], path: Path, title: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-1b", choices=["llama-1b", "llama-8b", "tiny"])
+    p.add_argument("--model", default="llama-1b", choices=["llama-1b", "llama-8b", "llama-8b-host", "tiny"])
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, run in this order")
     p.add_argument("--batch-size", type=int, default=None, help="default 8 for llama-1b, 2 for llama-8b")
     p.add_argument("--seq-len", type=int, default=None, help="default 2048 (32 for tiny)")
@@ -294,6 +316,8 @@ def parse_args(argv=None):
                    help="start no further implementation once this much time has passed (0: no limit)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, profile 2 more steps per impl: device time per kernel category")
+    p.add_argument("--host-profile", action="store_true",
+                   help="then 3 more steps per impl under cProfile: host time per Python function")
     p.add_argument("--verbose", action="store_true", help="echo every line the workers print")
     p.add_argument("--smoke", action="store_true", help="tiny model, fp32, CPU, hf_peft + sloth, 1+2 steps")
     args = p.parse_args(argv)
@@ -351,6 +375,9 @@ def main(argv=None) -> int:
         if r.get("profile"):
             print()
             print(profile_table(r))
+        if r.get("host_profile"):
+            print()
+            print(host_profile_table(r))
     png = plot(payload["results"], out_dir / f"e2e_{args.name}.png",
                f"{args.name}: bs {args.batch_size} x {args.seq_len}, LoRA r16, {args.device}")
     print(f"wrote {path}" + (f" and {png}" if png else "") + f" in {payload['total_s']:.0f} s")

@@ -52,6 +52,11 @@ MODELS = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
                      max_position_embeddings=8192, rms_norm_eps=1e-5),
+    # llama-8b's 32 layers and modules at 1/16 of its widths: the GPU finishes each kernel long
+    # before the next is launched, so a step's time is the Python and launch cost of the step.
+    "llama-8b-host": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=32, num_attention_heads=4,
+                          num_key_value_heads=1, vocab_size=2048, tie_word_embeddings=False,
+                          max_position_embeddings=8192, rms_norm_eps=1e-5),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
                  max_position_embeddings=256, rms_norm_eps=1e-5),
@@ -250,6 +255,46 @@ def profile_steps(step, batches, device, step_s: Optional[float]) -> dict:
     if cuda and not records:
         out["note"] = "no CUDA events recorded (CUPTI unavailable?)"
     return out
+
+
+def host_profile_steps(step, batches, device, top: int = 30) -> dict:
+    """Run ``step(ids)`` for each batch under cProfile (host time: Python and launches, and any
+    wait for the device inside the step). Per function: calls, own and cumulative ms per step."""
+    import cProfile
+    import pstats
+
+    import torch
+    cuda = device.type == "cuda"
+    prof = cProfile.Profile()
+    walls = []
+    for ids in batches:
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        prof.enable()
+        step(ids)
+        prof.disable()
+        if cuda:
+            torch.cuda.synchronize(device)
+        walls.append(time.perf_counter() - t)
+    n = len(batches)
+    stats = pstats.Stats(prof).stats      # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
+
+    def where(key) -> str:
+        file, line, name = key
+        if file == "~":
+            return name
+        parts = Path(file).parts
+        return f"{'/'.join(parts[-2:])}:{line}({name})"
+
+    def rows(index: int) -> list:
+        ranked = sorted(stats.items(), key=lambda kv: -kv[1][index])[:top]
+        return [{"function": where(k), "calls_per_step": v[1] / n, "own_ms_per_step": round(1e3 * v[2] / n, 3),
+                 "cum_ms_per_step": round(1e3 * v[3] / n, 3)} for k, v in ranked]
+
+    return {"source": "cProfile, host time", "steps": n, "profiled_step_ms": round(1e3 * sum(walls) / n, 3),
+            "python_calls_per_step": sum(v[1] for v in stats.values()) / n,
+            "by_own_time": rows(2), "by_cumulative_time": rows(3)}
 
 
 # ---------------------------------------------------------------------------------------- create
@@ -459,6 +504,12 @@ def train(args) -> None:
         except Exception as exc:  # the timed result is already out; a failed profile must not void it
             profile = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         emit("profile", impl=args.impl, **profile)
+    if args.host_profile:
+        try:
+            host = host_profile_steps(step, batches[-3:], device)
+        except Exception as exc:
+            host = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        emit("host_profile", impl=args.impl, **host)
 
 
 def main(argv=None) -> None:
@@ -489,6 +540,7 @@ def main(argv=None) -> None:
     t.add_argument("--peak-flops", type=float, default=790e12)
     t.add_argument("--unsloth-gc", default="unsloth", choices=["unsloth", "true"])
     t.add_argument("--profile", type=int, default=0, help="1: after the timed steps, profile 2 more steps")
+    t.add_argument("--host-profile", type=int, default=0, help="1: then 3 more steps under cProfile")
     args = p.parse_args(argv)
     create(args) if args.cmd == "create" else train(args)
 

@@ -33,7 +33,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
 def test_kernel_and_e2e_smoke_modes(tmp_path):
     # both at once: each is mostly process start-up and imports
     kernels = _start("kernels.py", "--out-dir", str(tmp_path / "k"))
-    e2e = _start("e2e.py", "--out-dir", str(tmp_path / "e"), "--model-dir", str(tmp_path / "model"))
+    e2e = _start("e2e.py", "--out-dir", str(tmp_path / "e"), "--model-dir", str(tmp_path / "model"), "--host-profile")
     kernels_out, e2e_out = _finish(kernels), _finish(e2e)
 
     rows = json.loads((tmp_path / "k" / "kernels.json").read_text())["rows"]
@@ -59,6 +59,11 @@ def test_kernel_and_e2e_smoke_modes(tmp_path):
     assert ours["patch_report"].get("loss", {}).get("patched", 0) >= 1
     assert hf["tok_s"] > 0 and ours["tok_s"] > 0 and hf["n_matmul"] > 0
     assert "step-0 loss" in e2e_out and "N_matmul" in e2e_out
+    host = ours["host_profile"]
+    assert host["steps"] == 3 and host["python_calls_per_step"] > 0, host
+    step = next(r for r in host["by_cumulative_time"] if r["function"].endswith("(step)"))
+    assert step["calls_per_step"] == 1 and 0 < step["cum_ms_per_step"] <= host["profiled_step_ms"], host
+    assert "host profile sloth" in e2e_out
 
 
 @pytest.mark.slow
