@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4 import QuantState4bit, _packed_bytes, _prepare_out, code_table
+from ._launch import launch
+from .nf4 import QuantState4bit, _packed_bytes, _prepare_out
 
 _BLOCK = 1024
 
@@ -51,31 +52,18 @@ def _dequant_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_elements,
 
 def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState4bit, dtype: torch.dtype,
                            out: Optional[torch.Tensor] = None, reuse_buffer: bool = False) -> torch.Tensor:
-    state.validate()
+    code, absmax, nested_absmax, nested_code, offset, nested_blocksize = state.triton_args
     n = state.numel
     if n >= 2**31 - _BLOCK:
         raise ValueError(f"dequantize_4bit_triton uses int32 offsets; {n} elements is too many")
-    data = _packed_bytes(packed)
+    # the kernel reads bytes from the base pointer: any contiguous uint8 shape will do as it is
+    data = packed if packed.dtype == torch.uint8 and packed.is_contiguous() else _packed_bytes(packed)
     if data.numel() * 2 < n:
         raise ValueError(f"packed weight has {data.numel()} bytes, {n} elements need {(n + 1) // 2}")
     dest = _prepare_out(state, dtype, packed.device, out, reuse_buffer)
-    code = code_table(state.quant_type, packed.device)
-    if state.nested:
-        absmax = state.absmax.reshape(-1)
-        nested_absmax = state.nested_absmax.reshape(-1).float()
-        nested_code = state.nested_code.float()
-        offset = state.offset.reshape(1).float()
-        nested_blocksize = state.nested_blocksize
-    else:
-        absmax = state.absmax.reshape(-1).float()
-        nested_absmax = nested_code = offset = absmax  # unused placeholders
-        nested_blocksize = 1
     to_bf16 = dtype == torch.bfloat16
-    grid = (triton.cdiv(n, _BLOCK),)
-    _dequant_4bit_kernel[grid](
-        data, absmax, code, dest.view(torch.int16) if to_bf16 else dest, n,
-        nested_absmax, nested_code, offset,
-        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.nested,
-        ROUND_TO_BF16=to_bf16, BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=False,
-    )
+    launch(_dequant_4bit_kernel, (triton.cdiv(n, _BLOCK),),
+           (data, absmax, code, dest.view(torch.int16) if to_bf16 else dest, n, nested_absmax, nested_code, offset),
+           BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.nested,
+           ROUND_TO_BF16=to_bf16, BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=False)
     return dest

@@ -21,7 +21,7 @@ the gate/up gradients over the saved gate/up (so calling backward twice raises P
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -98,16 +98,9 @@ def _lora_dtype(projs: Sequence[LoraProjection], cd: torch.dtype) -> torch.dtype
 
 
 def _lora_down(xl: torch.Tensor, projs: Sequence[LoraProjection]) -> list:
-    """h_i = xl A_iᵀ for each LoRA projection, in one matmul over the concatenated A's."""
-    lora = [p for p in projs if p.has_lora]
-    if not lora:
-        return [None] * len(projs)
-    if len(lora) == 1:
-        hs = iter([torch.mm(xl, lora[0].A.t())])
-    else:
-        h_all = torch.mm(xl, torch.cat([p.A for p in lora]).t())
-        hs = iter(h_all.split([p.A.shape[0] for p in lora], dim=1))
-    return [next(hs) if p.has_lora else None for p in projs]
+    """h_i = xl A_iᵀ for each LoRA projection. One matmul each, not one over the concatenated
+    A's: the concatenation is a launch of its own, and the rounding then matches PEFT's."""
+    return [torch.mm(xl, p.A.t()) if p.has_lora else None for p in projs]
 
 
 def _project(x: torch.Tensor, h: Optional[torch.Tensor], p: LoraProjection, cd, ld, slot) -> torch.Tensor:
@@ -136,38 +129,32 @@ def _lora_grads(dy, h, xl, p: LoraProjection, ld, need_dA: bool, need_dB: bool):
     return dh, dA, dB
 
 
-def _add_lora_input_grad(dx: torch.Tensor, dhs: list, As: list, cd, ld) -> torch.Tensor:
-    """dx += Σ dh_i A_i, as one matmul over the concatenated ranks."""
-    if not dhs:
-        return dx
-    dh = dhs[0] if len(dhs) == 1 else torch.cat(dhs, dim=1)
-    A = As[0] if len(As) == 1 else torch.cat(As, dim=0)
+def _add_lora_input_grad(dx: torch.Tensor, dh: torch.Tensor, A: torch.Tensor, cd, ld) -> torch.Tensor:
+    """dx += dh A (the LoRA branch's input gradient)."""
     if ld == cd:
         return dx.addmm_(dh, A)
     return dx.add_(torch.mm(dh, A).to(cd))
 
 
 def _backward_projections(dys, x, hs, projs, cd, ld, need_dx: bool, need_params: list, role: str):
-    """Gradients of projections sharing input x: dx (or None) and (dA, dB, dbias) per projection."""
+    """Gradients of projections sharing input x: dx (or None) and (dA, dB, dbias) per projection.
+    dx sums each projection's base and LoRA terms in turn, the order of PEFT's modules."""
     xl = None
-    dhs, lora_As, grads = [], [], []
-    for dy, h, p, (need_dA, need_dB, need_db) in zip(dys, hs, projs, need_params):
-        dA = dB = db = None
+    dx, grads = None, []
+    for i, (dy, h, p, (need_dA, need_dB, need_db)) in enumerate(zip(dys, hs, projs, need_params)):
+        dA = dB = db = dh = None
         if p.has_lora and (need_dx or need_dA or need_dB):
             if need_dA and xl is None:
                 xl = x if ld == cd else x.to(ld)
             dh, dA, dB = _lora_grads(dy, h, xl, p, ld, need_dA, need_dB)
-            dhs.append(dh)
-            lora_As.append(p.A)
         if need_db:
             db = dy.sum(0).to(p.bias.dtype)
         grads.append((dA, dB, db))
-    dx = None
-    if need_dx:
-        for i, (dy, p) in enumerate(zip(dys, projs)):
+        if need_dx:
             W = _base_weight(p, cd, (role, i, len(projs)))
             dx = torch.mm(dy, W) if dx is None else dx.addmm_(dy, W)
-        dx = _add_lora_input_grad(dx, dhs, lora_As, cd, ld)
+            if dh is not None:
+                dx = _add_lora_input_grad(dx, dh, p.A, cd, ld)
     return dx, grads
 
 
@@ -176,13 +163,13 @@ def _flat_params(projs: Sequence[LoraProjection]) -> list:
 
 
 def _with_params(projs: Sequence[LoraProjection], params: Sequence) -> list:
-    return [replace(p, A=params[3 * i], B=params[3 * i + 1], bias=params[3 * i + 2])
+    return [LoraProjection(p.weight, params[3 * i], params[3 * i + 1], p.scale, params[3 * i + 2], p.quant)
             for i, p in enumerate(projs)]
 
 
 def _frozen(projs: Sequence[LoraProjection]) -> list:
     """What backward needs besides saved tensors: the projections without A/B/bias."""
-    return [replace(p, A=None, B=None, bias=None) for p in projs]
+    return [LoraProjection(p.weight, None, None, p.scale, None, p.quant) for p in projs]
 
 
 def _param_needs(ctx, first: int, count: int) -> list:
@@ -217,8 +204,7 @@ class _LoraProjectionsFn(torch.autograd.Function):
     """Several projections of one input: shared saved x, one dx accumulator."""
 
     @staticmethod
-    def forward(ctx, x, projs, *params):
-        projs = _with_params(projs, params)
+    def forward(ctx, x, projs, *params):   # params: the A, B, bias of projs, listed for autograd
         cd = x.dtype
         ld = _lora_dtype(projs, cd)
         with _no_autocast(x):
@@ -285,7 +271,6 @@ class _LoraGatedMLPFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, projs, activation, *params):
-        projs = _with_params(projs, params)
         up_projs, down = projs[:-1], projs[-1]
         cd = x.dtype
         ld = _lora_dtype(projs, cd)
@@ -312,7 +297,7 @@ class _LoraGatedMLPFn(torch.autograd.Function):
             dA_down = dB_down = db_down = dh_down = None
             if down.has_lora:
                 dh_down, _, dB_down = _lora_grads(dy, h_down, None, down, ld, False, need_dB_down)
-                da = _add_lora_input_grad(da, [dh_down], [down.A], cd, ld)
+                da = _add_lora_input_grad(da, dh_down, down.A, cd, ld)
             if need_db_down:
                 db_down = dy.sum(0).to(down.bias.dtype)
             g, u = _split_gate_up(outs)

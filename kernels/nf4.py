@@ -15,6 +15,7 @@ object with bitsandbytes ``QuantState``'s fields (:meth:`QuantState4bit.from_bnb
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -59,14 +60,30 @@ class QuantState4bit:
     def nested(self) -> bool:
         return self.nested_absmax is not None
 
-    @property
+    # cached_property: a frozen dataclass's fields never change, so neither do these
+    @functools.cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @classmethod
     def from_bnb(cls, qs) -> "QuantState4bit":
-        """From a ``bitsandbytes.functional.QuantState`` (duck-typed: no bitsandbytes import)."""
+        """From a ``bitsandbytes.functional.QuantState`` (duck-typed: no bitsandbytes import).
+        The same object again while its scale tensors are the same ones: a training step asks
+        for every weight's state several times, and the kernel arguments are cached on it."""
+        entry = _from_bnb_cache.get(id(qs))
         state2 = getattr(qs, "state2", None)
+        if entry is not None:
+            ref, absmax, absmax2, result = entry
+            if ref() is qs and qs.absmax is absmax and (state2.absmax if state2 is not None else None) is absmax2:
+                return result
+        result = cls._from_bnb(qs, state2)
+        key = id(qs)
+        ref = weakref.ref(qs, lambda _r, key=key, cache=_from_bnb_cache: cache.pop(key, None))
+        _from_bnb_cache[key] = (ref, qs.absmax, state2.absmax if state2 is not None else None, result)
+        return result
+
+    @classmethod
+    def _from_bnb(cls, qs, state2) -> "QuantState4bit":
         nested = state2 is not None
         offset = qs.offset if nested else None
         if nested and not torch.is_tensor(offset):
@@ -80,6 +97,18 @@ class QuantState4bit:
             offset=offset,
         )
 
+    @functools.cached_property
+    def triton_args(self) -> tuple:
+        """(code table, absmax, nested_absmax, nested_code, offset, nested_blocksize) as the Triton
+        kernel reads them (fp32, flat; placeholders when not double-quantized). Validates once."""
+        self.validate()
+        code = code_table(self.quant_type, self.absmax.device)
+        if self.nested:
+            return (code, self.absmax.reshape(-1), self.nested_absmax.reshape(-1).float(), self.nested_code.float(),
+                    self.offset.reshape(1).float(), self.nested_blocksize)
+        absmax = self.absmax.reshape(-1).float()
+        return code, absmax, absmax, absmax, absmax, 1
+
     def validate(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
@@ -90,6 +119,7 @@ class QuantState4bit:
             raise ValueError("double-quantized state needs nested_code, nested_blocksize and offset")
 
 
+_from_bnb_cache: dict = {}   # id(bnb QuantState) -> (weakref, absmax, nested absmax, QuantState4bit)
 _code_cache: dict = {}
 
 
@@ -105,6 +135,7 @@ def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 
 _buffers: dict = {}
+_views: dict = {}   # (buffer key, shape) -> the buffer viewed as that shape
 _holds: dict = {}   # buffer key -> what the buffer holds now (see _contents)
 
 
@@ -126,8 +157,17 @@ def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int, slot=No
     return buf
 
 
+def _buffer_view(key: tuple, shape: tuple) -> torch.Tensor:
+    view = _views.get((key, shape))
+    if view is None:
+        view = dequant_buffer(*key).view(shape)
+        _views[(key, shape)] = view
+    return view
+
+
 def clear_dequant_buffers() -> None:
     _buffers.clear()
+    _views.clear()
     _holds.clear()
 
 
@@ -206,9 +246,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: Optional
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dequantize_4bit supports {_SUPPORTED_DTYPES}, got {dtype}")
     if reuse_buffer and slot is not None and out is None:
-        key = _buffer_key(packed.device, dtype, state.numel, slot)
+        key = (packed.device, dtype, state.numel, slot)
         contents = _contents(packed, state)
-        buf = dequant_buffer(packed.device, dtype, state.numel, slot).view(state.shape)
+        buf = _buffer_view(key, state.shape)
         if _holds_already(key, contents):
             return buf
         _holds.pop(key, None)

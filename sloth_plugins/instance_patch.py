@@ -35,6 +35,12 @@ class InstancePatcher:
             fn = functools.wraps(getattr(wraps, "__func__", wraps))(fn)
         self.set(obj, name, types.MethodType(fn, obj))
 
+    def owns(self, obj: Any, name: str) -> bool:
+        """True when ``obj.name`` is, right now, a value this patcher set."""
+        current = obj.__dict__.get(name, _MISSING)
+        return current is not _MISSING and any(o is obj and n == name and ours is current
+                                               for o, n, _, ours in self._records)
+
     def restore(self) -> None:
         while self._records:
             obj, name, previous, ours = self._records.pop()

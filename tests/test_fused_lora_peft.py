@@ -293,3 +293,100 @@ def test_qlora_backward_reuses_the_weights_its_forward_dequantized(monkeypatch):
     FL.fused_mlp_forward(block.mlp, x, "swiglu")         # the same weights again: still held
     assert len(calls) == 3
     nf4.clear_dequant_buffers()
+
+
+# ----------------------------------------------------------------------------- per-call cost
+
+def test_extraction_is_reused_until_something_it_depends_on_changes():
+    model, block = peft_block(llama_block(), targets=["o_proj"])
+    layer = block.self_attn.o_proj
+    x = torch.randn(2, 3, 64)
+    assert FL.extract_lora(layer) is FL.extract_lora(layer)          # nothing changed: the same object
+
+    def matches_peft():
+        layer.lora_dropout["default"].eval()
+        torch.testing.assert_close(FL.fused_o_forward(layer, x), layer.get_base_layer()(x)
+                                   + layer.scaling["default"] * layer.lora_B["default"](layer.lora_A["default"](x)))
+
+    matches_peft()
+    layer.lora_A["default"].weight = nn.Parameter(torch.randn(8, 64))  # e.g. a sharding engine swapping params
+    assert FL.extract_lora(layer).A is layer.lora_A["default"].weight
+    matches_peft()
+    layer.set_scale("default", 3.0)
+    assert FL.extract_lora(layer).scale == layer.scaling["default"] != 2.0
+    matches_peft()
+    layer.lora_dropout["default"] = nn.Dropout(0.1)
+    with pytest.raises(FL.UnsupportedLoraLayer, match="lora_dropout=0.1"):
+        FL.fused_o_forward(layer, x)
+    layer.lora_dropout["default"] = nn.Identity()
+    matches_peft()
+    layer.cast_input_dtype_enabled = False
+    with pytest.raises(FL.UnsupportedLoraLayer, match="casting is disabled"):
+        FL.fused_o_forward(layer, x)
+    layer.cast_input_dtype_enabled = True
+    with model.disable_adapter():
+        with pytest.raises(FL.UnsupportedLoraLayer, match="disabled"):
+            FL.fused_o_forward(layer, x)
+    layer.get_base_layer().weight.requires_grad_(True)
+    with pytest.raises(FL.UnsupportedLoraLayer, match="trainable"):
+        FL.fused_o_forward(layer, x)
+
+
+def _patched_tiny_llama(**config):
+    import sloth_plugins as sloth
+    from sloth_plugins.testing import tiny_model
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                           target_modules=ALL_LINEAR))
+    model.train()
+    return model, sloth.patch(model, sloth.SlothConfig(gradient_checkpointing="off", loss="off", **config))
+
+
+def test_attention_computes_q_k_v_in_one_autograd_call(monkeypatch):
+    model, report = _patched_tiny_llama()
+    n_layers = model.config.num_hidden_layers
+    assert report.count("lora_qkv") == n_layers and report.count("lora_o") == n_layers
+    assert all("one autograd function" in how for how in report.summary()["lora_qkv"]["how"])
+    calls = {"qkv": 0, "linear": 0}
+    real_qkv, real_linear = FL.fused_qkv_forward, FL.fused_linear_forward
+    monkeypatch.setattr(FL, "fused_qkv_forward", lambda *a, **k: calls.__setitem__("qkv", calls["qkv"] + 1)
+                        or real_qkv(*a, **k))
+    monkeypatch.setattr(FL, "fused_linear_forward", lambda *a, **k: calls.__setitem__("linear", calls["linear"] + 1)
+                        or real_linear(*a, **k))
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert calls == {"qkv": n_layers, "linear": n_layers}      # o_proj alone
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    import sloth_plugins as sloth
+    sloth.unpatch(model)
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert not any("forward" in m.__dict__ for m in (attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    ref = model(input_ids=ids, labels=ids).loss
+    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, ref, **FP32)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **FP32)
+
+
+def test_projection_called_on_another_tensor_computes_its_own_output():
+    """Only a call with the attention's own, unchanged hidden_states gets the output computed
+    with q; anything else (a hook that replaces the input, an in-place edit) is computed alone."""
+    model, _ = _patched_tiny_llama()
+    attn = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(2, 5, model.config.hidden_size)
+    direct = attn.k_proj(x)                                      # outside the attention forward
+    torch.testing.assert_close(direct, attn.k_proj.get_base_layer()(x) + attn.k_proj.scaling["default"]
+                               * attn.k_proj.lora_B["default"](attn.k_proj.lora_A["default"](x)), **FP32)
+    seen = {}
+    handle = attn.v_proj.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    attn.k_proj.register_forward_hook(lambda m, args, out: seen.__setitem__("k", (args[0], out)))
+    attn.v_proj.register_forward_hook(lambda m, args, out: seen.__setitem__("v", (args[0], out)))
+    ids = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids)
+    handle.remove()
+    for name in ("k", "v"):
+        inp, out = seen[name]
+        proj = getattr(attn, f"{name}_proj")
+        want = proj.get_base_layer()(inp) + proj.scaling["default"] * proj.lora_B["default"](proj.lora_A["default"](inp))
+        torch.testing.assert_close(out, want, **FP32)

@@ -20,6 +20,7 @@ peft and bitsandbytes are imported lazily; bitsandbytes only when a layer comes 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -201,7 +202,59 @@ class ExtractedLora:
 
 
 def extract_lora(layer) -> ExtractedLora:
-    """Tensors of a supported LoRA layer (or a plain nn.Linear / bnb Linear4bit, without LoRA)."""
+    """Tensors of a supported LoRA layer (or a plain nn.Linear / bnb Linear4bit, without LoRA).
+
+    The support checks and the wrapping of bitsandbytes' quant state run again only when one of
+    the objects they depend on is not the one seen last time (see :func:`_identity`); a changed
+    adapter, a merge, a disabled adapter or swapped parameters all show up there.
+    """
+    key = _identity(layer)
+    entry = _extracted.get(id(layer))
+    if entry is not None and key is not None and entry[0]() is layer and _same(entry[1], key):
+        ex = entry[2]
+        if ex.quant is None:
+            return ex
+        return ExtractedLora(ex.base.weight.data, ex.bias, ex.A, ex.B, ex.scale, ex.quant, ex.base)
+    ex = _extract(layer)
+    if key is not None:
+        ident = id(layer)
+        ref = weakref.ref(layer, lambda _r, ident=ident, cache=_extracted: cache.pop(ident, None))
+        _extracted[ident] = (ref, key, ex)
+    return ex
+
+
+_extracted: dict = {}   # id(layer) -> (weakref to it, _identity(layer), ExtractedLora)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _identity(layer) -> Optional[tuple]:
+    """The objects (not values) extraction depends on, or None when the layer cannot be fused
+    as it is now (disabled or merged adapter, not exactly one active adapter). Floats and flags
+    are compared by identity too: setting a new value makes a new object."""
+    if _is_lora_layer(layer):
+        if layer.disable_adapters or layer.merged:
+            return None
+        active = layer.active_adapters
+        if len(active) != 1 or active[0] not in layer.lora_A or active[0] not in layer.lora_B:
+            return None
+        name = active[0]
+        dropout = layer.lora_dropout[name]
+        lora = (name, layer.lora_A[name].weight, layer.lora_B[name].weight, dropout, getattr(dropout, "p", None),
+                layer.scaling.get(name), getattr(layer, "cast_input_dtype_enabled", True))
+        base = layer.get_base_layer()
+    else:
+        lora, base = (), layer
+    weight = getattr(base, "weight", None)
+    quant = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
+    # a bnb Params4bit answers tensor properties through Python (__torch_function__): skip them
+    trainable = weight.requires_grad if quant is None and weight is not None else None
+    return (*lora, base, weight, trainable, getattr(base, "bias", None), quant, getattr(quant, "absmax", None))
+
+
+def _extract(layer) -> ExtractedLora:
     ok, reason = projection_support(layer)
     if not ok:
         raise UnsupportedLoraLayer(reason)

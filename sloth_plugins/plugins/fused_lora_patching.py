@@ -6,6 +6,10 @@ adapter was disabled or merged after patching.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 from ..instance_patch import InstancePatcher, has_instance_override
 from ..report import PatchReport
 from . import fused_lora
@@ -45,7 +49,10 @@ def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher:
 
 
 def patch_lora_projections(attn, path: str, arch, config, report: PatchReport, patcher: InstancePatcher) -> None:
-    groups = [("lora_qkv", n) for n in (arch.q_proj, arch.k_proj, arch.v_proj, arch.qkv_proj) if n]
+    separate_qkv = arch.q_proj and arch.k_proj and arch.v_proj
+    fused_qkv = bool(separate_qkv and config.kernel_enabled("lora_qkv")
+                     and _try_patch_qkv_together(attn, path, (arch.q_proj, arch.k_proj, arch.v_proj), report, patcher))
+    groups = [] if fused_qkv else [("lora_qkv", n) for n in (arch.q_proj, arch.k_proj, arch.v_proj, arch.qkv_proj) if n]
     groups.append(("lora_o", arch.o_proj))
     for kind, name in groups:
         layer = get_path(attn, name)
@@ -60,10 +67,53 @@ def patch_lora_projections(attn, path: str, arch, config, report: PatchReport, p
         report.patched(kind, f"{path}.{name}", "fused LoRA linear")
 
 
-def _bind_fused_linear(layer, patcher: InstancePatcher) -> None:
+def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, patcher: InstancePatcher) -> bool:
+    """q, k and v in one autograd function (one saved x, one dx, one down-projection matmul).
+
+    The attention forward is the model's own: around it, q, k and v of its ``hidden_states`` are
+    computed together and handed to the three projections when they are called with that very
+    tensor (unchanged since); any other call computes its projection alone. Returns False, with
+    nothing patched, when the three cannot go together; they are then patched one by one."""
+    layers = [get_path(attn, n) for n in names]
+    if not _has_lora(*layers) or fused_lora.qkv_support(attn, *names) != (True, ""):
+        return False
+    if any(has_instance_override(layer) for layer in layers):
+        return False
+    if has_instance_override(attn) and not patcher.owns(attn, "forward"):   # ours: the RoPE patch
+        return False
+    ready = {}   # projection name -> (hidden_states, its version, that projection's output)
+    for name, layer in zip(names, layers):
+        _bind_fused_linear(layer, patcher, ready, name)
+    original = attn.forward
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if ready or not isinstance(x, torch.Tensor) or x.is_inference():   # no version counter there
+            return original(*args, **kwargs)
+        try:
+            outs = fused_lora.fused_qkv_forward(self, x, *names)
+        except fused_lora.UnsupportedLoraLayer:
+            return original(*args, **kwargs)
+        version = x._version
+        ready.update((name, (x, version, out)) for name, out in zip(names, outs))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            ready.clear()
+
+    patcher.bind(attn, "forward", forward, wraps=original)
+    report.patched("lora_qkv", path, f"fused LoRA {'/'.join(names)} in one autograd function")
+    return True
+
+
+def _bind_fused_linear(layer, patcher: InstancePatcher, ready: Optional[dict] = None, name: str = "") -> None:
     original = layer.forward
 
     def forward(self, x, *args, **kwargs):
+        if ready:
+            hit = ready.pop(name, None)
+            if hit is not None and hit[0] is x and hit[1] == x._version and not (args or kwargs):
+                return hit[2]
         if args or kwargs:          # e.g. adapter_names= for mixed-adapter batches: PEFT's own path
             return original(x, *args, **kwargs)
         try:
