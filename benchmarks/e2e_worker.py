@@ -250,6 +250,11 @@ def profile_steps(step, batches, device, step_s: Optional[float]) -> dict:
                    for e in prof.events() if e.device_type == DeviceType.CPU and not e.is_async]
         source = "CPU ops, self time"
     out = summarize_profile(records, len(batches), step_s, source, intervals=cuda)
+    if cuda:
+        try:
+            out["idle_account"] = idle_account(prof, len(batches))
+        except Exception as exc:   # an account that fails must not void the profile above
+            out["idle_account"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     out["profiled_step_ms"] = round(1e3 * sum(walls) / len(walls), 3)
     out["analysis_s"] = round(time.perf_counter() - t, 1)
     if cuda and not records:
@@ -257,7 +262,7 @@ def profile_steps(step, batches, device, step_s: Optional[float]) -> dict:
     return out
 
 
-def host_profile_steps(step, batches, device, top: int = 30) -> dict:
+def host_profile_steps(step, batches, device, top: int = 60) -> dict:
     """Run ``step(ids)`` for each batch under cProfile (host time: Python and launches, and any
     wait for the device inside the step). Per function: calls, own and cumulative ms per step."""
     import cProfile
@@ -295,6 +300,92 @@ def host_profile_steps(step, batches, device, top: int = 30) -> dict:
     return {"source": "cProfile, host time", "steps": n, "profiled_step_ms": round(1e3 * sum(walls) / n, 3),
             "python_calls_per_step": sum(v[1] for v in stats.values()) / n,
             "by_own_time": rows(2), "by_cumulative_time": rows(3)}
+
+
+class GcTime:
+    """Time Python's cyclic garbage collector spends inside each step, and its collections per generation."""
+
+    def __init__(self):
+        import gc
+        self._t0, self.ms, self.counts = None, 0.0, [0, 0, 0]
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.ms += 1e3 * (time.perf_counter() - self._t0)
+            self.counts[info["generation"]] += 1
+
+    def start_step(self) -> None:
+        self.ms, self.counts = 0.0, [0, 0, 0]
+
+    def end_step(self) -> tuple:
+        return round(self.ms, 3), list(self.counts)
+
+
+PHASES = ("bench:forward", "bench:backward", "bench:optimizer")
+_HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+
+
+def idle_account(prof, n_steps: int, top: int = 12) -> dict:
+    """Where the device waited: every gap between kernels (any stream) is charged to the host
+    op that launched the kernel ending it. When that op started after the gap began, the host
+    was late (Python and launch cost); otherwise the device waited on something else (a copy,
+    an event). Gaps are grouped by the step phase (PHASES) and by the op directly under it
+    (autograd nodes, Function names, aten ops). Also: host time blocked in CUDA syncs, by op."""
+    from torch.autograd import DeviceType
+    events = prof.events()
+    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and not _SYNC_EVENT.search(e.name)),
+                     key=lambda e: e.time_range.start)
+
+    def lineage(e):
+        chain = []
+        while e is not None:
+            chain.append(e)
+            e = e.cpu_parent
+        return chain[::-1]                  # root first
+
+    def phase_and_op(e):
+        chain = lineage(e)
+        for i, node in enumerate(chain):
+            if node.name in PHASES:
+                below = chain[i + 1] if i + 1 < len(chain) else node
+                return node.name, below.name
+        if chain and chain[0].name.startswith("autograd::engine"):   # backward ops run on the engine's thread
+            return PHASES[1], chain[0].name
+        return "outside the phases", chain[0].name if chain else "?"
+
+    by_phase, by_op = defaultdict(float), defaultdict(float)
+    late_us = wait_us = 0.0
+    busy_until = None
+    for k in kernels:
+        start, end = k.time_range.start, k.time_range.end
+        if busy_until is not None and start > busy_until:
+            gap = start - busy_until
+            op = cpu.get(k.linked_correlation_id)
+            phase, name = phase_and_op(op) if op is not None else ("?", "?")
+            by_phase[phase] += gap
+            by_op[f"{phase.split(':')[-1]}: {name}"] += gap
+            if op is not None and op.time_range.start > busy_until:
+                late_us += gap
+            else:
+                wait_us += gap
+        busy_until = end if busy_until is None else max(busy_until, end)
+    blocked = defaultdict(float)
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name in _HOST_WAITS:
+            parent = cpu.get(e.linked_correlation_id) or e.cpu_parent
+            phase, name = phase_and_op(parent) if parent is not None else ("?", "?")
+            blocked[f"{e.name} in {phase.split(':')[-1]}: {name}"] += e.time_range.elapsed_us()
+    ms = lambda us: round(us / 1e3 / n_steps, 3)
+    ranked = lambda d: [{"where": k, "ms_per_step": ms(v)} for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+    return {"idle_ms_per_step": ms(late_us + wait_us), "host_late_ms_per_step": ms(late_us),
+            "device_waiting_ms_per_step": ms(wait_us),
+            "idle_by_phase": {k: ms(v) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+            "idle_by_launching_op": ranked(by_op), "host_blocked_in_sync": ranked(blocked)}
 
 
 # ---------------------------------------------------------------------------------------- create
@@ -459,29 +550,40 @@ def train(args) -> None:
     use_autocast = bool(dtype in (torch.bfloat16, torch.float16) and args.autocast)
     tokens = args.batch_size * args.seq_len
 
-    def step(ids):
-        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+    from torch.profiler import record_function
+
+    def step(ids):   # the phase names mark the host's time for profile_steps' account of idle time
+        with record_function(PHASES[0]), torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
             loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function(PHASES[1]):
+            loss.backward()
+        with record_function(PHASES[2]):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss
 
-    losses, times, loss = [], [], None
+    gc_time = GcTime()
+
+    losses, times, loss, host_times, gc_steps = [], [], None, [], []
     for i, ids in enumerate(batches):
         if i == args.warmup:
             memory.mark()
         if cuda:
             torch.cuda.synchronize(device)
         t = time.perf_counter()
+        gc_time.start_step()
         loss = step(ids)
+        host = time.perf_counter() - t
         if cuda:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t
+        gc_ms, gc_counts = gc_time.end_step()
         losses.append(float(loss.detach().float().item()))
         times.append(dt)
+        host_times.append(host)
+        gc_steps.append((gc_ms, gc_counts))
         emit("step", impl=args.impl, step=i, warmup=i < args.warmup, loss=losses[-1], step_s=dt,
-             tok_s=tokens / dt)
+             tok_s=tokens / dt, host_s=host, gc_ms=gc_ms, gc_collections=gc_counts)
     loss = None
     timed = times[args.warmup:]
     tok_s = tokens * len(timed) / sum(timed) if timed else None
@@ -490,6 +592,9 @@ def train(args) -> None:
         "impl": args.impl, "ok": True, "load_s": load_s, "tokens_per_step": tokens, "tok_s": tok_s,
         "step_s_mean": sum(timed) / len(timed) if timed else None, "step_s": times, "losses": losses,
         "loss_step0": losses[0], "loss_final": losses[-1],
+        # host_s: until step() returned, before the closing synchronize (equal to the step: host-bound)
+        "host_s": host_times, "gc_ms_per_timed_step": sum(g[0] for g in gc_steps[args.warmup:]) / max(1, len(timed)),
+        "gc_collections_timed": [sum(g[1][k] for g in gc_steps[args.warmup:]) for k in range(3)],
         "peak_mem_gib": gib(memory.peak()),                     # from after loading, every step
         "peak_mem_timed_gib": gib(memory.window_peak()) if timed else None,
         "peak_reserved_gib": gib(memory.peak(reserved=True)),

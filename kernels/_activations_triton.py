@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from ._dispatch import eager_call, use_reference
-from ._launch import launch as launch_kernel
 from ._tuning import measured_choice, row_bucket
 from .activations import geglu_reference, swiglu_reference
 
@@ -113,9 +112,9 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     if out.numel() > 0:
         def launch(setting):
             block, num_warps = setting
-            launch_kernel(_gated_fwd_kernel, (g2.shape[0], triton.cdiv(g2.shape[1], block)),
-                          (g2, u2, out, g2.shape[1], g2.stride(0), u2.stride(0), out.stride(0)),
-                          KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+            _gated_fwd_kernel[(g2.shape[0], triton.cdiv(g2.shape[1], block))](
+                g2, u2, out, g2.shape[1], g2.stride(0), u2.stride(0), out.stride(0),
+                KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
         launch(_settings("fwd", kind, g2, launch))
     return out.view(gate.shape)
 
@@ -128,9 +127,9 @@ def _backward(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     if d_gate.numel() > 0:
         def launch(setting):
             block, num_warps = setting
-            launch_kernel(_gated_bwd_kernel, (g2.shape[0], triton.cdiv(g2.shape[1], block)),
-                          (do2, g2, u2, d_gate, d_up, g2.shape[1], do2.stride(0), g2.stride(0), u2.stride(0),
-                           d_gate.stride(0), d_up.stride(0)), KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
+            _gated_bwd_kernel[(g2.shape[0], triton.cdiv(g2.shape[1], block))](
+                do2, g2, u2, d_gate, d_up, g2.shape[1], do2.stride(0), g2.stride(0), u2.stride(0),
+                d_gate.stride(0), d_up.stride(0), KIND=_KINDS[kind], BLOCK=block, num_warps=num_warps)
         launch(_settings("bwd", kind, g2, launch))
     return d_gate.view(gate.shape), d_up.view(up.shape)
 

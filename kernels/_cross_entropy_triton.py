@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
 from .cross_entropy import Divisor, auto_chunk_size
 
 # Vocab elements a program handles per step; tests lower it to exercise the ragged last block.
@@ -102,9 +101,9 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, losses: torc
         return
     assert logits.stride(1) == 1 and labels.dtype == torch.int64 and losses.dtype == torch.float32
     block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
-    launch(_cross_entropy_rows_kernel, (rows,), (
+    _cross_entropy_rows_kernel[(rows,)](
         logits, logits.stride(0), labels, losses, divisor if divisor is not None else losses,
-        float(divisor_value), float(softcap) if softcap is not None else 1.0, vocab),
+        float(divisor_value), float(softcap) if softcap is not None else 1.0, vocab,
         HAS_SOFTCAP=softcap is not None, DIVISOR_FROM_PTR=divisor is not None, WRITE_GRAD=write_grad,
         BLOCK=block, num_warps=8 if block >= 2048 else 4)
 

@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 from ._activations_triton import _act_and_grad
-from ._launch import launch
 
 KIND_IDS = {"swiglu": 0, "geglu": 1, "geglu_tanh": 2}
 _BLOCK_MAX = 2048
@@ -46,6 +45,6 @@ def gated_activation_backward_triton_(g: torch.Tensor, u: torch.Tensor, da: torc
         return da
     block = min(triton.next_power_of_2(n_cols), _BLOCK_MAX)
     grid = (n_rows, triton.cdiv(n_cols, block))
-    launch(_gated_bwd_inplace_kernel, grid, (g, u, da, n_cols, g.stride(0), u.stride(0), da.stride(0)),
-           KIND=KIND_IDS[kind], BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    _gated_bwd_inplace_kernel[grid](g, u, da, n_cols, g.stride(0), u.stride(0), da.stride(0),
+                                    KIND=KIND_IDS[kind], BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return da

@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
 from .nf4 import QuantState4bit, _packed_bytes, _prepare_out
 
 _BLOCK = 1024
@@ -62,8 +61,8 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState4bit, dtype: t
         raise ValueError(f"packed weight has {data.numel()} bytes, {n} elements need {(n + 1) // 2}")
     dest = _prepare_out(state, dtype, packed.device, out, reuse_buffer)
     to_bf16 = dtype == torch.bfloat16
-    launch(_dequant_4bit_kernel, (triton.cdiv(n, _BLOCK),),
-           (data, absmax, code, dest.view(torch.int16) if to_bf16 else dest, n, nested_absmax, nested_code, offset),
-           BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.nested,
-           ROUND_TO_BF16=to_bf16, BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=False)
+    _dequant_4bit_kernel[(triton.cdiv(n, _BLOCK),)](
+        data, absmax, code, dest.view(torch.int16) if to_bf16 else dest, n, nested_absmax, nested_code, offset,
+        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.nested,
+        ROUND_TO_BF16=to_bf16, BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=False)
     return dest

@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from ._dispatch import eager_call, sm_count, use_reference
-from ._launch import launch
 from .rms_norm import rms_norm_reference
 
 MAX_HIDDEN = 65536
@@ -148,10 +147,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
     y = torch.empty(x2.shape, dtype=_out_dtype(x, weight, cast_before_weight), device=x.device)
     if x2.shape[0] > 0:
         block, num_warps = _row_launch(n_cols)
-        launch(_rms_norm_fwd_kernel, (x2.shape[0],),
-               (x2, weight.contiguous(), y, x2.stride(0), y.stride(0), n_cols, eps, offset),
-               CAST_BEFORE_WEIGHT=cast_before_weight, HAS_OFFSET=offset != 0.0, BLOCK=block,
-               num_warps=num_warps)
+        _rms_norm_fwd_kernel[(x2.shape[0],)](
+            x2, weight.contiguous(), y, x2.stride(0), y.stride(0), n_cols, eps, offset,
+            CAST_BEFORE_WEIGHT=cast_before_weight, HAS_OFFSET=offset != 0.0, BLOCK=block,
+            num_warps=num_warps)
     return y.view(x.shape)
 
 
@@ -167,10 +166,10 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: floa
     block, num_warps = _row_launch(n_cols)
     # Without dW the kernel never stores 1/rms; dx stands in for the unused pointer.
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device) if compute_dw else dx
-    launch(_rms_norm_bwd_dx_kernel, (n_rows,),
-           (dy2, x2, weight.contiguous(), dx, rstd, dy2.stride(0), x2.stride(0), dx.stride(0), n_cols, eps, offset),
-           CAST_BEFORE_WEIGHT=cast_before_weight, HAS_OFFSET=offset != 0.0,
-           STORE_RSTD=compute_dw, BLOCK=block, num_warps=num_warps)
+    _rms_norm_bwd_dx_kernel[(n_rows,)](
+        dy2, x2, weight.contiguous(), dx, rstd, dy2.stride(0), x2.stride(0), dx.stride(0),
+        n_cols, eps, offset, CAST_BEFORE_WEIGHT=cast_before_weight, HAS_OFFSET=offset != 0.0,
+        STORE_RSTD=compute_dw, BLOCK=block, num_warps=num_warps)
     dw = None
     if compute_dw:
         on_gpu = x.is_cuda
@@ -178,10 +177,10 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: floa
         block_m, block_n, rows_per_split, n_splits, dw_warps = _dw_launch(n_rows, n_cols, wanted,
                                                                           on_gpu)
         partial = torch.empty((n_splits, n_cols), dtype=torch.float32, device=x.device)
-        launch(_rms_norm_bwd_dw_kernel, (triton.cdiv(n_cols, block_n), n_splits),
-               (dy2, x2, rstd, partial, dy2.stride(0), x2.stride(0), n_rows, n_cols, rows_per_split),
-               CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_N=block_n,
-               num_warps=dw_warps)
+        _rms_norm_bwd_dw_kernel[(triton.cdiv(n_cols, block_n), n_splits)](
+            dy2, x2, rstd, partial, dy2.stride(0), x2.stride(0), n_rows, n_cols, rows_per_split,
+            CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=dw_warps)
         dw = partial.sum(0) if n_splits > 1 else partial.view(n_cols)
         dw = dw.to(weight.dtype)
     return dx.view(x.shape), dw

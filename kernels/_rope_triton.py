@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from ._dispatch import eager_call, use_reference
-from ._launch import launch
 from .rope import apply_rope_reference
 
 TILE_ELEMENTS = 4096  # per half tile: 64 (head, position) rows of head_dim 128, 16 KiB of bf16 in
@@ -148,12 +147,12 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
     block_hk, block_sk = _tile_shape(n_k_heads, seq_len, _heads_inner(k), block_half, tile)
     q_tiles = batch * triton.cdiv(seq_len, block_sq) * triton.cdiv(n_q_heads, block_hq)
     k_tiles = batch * triton.cdiv(seq_len, block_sk) * triton.cdiv(n_k_heads, block_hk)
-    launch(_rope_kernel, (q_tiles + k_tiles,), (
+    _rope_kernel[(q_tiles + k_tiles,)](
         q, k, q_out, k_out, cos, sin, q_tiles, seq_len, n_q_heads, n_k_heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1)),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         HALF=half, N_PASS=n_pass, BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_SQ=block_sq,
         BLOCK_HK=block_hk, BLOCK_SK=block_sk, BLOCK_HALF=block_half,
         BLOCK_PASS=triton.next_power_of_2(max(n_pass, 1)),
