@@ -8,10 +8,12 @@ Dtypes follow PEFT's ``lora.Linear`` without autocast: the base matmul runs in t
 ``x`` (the compute dtype ``cd``); the LoRA branch in the dtype of ``A`` (``ld``, often fp32
 while ``x`` is bf16) on ``x.to(ld)``; the sum is taken in the promoted dtype and cast back to
 ``cd``. When ``ld == cd`` (the fast path) the LoRA term is added in place with ``addmm_``.
-Gradients of A and B come out in ``ld``. Autocast is switched off inside: callers (the PEFT
-glue) pick the dtypes and cast ``x``, ``A``, ``B`` before calling.
+``lora_dtype`` sets ``ld`` (autocast: fp32 adapters run in bf16): A and B are cast inside the
+autograd functions, and their gradients come back in their own dtype. Autocast is switched off
+inside: callers (the PEFT glue) pick the dtypes and cast ``x`` before calling.
 
-Saved for backward: x, the rank-r products ``h = x Aᵀ`` (tiny), A and B. The gated MLP also
+Saved for backward: x and the rank-r products ``h = x Aᵀ`` (tiny); A, B and the bias are kept on
+the context as the parameters they are. The gated MLP also
 saves its gate and up projections (2·tokens·intermediate): recomputing them instead would add
 two of the six big matmuls of the MLP's forward+backward (~+33% MLP time) to save memory that,
 under gradient checkpointing, lives only during that one layer's backward. The activation
@@ -21,6 +23,7 @@ the gate/up gradients over the saved gate/up (so calling backward twice raises P
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -162,14 +165,11 @@ def _flat_params(projs: Sequence[LoraProjection]) -> list:
     return [t for p in projs for t in (p.A, p.B, p.bias)]
 
 
-def _with_params(projs: Sequence[LoraProjection], params: Sequence) -> list:
-    return [LoraProjection(p.weight, params[3 * i], params[3 * i + 1], p.scale, params[3 * i + 2], p.quant)
-            for i, p in enumerate(projs)]
-
-
-def _frozen(projs: Sequence[LoraProjection]) -> list:
-    """What backward needs besides saved tensors: the projections without A/B/bias."""
-    return [LoraProjection(p.weight, None, None, p.scale, None, p.quant) for p in projs]
+def _in_lora_dtype(projs: Sequence[LoraProjection], ld: torch.dtype) -> list:
+    """The projections with A and B in the LoRA compute dtype. Cast inside the Functions, so
+    autograd records no cast nodes; backward casts again and returns dA, dB in A's dtype."""
+    return [p if not p.has_lora or p.A.dtype == ld else
+            LoraProjection(p.weight, p.A.to(ld), p.B.to(ld), p.scale, p.bias, p.quant) for p in projs]
 
 
 def _param_needs(ctx, first: int, count: int) -> list:
@@ -177,25 +177,38 @@ def _param_needs(ctx, first: int, count: int) -> list:
     return [(n[first + 3 * i], n[first + 3 * i + 1], n[first + 3 * i + 2]) for i in range(count)]
 
 
-def _save(ctx, x, projs, *extra) -> None:
-    ctx.frozen = _frozen(projs)
-    ctx.save_for_backward(x, *_flat_params(projs), *extra)
+def _save(ctx, x, projs, dtypes, *extra) -> None:
+    # A, B and bias are parameters: kept on ctx as they are, not through save_for_backward, whose
+    # saved-tensor hooks (checkpointing, offload) would only pass them through at some cost
+    ctx.projs, ctx.dtypes = projs, dtypes
+    ctx.save_for_backward(x, *extra)
 
 
 def _load(ctx):
-    """(x, projections with their A/B/bias, the extra saved tensors)."""
+    """(x, projections with A/B in the LoRA compute dtype, their parameters' dtypes, extra saved tensors)."""
     saved = ctx.saved_tensors
-    n = len(ctx.frozen)
-    params = saved[1:1 + 3 * n]
-    return saved[0], _with_params(ctx.frozen, params), saved[1 + 3 * n:]
+    return saved[0], _in_lora_dtype(ctx.projs, ctx.dtypes[1]), saved[1:]
+
+
+_NOTHING = contextlib.nullcontext()
 
 
 def _no_autocast(x: torch.Tensor):
-    return torch.autocast(device_type=x.device.type, enabled=False)
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return _NOTHING        # backward (the engine's threads) and plain forwards: nothing to switch off
 
 
-def _grad_tuple(grads) -> list:
-    return [g for triple in grads for g in triple]
+def _grad_tuple(grads, projs: Sequence[LoraProjection]) -> list:
+    """dA, dB, dbias per projection, in the dtypes of the parameters."""
+    out = []
+    for (dA, dB, db), p in zip(grads, projs):
+        if dA is not None and dA.dtype != p.A.dtype:
+            dA = dA.to(p.A.dtype)
+        if dB is not None and dB.dtype != p.B.dtype:
+            dB = dB.to(p.B.dtype)
+        out += [dA, dB, db]
+    return out
 
 
 # ----------------------------------------------------------------------------- Functions
@@ -204,13 +217,12 @@ class _LoraProjectionsFn(torch.autograd.Function):
     """Several projections of one input: shared saved x, one dx accumulator."""
 
     @staticmethod
-    def forward(ctx, x, projs, *params):   # params: the A, B, bias of projs, listed for autograd
+    def forward(ctx, x, projs, lora_dtype, *params):   # params: the A, B, bias of projs, listed for autograd
         cd = x.dtype
-        ld = _lora_dtype(projs, cd)
+        ld = lora_dtype or _lora_dtype(projs, cd)
         with _no_autocast(x):
-            outs, hs = _forward_projections(x, projs, cd, ld, "proj")
-        _save(ctx, x, projs, *hs)
-        ctx.dtypes = (cd, ld)
+            outs, hs = _forward_projections(x, _in_lora_dtype(projs, ld), cd, ld, "proj")
+        _save(ctx, x, projs, (cd, ld), *hs)
         return tuple(outs)
 
     @staticmethod
@@ -219,8 +231,8 @@ class _LoraProjectionsFn(torch.autograd.Function):
         cd, ld = ctx.dtypes
         with _no_autocast(x):
             dx, grads = _backward_projections(dys, x, hs, projs, cd, ld, ctx.needs_input_grad[0],
-                                              _param_needs(ctx, 2, len(projs)), "proj")
-        return (dx, None, *_grad_tuple(grads))
+                                              _param_needs(ctx, 3, len(projs)), "proj")
+        return (dx, None, None, *_grad_tuple(grads, ctx.projs))
 
 
 def gated_activation_backward_reference(g, u, da, kind: str):
@@ -270,17 +282,17 @@ class _LoraGatedMLPFn(torch.autograd.Function):
     """down(act(gate(x)) * up(x)); gate/up given as two projections or one fused gate_up."""
 
     @staticmethod
-    def forward(ctx, x, projs, activation, *params):
-        up_projs, down = projs[:-1], projs[-1]
+    def forward(ctx, x, projs, activation, lora_dtype, *params):
         cd = x.dtype
-        ld = _lora_dtype(projs, cd)
+        ld = lora_dtype or _lora_dtype(projs, cd)
+        lp = _in_lora_dtype(projs, ld)
+        up_projs, down = lp[:-1], lp[-1]
         with _no_autocast(x):
             outs, hs = _forward_projections(x, up_projs, cd, ld, "mlp_in")
             g, u = _split_gate_up(outs)
             a = gated_activation(activation, g, u)
             (y,), (h_down,) = _forward_projections(a, [down], cd, ld, "mlp_out")
-        _save(ctx, x, projs, h_down, *hs, *outs)
-        ctx.dtypes = (cd, ld)
+        _save(ctx, x, projs, (cd, ld), h_down, *hs, *outs)
         ctx.activation = activation
         return y
 
@@ -290,7 +302,7 @@ class _LoraGatedMLPFn(torch.autograd.Function):
         up_projs, down = projs[:-1], projs[-1]
         h_down, hs, outs = extra[0], extra[1:1 + len(up_projs)], list(extra[1 + len(up_projs):])
         cd, ld = ctx.dtypes
-        needs = _param_needs(ctx, 3, len(projs))
+        needs = _param_needs(ctx, 4, len(projs))
         need_dA_down, need_dB_down, need_db_down = needs[-1]
         with _no_autocast(x):
             da = torch.mm(dy, _base_weight(down, cd, ("mlp_out", 0, 1)))
@@ -307,7 +319,7 @@ class _LoraGatedMLPFn(torch.autograd.Function):
             dx, grads = _backward_projections(outs, x, hs, up_projs, cd, ld, ctx.needs_input_grad[0],
                                               needs[:-1], "mlp_in")
         grads.append((dA_down, dB_down, db_down))
-        return (dx, None, None, *_grad_tuple(grads))
+        return (dx, None, None, None, *_grad_tuple(grads, ctx.projs))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -318,12 +330,15 @@ def _check_input(x: torch.Tensor, projs: Sequence[LoraProjection]) -> None:
             raise ValueError(f"input has {x.shape[-1]} features, projection expects {p.in_features}")
 
 
-def lora_projections(x: torch.Tensor, projs: Sequence[ProjectionLike]) -> tuple:
-    """Outputs of several projections of one input ``x [..., in]``, each ``[..., out_i]``."""
+def lora_projections(x: torch.Tensor, projs: Sequence[ProjectionLike],
+                     lora_dtype: Optional[torch.dtype] = None) -> tuple:
+    """Outputs of several projections of one input ``x [..., in]``, each ``[..., out_i]``.
+    ``lora_dtype``: run the LoRA branches in this dtype (default: A's), as autocast would;
+    the gradients of A and B still come back in their own dtype."""
     projs = [as_projection(p) for p in projs]
     _check_input(x, projs)
     lead = x.shape[:-1]
-    outs = _LoraProjectionsFn.apply(x.reshape(-1, x.shape[-1]), projs, *_flat_params(projs))
+    outs = _LoraProjectionsFn.apply(x.reshape(-1, x.shape[-1]), projs, lora_dtype, *_flat_params(projs))
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)
 
 
@@ -340,9 +355,9 @@ def lora_qkv(x: torch.Tensor, q: ProjectionLike, k: ProjectionLike, v: Projectio
 
 
 def lora_gated_mlp(x: torch.Tensor, gate: ProjectionLike, up: Optional[ProjectionLike], down: ProjectionLike,
-                   activation: str = "swiglu") -> torch.Tensor:
+                   activation: str = "swiglu", lora_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``; ``up=None`` means ``gate`` is a fused gate_up projection
-    whose output halves are [gate | up] (Phi-3)."""
+    whose output halves are [gate | up] (Phi-3). ``lora_dtype`` as in :func:`lora_projections`."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown gated activation {activation!r}; expected one of {ACTIVATIONS}")
     up_projs = [as_projection(gate)] + ([] if up is None else [as_projection(up)])
@@ -357,7 +372,7 @@ def lora_gated_mlp(x: torch.Tensor, gate: ProjectionLike, up: Optional[Projectio
         raise ValueError(f"down projection expects {down.in_features} features, gate/up give {inter}")
     projs = up_projs + [down]
     lead = x.shape[:-1]
-    y = _LoraGatedMLPFn.apply(x.reshape(-1, x.shape[-1]), projs, activation, *_flat_params(projs))
+    y = _LoraGatedMLPFn.apply(x.reshape(-1, x.shape[-1]), projs, activation, lora_dtype, *_flat_params(projs))
     return y.view(*lead, y.shape[-1])
 
 

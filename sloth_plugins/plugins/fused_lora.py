@@ -233,25 +233,36 @@ def _same(a: tuple, b: tuple) -> bool:
 def _identity(layer) -> Optional[tuple]:
     """The objects (not values) extraction depends on, or None when the layer cannot be fused
     as it is now (disabled or merged adapter, not exactly one active adapter). Floats and flags
-    are compared by identity too: setting a new value makes a new object."""
+    are compared by identity too: setting a new value makes a new object. Read through the
+    modules' own dicts: this runs for every projection of every layer, forward and recompute."""
     if _is_lora_layer(layer):
         if layer.disable_adapters or layer.merged:
             return None
         active = layer.active_adapters
-        if len(active) != 1 or active[0] not in layer.lora_A or active[0] not in layer.lora_B:
+        if len(active) != 1:
             return None
-        name = active[0]
-        dropout = layer.lora_dropout[name]
-        lora = (name, layer.lora_A[name].weight, layer.lora_B[name].weight, dropout, getattr(dropout, "p", None),
+        name, modules = active[0], layer._modules
+        A, B = modules["lora_A"]._modules.get(name), modules["lora_B"]._modules.get(name)
+        if A is None or B is None:
+            return None
+        dropout = modules["lora_dropout"]._modules.get(name)
+        lora = (name, _param(A, "weight"), _param(B, "weight"), dropout, getattr(dropout, "p", None),
                 layer.scaling.get(name), getattr(layer, "cast_input_dtype_enabled", True))
-        base = layer.get_base_layer()
+        base = modules.get("base_layer")
+        if base is None or "base_layer" in base._modules:
+            base = layer.get_base_layer()
     else:
         lora, base = (), layer
-    weight = getattr(base, "weight", None)
+    weight = _param(base, "weight")
     quant = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
     # a bnb Params4bit answers tensor properties through Python (__torch_function__): skip them
     trainable = weight.requires_grad if quant is None and weight is not None else None
-    return (*lora, base, weight, trainable, getattr(base, "bias", None), quant, getattr(quant, "absmax", None))
+    return (*lora, base, weight, trainable, _param(base, "bias"), quant, getattr(quant, "absmax", None))
+
+
+def _param(module, name: str):
+    value = module._parameters.get(name)
+    return value if value is not None else getattr(module, name, None)
 
 
 def _extract(layer) -> ExtractedLora:
@@ -279,9 +290,9 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def _dtypes(ex: ExtractedLora, x: torch.Tensor) -> tuple:
-    """(compute dtype of the base matmul, LoRA dtype, output dtype) as PEFT + bnb would use."""
-    ac = _autocast_dtype(x)
+def _dtypes(ex: ExtractedLora, x: torch.Tensor, ac: Optional[torch.dtype]) -> tuple:
+    """(compute dtype of the base matmul, LoRA dtype, output dtype) as PEFT + bnb would use;
+    ``ac``: the autocast dtype in effect, or None."""
     if ex.quant is not None:
         base = ex.base
         if not getattr(base, "compute_type_is_set", True):  # bnb picks it on the first forward
@@ -296,29 +307,24 @@ def _dtypes(ex: ExtractedLora, x: torch.Tensor) -> tuple:
 
 
 def _prepared(exs: list, x: torch.Tensor):
-    """Projections with A/B cast to the LoRA dtype, x cast to the compute dtype, output dtype."""
-    policies = {_dtypes(ex, x) for ex in exs}
-    lora_policies = {_dtypes(ex, x) for ex in exs if ex.A is not None}
-    cds = {p[0] for p in policies}
-    if len(cds) > 1 or len(lora_policies) > 1 or len({p[2] for p in policies}) > 1:
-        raise UnsupportedLoraLayer(f"projections disagree on dtypes: {sorted(map(str, policies))}")
-    cd, _, od = next(iter(policies))
+    """(projections, x cast to the compute dtype, LoRA compute dtype, output dtype). A and B stay
+    as they are: the kernels cast them to the LoRA dtype inside their autograd functions."""
+    ac = _autocast_dtype(x)
+    policies = [_dtypes(ex, x, ac) for ex in exs]
+    lora_policies = {p for p, ex in zip(policies, exs) if ex.A is not None}
+    cd, _, od = policies[0]
+    if any(p[0] != cd or p[2] != od for p in policies) or len(lora_policies) > 1:
+        raise UnsupportedLoraLayer(f"projections disagree on dtypes: {sorted(map(str, set(policies)))}")
     ld = next(iter(lora_policies))[1] if lora_policies else cd
-    projs = []
-    for ex in exs:
-        p = ex.projection()
-        if p.A is not None and p.A.dtype != ld:
-            p = LoraProjection(p.weight, p.A.to(ld), p.B.to(ld), p.scale, p.bias, p.quant)
-        projs.append(p)
-    return projs, x.to(cd), od
+    return [ex.projection() for ex in exs], x.to(cd), ld, od
 
 
 # ----------------------------------------------------------------------------- forwards
 
 def fused_linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a supported LoRA layer (or plain base layer), through the fused kernel."""
-    projs, xc, od = _prepared([extract_lora(layer)], x)
-    return lora_projections(xc, projs)[0].to(od)
+    projs, xc, ld, od = _prepared([extract_lora(layer)], x)
+    return lora_projections(xc, projs, ld)[0].to(od)
 
 
 def fused_o_forward(o_proj_layer, x: torch.Tensor) -> torch.Tensor:
@@ -329,8 +335,8 @@ def fused_qkv_forward(attn_module, x: torch.Tensor, q_name: str = "q_proj", k_na
                       v_name: str = "v_proj") -> tuple:
     """(q, k, v) = the three projections of x, each ``[..., out]``, sharing one saved x and one dx."""
     exs = [extract_lora(getattr(attn_module, n)) for n in (q_name, k_name, v_name)]
-    projs, xc, od = _prepared(exs, x)
-    return tuple(o.to(od) for o in lora_projections(xc, projs))
+    projs, xc, ld, od = _prepared(exs, x)
+    return tuple(o.to(od) for o in lora_projections(xc, projs, ld))
 
 
 def fused_mlp_forward(mlp_module, x: torch.Tensor, activation: str, gate_name: str = "gate_proj",
@@ -341,6 +347,6 @@ def fused_mlp_forward(mlp_module, x: torch.Tensor, activation: str, gate_name: s
         raise ValueError(f"unknown gated activation {activation!r}; expected one of {_ACTIVATIONS}")
     names = [gate_name] + ([up_name] if up_name else []) + [down_name]
     exs = [extract_lora(getattr(mlp_module, n)) for n in names]
-    projs, xc, od = _prepared(exs, x)
+    projs, xc, ld, od = _prepared(exs, x)
     up = projs[1] if up_name else None
-    return lora_gated_mlp(xc, projs[0], up, projs[-1], activation).to(od)
+    return lora_gated_mlp(xc, projs[0], up, projs[-1], activation, ld).to(od)

@@ -363,3 +363,33 @@ def test_gpu_inplace_activation_backward_bf16(activation):
     gated_activation_backward_triton_(g, u, da, activation)
     for got, ref in zip((da, g, u), want):
         assert _rel_err(got, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_lora_dtype_casts_inside_and_returns_grads_in_the_parameters_dtype(quant):
+    """fp32 adapters run as fp16 (what autocast does): the same numbers as casting them first
+    with autograd, and dA, dB come back fp32 (no cast node of ours in the graph)."""
+    x = torch.randn(2, 8, 64, dtype=torch.float16, requires_grad=True)
+    q, k = _proj(48, 64, torch.float16, torch.float32, quant=quant), _proj(16, 64, torch.float16, torch.float32)
+    gate, up, down = (_proj(96, 64, torch.float16, torch.float32, quant=quant),
+                      _proj(96, 64, torch.float16, torch.float32), _proj(64, 96, torch.float16, torch.float32))
+
+    def cast(p):
+        return L.LoraProjection(p.weight, p.A.half(), p.B.half(), p.scale, p.bias, p.quant)
+
+    leaves = _leaves(x, [q, k, gate, up, down])
+    _compare(lambda: L.lora_projections(x, [q, k], lora_dtype=torch.float16),
+             lambda: L.lora_projections(x, [cast(q), cast(k)]), _leaves(x, [q, k]), TOL[torch.float16])
+    _compare(lambda: L.lora_gated_mlp(x, gate, up, down, "swiglu", lora_dtype=torch.float16),
+             lambda: L.lora_gated_mlp(x, cast(gate), cast(up), cast(down), "swiglu"), leaves[:1] + leaves[5:],
+             TOL[torch.float16])
+    out = L.lora_projections(x, [q], lora_dtype=torch.float16)[0]
+    nodes, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in nodes:
+            nodes.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    assert "_LoraProjectionsFnBackward" in nodes and not any("ToCopy" in n for n in nodes), nodes
+    dA, dB = torch.autograd.grad(out.float().sum(), [q.A, q.B])
+    assert dA.dtype == dB.dtype == torch.float32
