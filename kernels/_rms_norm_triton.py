@@ -191,13 +191,14 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: floa
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset, cast_before_weight):
-        ctx.save_for_backward(x, weight)
-        ctx.eps, ctx.offset, ctx.cast_before_weight = eps, offset, cast_before_weight
+        ctx.save_for_backward(x)
+        # the weight is a parameter: kept as it is, without the saved-tensor hooks (checkpointing)
+        ctx.weight, ctx.eps, ctx.offset, ctx.cast_before_weight = weight, eps, offset, cast_before_weight
         return _forward(x, weight, eps, offset, cast_before_weight)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        (x,), weight = ctx.saved_tensors, ctx.weight
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx, dw = _backward(dy, x, weight, ctx.eps, ctx.offset, ctx.cast_before_weight, need_dw)
         return (dx if need_dx else None), dw, None, None, None

@@ -180,13 +180,15 @@ def _backward(dq_out, dk_out, cos, sin, q_dtype, k_dtype):
 class _RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
+        # cos/sin: one table per forward, shared by every layer and alive until its backward anyway;
+        # kept on ctx, they skip the saved-tensor hooks (checkpointing) that would pass them through
+        ctx.cos, ctx.sin = cos, sin
         ctx.dtypes = (q.dtype, k.dtype)
         return _forward(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):  # autograd materialises an unused output's grad as zeros
-        cos, sin = ctx.saved_tensors
+        cos, sin = ctx.cos, ctx.sin
         dq, dk = _backward(dq_out, dk_out, cos, sin, *ctx.dtypes)
         return dq, dk, None, None
 

@@ -12,8 +12,10 @@ while ``x`` is bf16) on ``x.to(ld)``; the sum is taken in the promoted dtype and
 autograd functions, and their gradients come back in their own dtype. Autocast is switched off
 inside: callers (the PEFT glue) pick the dtypes and cast ``x`` before calling.
 
-Saved for backward: x and the rank-r products ``h = x Aᵀ`` (tiny); A, B and the bias are kept on
-the context as the parameters they are. The gated MLP also
+Saved for backward: x. The rank-r products ``h = x Aᵀ`` (tokens x r, ~1% of x) and the A, B
+and bias parameters are kept on the context: saved tensors pass through saved-tensor hooks, a
+Python cost per tensor under checkpointing, and h is too small to be worth dropping there
+(llama-8b, 4096 tokens: 28 MB over all 32 layers). The gated MLP also
 saves its gate and up projections (2·tokens·intermediate): recomputing them instead would add
 two of the six big matmuls of the MLP's forward+backward (~+33% MLP time) to save memory that,
 under gradient checkpointing, lives only during that one layer's backward. The activation
@@ -177,17 +179,18 @@ def _param_needs(ctx, first: int, count: int) -> list:
     return [(n[first + 3 * i], n[first + 3 * i + 1], n[first + 3 * i + 2]) for i in range(count)]
 
 
-def _save(ctx, x, projs, dtypes, *extra) -> None:
-    # A, B and bias are parameters: kept on ctx as they are, not through save_for_backward, whose
-    # saved-tensor hooks (checkpointing, offload) would only pass them through at some cost
-    ctx.projs, ctx.dtypes = projs, dtypes
+def _save(ctx, x, projs, dtypes, hs, *extra) -> None:
+    """x and ``extra`` through save_for_backward (checkpointing drops and recomputes them). The
+    parameters and the rank-r products ``hs`` (tokens x r: ~1% of x) are kept on ctx: every saved
+    tensor costs a pair of saved-tensor hooks, the bulk of a checkpointed layer's host time."""
+    ctx.projs, ctx.dtypes, ctx.hs = projs, dtypes, hs
     ctx.save_for_backward(x, *extra)
 
 
 def _load(ctx):
-    """(x, projections with A/B in the LoRA compute dtype, their parameters' dtypes, extra saved tensors)."""
+    """(x, projections with A/B in the LoRA compute dtype, hs, the extra saved tensors)."""
     saved = ctx.saved_tensors
-    return saved[0], _in_lora_dtype(ctx.projs, ctx.dtypes[1]), saved[1:]
+    return saved[0], _in_lora_dtype(ctx.projs, ctx.dtypes[1]), ctx.hs, saved[1:]
 
 
 _NOTHING = contextlib.nullcontext()
@@ -222,12 +225,12 @@ class _LoraProjectionsFn(torch.autograd.Function):
         ld = lora_dtype or _lora_dtype(projs, cd)
         with _no_autocast(x):
             outs, hs = _forward_projections(x, _in_lora_dtype(projs, ld), cd, ld, "proj")
-        _save(ctx, x, projs, (cd, ld), *hs)
+        _save(ctx, x, projs, (cd, ld), hs)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
-        x, projs, hs = _load(ctx)
+        x, projs, hs, _ = _load(ctx)
         cd, ld = ctx.dtypes
         with _no_autocast(x):
             dx, grads = _backward_projections(dys, x, hs, projs, cd, ld, ctx.needs_input_grad[0],
@@ -292,15 +295,15 @@ class _LoraGatedMLPFn(torch.autograd.Function):
             g, u = _split_gate_up(outs)
             a = gated_activation(activation, g, u)
             (y,), (h_down,) = _forward_projections(a, [down], cd, ld, "mlp_out")
-        _save(ctx, x, projs, (cd, ld), h_down, *hs, *outs)
+        _save(ctx, x, projs, (cd, ld), [*hs, h_down], *outs)
         ctx.activation = activation
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, projs, extra = _load(ctx)
+        x, projs, hs, outs = _load(ctx)
         up_projs, down = projs[:-1], projs[-1]
-        h_down, hs, outs = extra[0], extra[1:1 + len(up_projs)], list(extra[1 + len(up_projs):])
+        hs, h_down, outs = hs[:-1], hs[-1], list(outs)
         cd, ld = ctx.dtypes
         needs = _param_needs(ctx, 4, len(projs))
         need_dA_down, need_dB_down, need_db_down = needs[-1]

@@ -390,3 +390,19 @@ def test_projection_called_on_another_tensor_computes_its_own_output():
         proj = getattr(attn, f"{name}_proj")
         want = proj.get_base_layer()(inp) + proj.scaling["default"] * proj.lora_B["default"](proj.lora_A["default"](inp))
         torch.testing.assert_close(out, want, **FP32)
+
+
+def test_checkpoint_recompute_reuses_what_its_forward_extracted(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+    _, block = peft_block(llama_block(), targets=["o_proj"])
+    layer = block.self_attn.o_proj
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    calls = []
+    real = FL._identity
+    monkeypatch.setattr(FL, "_identity", lambda m: calls.append(1) or real(m))
+    out = checkpoint(lambda t: FL.fused_o_forward(layer, t), x, use_reentrant=False)
+    assert len(calls) == 1
+    out.sum().backward()                      # the recompute runs inside backward: no second check
+    assert len(calls) == 1 and x.grad is not None and layer.lora_A["default"].weight.grad is not None
+    FL.fused_o_forward(layer, x)              # a forward outside backward checks again
+    assert len(calls) == 2

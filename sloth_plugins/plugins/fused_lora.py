@@ -208,10 +208,14 @@ def extract_lora(layer) -> ExtractedLora:
     the objects they depend on is not the one seen last time (see :func:`_identity`); a changed
     adapter, a merge, a disabled adapter or swapped parameters all show up there.
     """
-    key = _identity(layer)
     entry = _extracted.get(id(layer))
-    if entry is not None and key is not None and entry[0]() is layer and _same(entry[1], key):
-        ex = entry[2]
+    if entry is not None and _in_backward() and entry[0]() is layer:
+        # a checkpoint recomputing its forward inside backward: it must compute what that forward did
+        key = entry[1]
+    else:
+        key = _identity(layer)
+    if entry is not None and key is not None and entry[0]() is layer and tuple(map(id, key)) == entry[2]:
+        ex = entry[3]
         if ex.quant is None:
             return ex
         return ExtractedLora(ex.base.weight.data, ex.bias, ex.A, ex.B, ex.scale, ex.quant, ex.base)
@@ -219,15 +223,16 @@ def extract_lora(layer) -> ExtractedLora:
     if key is not None:
         ident = id(layer)
         ref = weakref.ref(layer, lambda _r, ident=ident, cache=_extracted: cache.pop(ident, None))
-        _extracted[ident] = (ref, key, ex)
+        _extracted[ident] = (ref, key, tuple(map(id, key)), ex)   # the key keeps its objects (and ids) alive
     return ex
 
 
-_extracted: dict = {}   # id(layer) -> (weakref to it, _identity(layer), ExtractedLora)
+_extracted: dict = {}   # id(layer) -> (weakref to it, _identity(layer), its objects' ids, ExtractedLora)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+def _in_backward() -> bool:
+    return _graph_task_id() != -1
 
 
 def _identity(layer) -> Optional[tuple]:
