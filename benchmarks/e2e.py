@@ -260,22 +260,7 @@ def profile_table(result: dict, top: int = 8) -> str:
     kernels = C.text_table(["top kernels", "category", "calls/step", "ms/step", "%"],
                            [[k["name"][:70], k["category"], C.fmt(k["calls_per_step"], 1), C.fmt(k["ms_per_step"], 2),
                              C.fmt(k["pct_of_step"], 1)] for k in prof["top_kernels"][:top]], left=2)
-    lines = [head, cats, kernels]
-    acc = prof.get("idle_account")
-    if acc and acc.get("error"):
-        lines.append(f"  idle account failed: {acc['error']}")
-    elif acc:
-        lines.append(f"  idle {acc['idle_ms_per_step']} ms/step: host late {acc['host_late_ms_per_step']} ms, device "
-                     f"waiting on copies/events {acc['device_waiting_ms_per_step']} ms; by phase "
-                     + ", ".join(f"{k} {v}" for k, v in acc["idle_by_phase"].items()))
-        lines.append(C.text_table(["idle before a kernel of", "ms/step"],
-                                  [[r["where"][:90], C.fmt(r["ms_per_step"], 2)] for r in acc["idle_by_launching_op"]],
-                                  left=2))
-        if acc["host_blocked_in_sync"]:
-            lines.append(C.text_table(["host blocked in", "ms/step"],
-                                      [[r["where"][:90], C.fmt(r["ms_per_step"], 2)]
-                                       for r in acc["host_blocked_in_sync"]], left=2))
-    return "\n".join(lines)
+    return "\n".join([head, cats, kernels])
 
 
 def host_profile_table(result: dict, top: int = 15) -> str:

@@ -250,11 +250,6 @@ def profile_steps(step, batches, device, step_s: Optional[float]) -> dict:
                    for e in prof.events() if e.device_type == DeviceType.CPU and not e.is_async]
         source = "CPU ops, self time"
     out = summarize_profile(records, len(batches), step_s, source, intervals=cuda)
-    if cuda:
-        try:
-            out["idle_account"] = idle_account(prof, len(batches))
-        except Exception as exc:   # an account that fails must not void the profile above
-            out["idle_account"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     out["profiled_step_ms"] = round(1e3 * sum(walls) / len(walls), 3)
     out["analysis_s"] = round(time.perf_counter() - t, 1)
     if cuda and not records:
@@ -322,70 +317,6 @@ class GcTime:
 
     def end_step(self) -> tuple:
         return round(self.ms, 3), list(self.counts)
-
-
-PHASES = ("bench:forward", "bench:backward", "bench:optimizer")
-_HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
-
-
-def idle_account(prof, n_steps: int, top: int = 12) -> dict:
-    """Where the device waited: every gap between kernels (any stream) is charged to the host
-    op that launched the kernel ending it. When that op started after the gap began, the host
-    was late (Python and launch cost); otherwise the device waited on something else (a copy,
-    an event). Gaps are grouped by the step phase (PHASES) and by the op directly under it
-    (autograd nodes, Function names, aten ops). Also: host time blocked in CUDA syncs, by op."""
-    from torch.autograd import DeviceType
-    events = prof.events()
-    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU}
-    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and not _SYNC_EVENT.search(e.name)),
-                     key=lambda e: e.time_range.start)
-
-    def lineage(e):
-        chain = []
-        while e is not None:
-            chain.append(e)
-            e = e.cpu_parent
-        return chain[::-1]                  # root first
-
-    def phase_and_op(e):
-        chain = lineage(e)
-        for i, node in enumerate(chain):
-            if node.name in PHASES:
-                below = chain[i + 1] if i + 1 < len(chain) else node
-                return node.name, below.name
-        if chain and chain[0].name.startswith("autograd::engine"):   # backward ops run on the engine's thread
-            return PHASES[1], chain[0].name
-        return "outside the phases", chain[0].name if chain else "?"
-
-    by_phase, by_op = defaultdict(float), defaultdict(float)
-    late_us = wait_us = 0.0
-    busy_until = None
-    for k in kernels:
-        start, end = k.time_range.start, k.time_range.end
-        if busy_until is not None and start > busy_until:
-            gap = start - busy_until
-            op = cpu.get(k.linked_correlation_id)
-            phase, name = phase_and_op(op) if op is not None else ("?", "?")
-            by_phase[phase] += gap
-            by_op[f"{phase.split(':')[-1]}: {name}"] += gap
-            if op is not None and op.time_range.start > busy_until:
-                late_us += gap
-            else:
-                wait_us += gap
-        busy_until = end if busy_until is None else max(busy_until, end)
-    blocked = defaultdict(float)
-    for e in events:
-        if e.device_type == DeviceType.CPU and e.name in _HOST_WAITS:
-            parent = cpu.get(e.linked_correlation_id) or e.cpu_parent
-            phase, name = phase_and_op(parent) if parent is not None else ("?", "?")
-            blocked[f"{e.name} in {phase.split(':')[-1]}: {name}"] += e.time_range.elapsed_us()
-    ms = lambda us: round(us / 1e3 / n_steps, 3)
-    ranked = lambda d: [{"where": k, "ms_per_step": ms(v)} for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
-    return {"idle_ms_per_step": ms(late_us + wait_us), "host_late_ms_per_step": ms(late_us),
-            "device_waiting_ms_per_step": ms(wait_us),
-            "idle_by_phase": {k: ms(v) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
-            "idle_by_launching_op": ranked(by_op), "host_blocked_in_sync": ranked(blocked)}
 
 
 # ---------------------------------------------------------------------------------------- create
@@ -550,16 +481,12 @@ def train(args) -> None:
     use_autocast = bool(dtype in (torch.bfloat16, torch.float16) and args.autocast)
     tokens = args.batch_size * args.seq_len
 
-    from torch.profiler import record_function
-
-    def step(ids):   # the phase names mark the host's time for profile_steps' account of idle time
-        with record_function(PHASES[0]), torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+    def step(ids):
+        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
             loss = model(input_ids=ids, labels=ids).loss
-        with record_function(PHASES[1]):
-            loss.backward()
-        with record_function(PHASES[2]):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return loss
 
     gc_time = GcTime()
