@@ -154,3 +154,27 @@ def test_bit_exact_vs_bitsandbytes_cuda(quant_type, nested, dtype, shape):
     assert torch.equal(_bits(got_buf), _bits(want))
     # the torch reference agrees on the GPU too
     assert torch.equal(_bits(dequantize_4bit_reference(packed, state)), _bits(want))
+
+
+def test_from_bnb_is_reused_until_the_scales_change():
+    """One wrapper per bitsandbytes state while its scale tensors are the same objects (a step
+    asks for every weight's state several times); a moved or replaced state gets a new one, and
+    a state that is garbage-collected leaves nothing behind."""
+    import gc
+
+    import sloth_plugins.kernels.nf4 as nf4
+    w = _weight((64, 32), torch.float32)
+    packed, qs, state = _quantize(w, "nf4", True)
+    assert QuantState4bit.from_bnb(qs) is state
+    assert state.triton_args is state.triton_args           # kernel arguments prepared once
+    qs.absmax = qs.absmax.clone()                            # e.g. QuantState.to(device) replaces it
+    fresh = QuantState4bit.from_bnb(qs)
+    assert fresh is not state and fresh.absmax is qs.absmax
+    qs.state2.absmax = qs.state2.absmax.clone()
+    assert QuantState4bit.from_bnb(qs) is not fresh
+    torch.testing.assert_close(dequantize_4bit_reference(packed, QuantState4bit.from_bnb(qs)),
+                               dequantize_4bit_reference(packed, state))
+    key = id(qs)
+    del qs
+    gc.collect()
+    assert key not in nf4._from_bnb_cache
