@@ -246,7 +246,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: Optional
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dequantize_4bit supports {_SUPPORTED_DTYPES}, got {dtype}")
     if reuse_buffer and slot is not None and out is None:
-        key = (packed.device, dtype, state.numel, slot)
+        key = _buffer_key(packed.device, dtype, state.numel, slot)
         contents = _contents(packed, state)
         buf = _buffer_view(key, state.shape)
         if _holds_already(key, contents):

@@ -209,22 +209,27 @@ def extract_lora(layer) -> ExtractedLora:
     adapter, a merge, a disabled adapter or swapped parameters all show up there.
     """
     entry = _extracted.get(id(layer))
-    if entry is not None and _in_backward() and entry[0]() is layer:
-        # a checkpoint recomputing its forward inside backward: it must compute what that forward did
-        key = entry[1]
-    else:
-        key = _identity(layer)
-    if entry is not None and key is not None and entry[0]() is layer and tuple(map(id, key)) == entry[2]:
-        ex = entry[3]
-        if ex.quant is None:
-            return ex
-        return ExtractedLora(ex.base.weight.data, ex.bias, ex.A, ex.B, ex.scale, ex.quant, ex.base)
+    if entry is not None and entry[0]() is not layer:
+        entry = None
+    if entry is not None and _in_backward():
+        # a checkpoint recomputing its forward inside backward must compute what that forward did
+        return _current(entry[3])
+    key = _identity(layer)
+    if entry is not None and key is not None and tuple(map(id, key)) == entry[2]:
+        return _current(entry[3])
     ex = _extract(layer)
     if key is not None:
         ident = id(layer)
         ref = weakref.ref(layer, lambda _r, ident=ident, cache=_extracted: cache.pop(ident, None))
         _extracted[ident] = (ref, key, tuple(map(id, key)), ex)   # the key keeps its objects (and ids) alive
     return ex
+
+
+def _current(ex: ExtractedLora) -> ExtractedLora:
+    """A cached extraction, with a 4-bit weight's packed bytes read again (``.data`` is a new view)."""
+    if ex.quant is None:
+        return ex
+    return ExtractedLora(ex.base.weight.data, ex.bias, ex.A, ex.B, ex.scale, ex.quant, ex.base)
 
 
 _extracted: dict = {}   # id(layer) -> (weakref to it, _identity(layer), its objects' ids, ExtractedLora)
