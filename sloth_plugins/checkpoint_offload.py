@@ -1,5 +1,7 @@
 """Checkpointed layers' inputs parked in host memory between their forward and their backward.
 
+``ActivationOffloader.park`` is called by ``layer_checkpoint`` for the layer's inputs. Under
+torch.distributed and torch.compile, where the plugin uses torch's checkpoint instead,
 ``ActivationOffloader.hooks(generation, index)`` is a ``saved_tensors_hooks`` context put around a
 non-reentrant ``torch.utils.checkpoint`` call. Inside the checkpoint the layer's own saves go
 to the checkpoint (and are recomputed); the only tensors that reach our hooks are the
@@ -212,9 +214,14 @@ class ActivationOffloader:
                 and tensor.is_contiguous() and tensor.numel() * tensor.element_size() >= max(minimum, 1))
 
     def _pack(self, tensor: torch.Tensor, generation: Hashable, index: int):
+        parked = self.park(tensor, generation, index)
+        return tensor if parked is None else parked
+
+    def park(self, tensor: torch.Tensor, generation: Hashable, index: int) -> Optional[ParkedTensor]:
+        """The tensor sent to host memory under ``(generation, index)``; None when it stays (``should_park``)."""
         if not self.should_park(tensor):
             self.kept_count += 1
-            return tensor
+            return None
         parked = self._to_host(tensor, (generation, index))
         with self._lock:
             self._parked.setdefault(generation, {})[index] = weakref.ref(parked)

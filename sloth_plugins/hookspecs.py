@@ -59,7 +59,7 @@ def sloth_checkpoint_plan(model, config, layers, budget_bytes):
 
     Each entry is one of:
       "keep"       no checkpointing: the layer holds its activations until its backward;
-      "recompute"  checkpointed (non-reentrant): holds only its input, re-runs its forward in backward;
+      "recompute"  checkpointed: holds only its input, re-runs its forward in backward;
       "offload"    checkpointed, and its input waits in host memory until the layer above starts
                    its backward (inputs under 1 MiB on CUDA stay on the device);
       "framework"  "recompute" while the framework has enabled gradient checkpointing

@@ -11,7 +11,8 @@ and our attributes re-asserted instead of silently replaced; ``unpatch`` replays
 framework's last request, so the model ends up exactly as the framework left it.
 
 Modes:
-* ``recompute``: every layer is checkpointed (non-reentrant; RNG replayed for dropout).
+* ``recompute``: every layer is checkpointed, as one autograd node (``layer_checkpoint``; torch's
+  non-reentrant checkpoint under torch.distributed and torch.compile); RNG replayed for dropout.
 * ``offload``: every layer but the last is checkpointed with its input parked in (pinned)
   host memory, fetched back on a side stream before its backward (``checkpoint_offload``).
 * ``auto``: the first training forward recomputes every layer and counts, per layer, the
@@ -40,6 +41,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .. import layer_checkpoint
 from ..checkpoint_offload import ActivationOffloader, offload_min_bytes
 from ..checkpoint_plan import (KEEP, OFFLOAD, RECOMPUTE, CheckpointPlan, LayerMemory, MemoryModel, activation_peaks,
                                plan_layers)
@@ -202,6 +204,7 @@ class CheckpointController:
         self._framework_at_patch = is_checkpointing_enabled(model)
         self.checkpointers = [LayerCheckpointer(self, i) for i in range(len(layers))]
         self.offloader = ActivationOffloader()
+        self.one_node = True          # layer_checkpoint where it is usable; False: always torch's checkpoint
         self.generation = 0
         self.decisions: Tuple[str, ...] = self._static_decisions()
         # auto
@@ -289,6 +292,10 @@ class CheckpointController:
             self._probe(index, function, args, kwargs)
         if decision == KEEP:
             out = function(*args, **kwargs)
+        elif self.one_node and layer_checkpoint.usable(function, kwargs):
+            offload = decision == OFFLOAD
+            out = layer_checkpoint.checkpoint_layer(function, args, self.offloader if offload else None,
+                                                    (generation, index) if offload else None)
         elif decision == OFFLOAD:
             with self.offloader.hooks(generation, index):
                 out = checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)

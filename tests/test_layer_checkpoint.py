@@ -1,0 +1,158 @@
+"""The one-node layer checkpoint (``sloth_plugins.layer_checkpoint``) against plain autograd.
+
+Exact in fp32 and under CPU bf16 autocast: the recompute runs the same ops on the same inputs.
+The model-level parity of every checkpointing mode is in ``test_checkpointing.py``.
+"""
+import functools
+import os
+import tempfile
+
+import pytest
+import torch
+
+import sloth_plugins as sloth
+from sloth_plugins import layer_checkpoint
+from sloth_plugins.checkpoint_offload import ActivationOffloader
+from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+from sloth_plugins.testing import tiny_model
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x, gate=None, scale=1.0):
+        h = self.dropout(torch.nn.functional.silu(self.up(x)))
+        if gate is not None:
+            h = h * gate
+        y = self.down(h) * scale
+        return y, None, "label"
+
+
+def _run(block, x, gate, checkpointed, offloader=None, seed=3):
+    torch.manual_seed(seed)
+    if checkpointed:
+        key = (1, 0) if offloader is not None else None
+        y, none, label = layer_checkpoint.checkpoint_layer(block, (x, gate, 0.5), offloader, key)
+    else:
+        y, none, label = block(x, gate, 0.5)
+    assert none is None and label == "label"
+    torch.manual_seed(seed + 1)        # the backward must not depend on the RNG at backward time
+    (y.square().sum()).backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+def _inputs(x_grad, gate_grad):
+    torch.manual_seed(1)
+    x = torch.randn(4, 8, requires_grad=x_grad)
+    gate = torch.rand(4, 16, requires_grad=gate_grad)
+    return x, gate
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("x_grad,gate_grad", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_matches_plain_autograd(dropout, x_grad, gate_grad, offload):
+    block = _Block(dropout)
+    results = []
+    for checkpointed in (False, True):
+        x, gate = _inputs(x_grad, gate_grad)
+        offloader = ActivationOffloader(min_bytes=0) if checkpointed and offload else None
+        y, grads = _run(block, x, gate, checkpointed, offloader)
+        results.append((y, grads, x.grad, gate.grad))
+        if offloader is not None:
+            assert offloader.parked_count == 2 and offloader.fetched_on_demand == 2   # no prefetch asked
+            assert offloader.live_parked() == 0
+    (y0, g0, dx0, dg0), (y1, g1, dx1, dg1) = results
+    assert torch.equal(y0, y1)
+    for name in g0:     # the parameters get gradients even when no input requires grad
+        assert torch.equal(g0[name], g1[name]), name
+    assert (dx0 is None) == (not x_grad) and (dx0 is None or torch.equal(dx0, dx1))
+    assert (dg0 is None) == (not gate_grad) and (dg0 is None or torch.equal(dg0, dg1))
+
+
+def test_recompute_runs_under_the_forwards_autocast():
+    block = _Block()
+    results = []
+    for checkpointed in (False, True):
+        x, gate = _inputs(True, False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if checkpointed:
+                y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0))[0]
+            else:
+                y = block(x, gate, 1.0)[0]
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()      # outside autocast, as trainers do
+        results.append((y.detach(), x.grad, block.up.weight.grad.clone()))
+        block.zero_grad(set_to_none=True)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_prefetch_by_key_before_the_backward():
+    block = _Block()
+    offloader = ActivationOffloader(min_bytes=0)
+    x, _ = _inputs(True, False)
+    y = layer_checkpoint.checkpoint_layer(block, (x, None, 1.0), offloader, ("gen", 7))[0]
+    assert offloader.prefetch("gen", 7)
+    y.sum().backward()
+    assert offloader.prefetched == 1 and offloader.fetched_on_demand == 0 and x.grad is not None
+
+
+def test_autograd_grad_raises_a_clear_error():
+    block = _Block()
+    x, gate = _inputs(True, False)
+    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0))[0]
+    with pytest.raises(RuntimeError, match="gradient_checkpointing='off'"):
+        torch.autograd.grad(y.sum(), x)
+
+
+def test_usable_only_where_it_is_exact():
+    block = _Block()
+    assert layer_checkpoint.usable(functools.partial(block, scale=1.0), {})
+    assert not layer_checkpoint.usable(block, {"scale": 1.0})
+    trainable = torch.ones(4, 16, requires_grad=True)
+    assert not layer_checkpoint.usable(functools.partial(block, gate=trainable), {})
+    assert not layer_checkpoint.usable(functools.partial(block, gate=(trainable, None)), {})
+    assert layer_checkpoint.usable(functools.partial(block, gate=trainable.detach()), {})
+
+
+def _layer_nodes(model, ids):
+    """The grad_fn class of each decoder layer's output in one training forward."""
+    names, handles = [], []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_hook(
+            lambda m, a, out: names.append(type((out[0] if isinstance(out, tuple) else out).grad_fn).__name__)))
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return names
+
+
+def test_the_controller_uses_one_node_per_layer_and_torch_under_distributed():
+    import torch.distributed as dist
+
+    model = tiny_model("llama", seed=0, layers=3, vocab_size=128)
+    model.train()
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing="offload"))
+    ids = torch.randint(3, 128, (2, 8))
+    assert _layer_nodes(model, ids) == ["_LayerCheckpointBackward"] * 3
+    get_checkpoint_controller(model).one_node = False
+    assert "_LayerCheckpointBackward" not in _layer_nodes(model, ids)
+    get_checkpoint_controller(model).one_node = True
+    store = tempfile.NamedTemporaryFile(delete=False)
+    store.close()
+    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    try:
+        assert "_LayerCheckpointBackward" not in _layer_nodes(model, ids)
+    finally:
+        dist.destroy_process_group()
+        if os.path.exists(store.name):
+            os.unlink(store.name)
