@@ -149,12 +149,17 @@ class _LayerCheckpoint(torch.autograd.Function):
             raise RuntimeError("sloth_plugins gradient checkpointing supports .backward(), not torch.autograd.grad() "
                                "or backward(inputs=...): the checkpointed layers' parameters get their gradients "
                                "in .grad. Use SlothConfig(gradient_checkpointing='off') for autograd.grad.")
-        job = ctx.job
+        job, ctx.job = ctx.job, None
+        if job is None:
+            raise RuntimeError("sloth_plugins gradient checkpointing: a second backward through a checkpointed layer "
+                               "(retain_graph=True) is not supported; the first one released its inputs")
         saved = iter(ctx.saved_tensors)
         inputs = []
         for parked, needs in zip(job.parked, job.requires_grad):
             t = (parked.take() if parked is not None else next(saved)).detach()
             inputs.append(t.requires_grad_(needs))
+        # the graph outlives its backward as long as the loss tensor lives: keep nothing in it
+        job.parked = ()
         with torch.enable_grad(), job.replay():
             out = job.call(inputs)
         outs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]

@@ -42,6 +42,9 @@ def _run(block, x, gate, checkpointed, offloader=None, seed=3):
     assert none is None and label == "label"
     torch.manual_seed(seed + 1)        # the backward must not depend on the RNG at backward time
     (y.square().sum()).backward()
+    if offloader is not None:
+        # while the graph still lives (y holds it), its host buffers are back in the pool
+        assert offloader.live_parked() == 0 and offloader.pool("cpu").stats().in_use_bytes == 0
     grads = {n: p.grad.clone() for n, p in block.named_parameters()}
     block.zero_grad(set_to_none=True)
     return y.detach(), grads
@@ -67,7 +70,6 @@ def test_matches_plain_autograd(dropout, x_grad, gate_grad, offload):
         results.append((y, grads, x.grad, gate.grad))
         if offloader is not None:
             assert offloader.parked_count == 2 and offloader.fetched_on_demand == 2   # no prefetch asked
-            assert offloader.live_parked() == 0
     (y0, g0, dx0, dg0), (y1, g1, dx1, dg1) = results
     assert torch.equal(y0, y1)
     for name in g0:     # the parameters get gradients even when no input requires grad
@@ -110,6 +112,15 @@ def test_autograd_grad_raises_a_clear_error():
     y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0))[0]
     with pytest.raises(RuntimeError, match="gradient_checkpointing='off'"):
         torch.autograd.grad(y.sum(), x)
+
+
+def test_a_second_backward_through_the_layer_raises_a_clear_error():
+    block = _Block()
+    x, gate = _inputs(True, False)
+    loss = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0))[0].sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
 
 
 def test_usable_only_where_it_is_exact():
