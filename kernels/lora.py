@@ -168,8 +168,8 @@ def _flat_params(projs: Sequence[LoraProjection]) -> list:
 
 
 def _in_lora_dtype(projs: Sequence[LoraProjection], ld: torch.dtype) -> list:
-    """The projections with A and B in the LoRA compute dtype. Cast inside the Functions, so
-    autograd records no cast nodes; backward casts again and returns dA, dB in A's dtype."""
+    """The projections with A and B in the LoRA compute dtype. Cast inside the Functions' forward
+    (autograd records no cast nodes) and kept for their backward, which returns dA, dB in A's dtype."""
     return [p if not p.has_lora or p.A.dtype == ld else
             LoraProjection(p.weight, p.A.to(ld), p.B.to(ld), p.scale, p.bias, p.quant) for p in projs]
 
@@ -179,18 +179,19 @@ def _param_needs(ctx, first: int, count: int) -> list:
     return [(n[first + 3 * i], n[first + 3 * i + 1], n[first + 3 * i + 2]) for i in range(count)]
 
 
-def _save(ctx, x, projs, dtypes, hs, *extra) -> None:
+def _save(ctx, x, projs, cast_projs, dtypes, hs, *extra) -> None:
     """x and ``extra`` through save_for_backward (checkpointing drops and recomputes them). The
-    parameters and the rank-r products ``hs`` (tokens x r: ~1% of x) are kept on ctx: every saved
-    tensor costs a pair of saved-tensor hooks, the bulk of a checkpointed layer's host time."""
-    ctx.projs, ctx.dtypes, ctx.hs = projs, dtypes, hs
+    parameters, their casts to the LoRA dtype (the backward, right after a checkpoint's
+    recompute, needs them again) and the rank-r products ``hs`` (tokens x r: ~1% of x) are kept
+    on ctx: under torch's checkpoint every saved tensor costs a pair of saved-tensor hooks."""
+    ctx.projs, ctx.cast_projs, ctx.dtypes, ctx.hs = projs, cast_projs, dtypes, hs
     ctx.save_for_backward(x, *extra)
 
 
 def _load(ctx):
     """(x, projections with A/B in the LoRA compute dtype, hs, the extra saved tensors)."""
     saved = ctx.saved_tensors
-    return saved[0], _in_lora_dtype(ctx.projs, ctx.dtypes[1]), ctx.hs, saved[1:]
+    return saved[0], ctx.cast_projs, ctx.hs, saved[1:]
 
 
 _NOTHING = contextlib.nullcontext()
@@ -223,9 +224,10 @@ class _LoraProjectionsFn(torch.autograd.Function):
     def forward(ctx, x, projs, lora_dtype, *params):   # params: the A, B, bias of projs, listed for autograd
         cd = x.dtype
         ld = lora_dtype or _lora_dtype(projs, cd)
+        lp = _in_lora_dtype(projs, ld)
         with _no_autocast(x):
-            outs, hs = _forward_projections(x, _in_lora_dtype(projs, ld), cd, ld, "proj")
-        _save(ctx, x, projs, (cd, ld), hs)
+            outs, hs = _forward_projections(x, lp, cd, ld, "proj")
+        _save(ctx, x, projs, lp, (cd, ld), hs)
         return tuple(outs)
 
     @staticmethod
@@ -295,7 +297,7 @@ class _LoraGatedMLPFn(torch.autograd.Function):
             g, u = _split_gate_up(outs)
             a = gated_activation(activation, g, u)
             (y,), (h_down,) = _forward_projections(a, [down], cd, ld, "mlp_out")
-        _save(ctx, x, projs, (cd, ld), [*hs, h_down], *outs)
+        _save(ctx, x, projs, lp, (cd, ld), [*hs, h_down], *outs)
         ctx.activation = activation
         return y
 
