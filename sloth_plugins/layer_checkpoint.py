@@ -35,11 +35,20 @@ def usable(function: Callable, kwargs: dict) -> bool:
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False
-    for value in getattr(function, "keywords", {}).values():
-        for t in (value if isinstance(value, (tuple, list)) else (value,)):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                return False
-    return True
+    bound = (getattr(function, "args", ()), getattr(function, "keywords", {}))    # a partial's arguments
+    return not any(t.requires_grad for t in tensors_in(bound))
+
+
+def tensors_in(obj: Any, depth: int = 3):
+    """The tensors in ``obj`` and in the tuples, lists and dicts it holds, ``depth`` levels down."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0 and isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from tensors_in(item, depth - 1)
+    elif depth > 0 and isinstance(obj, dict):
+        for item in obj.values():
+            yield from tensors_in(item, depth - 1)
 
 
 def checkpoint_layer(function: Callable, args: tuple, offloader: Optional[ActivationOffloader] = None,

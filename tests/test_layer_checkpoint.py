@@ -130,6 +130,8 @@ def test_usable_only_where_it_is_exact():
     trainable = torch.ones(4, 16, requires_grad=True)
     assert not layer_checkpoint.usable(functools.partial(block, gate=trainable), {})
     assert not layer_checkpoint.usable(functools.partial(block, gate=(trainable, None)), {})
+    assert not layer_checkpoint.usable(functools.partial(block, gate={"gate": trainable}), {})
+    assert not layer_checkpoint.usable(functools.partial(block, torch.ones(4, 8, requires_grad=True)), {})
     assert layer_checkpoint.usable(functools.partial(block, gate=trainable.detach()), {})
 
 

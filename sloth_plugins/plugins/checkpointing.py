@@ -42,6 +42,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import layer_checkpoint
+from ..layer_checkpoint import tensors_in
 from ..checkpoint_offload import ActivationOffloader, offload_min_bytes
 from ..checkpoint_plan import (KEEP, OFFLOAD, RECOMPUTE, CheckpointPlan, LayerMemory, MemoryModel, activation_peaks,
                                plan_layers)
@@ -386,7 +387,7 @@ class CheckpointController:
         layer = self.layers[index]
         hidden_key = _storage_key(hidden) if hidden is not None else None
         shared = {_storage_key(t) for t in list(layer.parameters()) + list(layer.buffers())}
-        shared |= {_storage_key(t) for t in _tensors_in((args, kwargs, getattr(function, "args", ()),
+        shared |= {_storage_key(t) for t in tensors_in((args, kwargs, getattr(function, "args", ()),
                                                          getattr(function, "keywords", {})))}
         shared.discard(hidden_key)
         held = {}
@@ -647,17 +648,6 @@ def _hidden_states(function, args: tuple) -> Optional[torch.Tensor]:
             return a
     hidden = getattr(function, "keywords", {}).get("hidden_states")
     return hidden if isinstance(hidden, torch.Tensor) else None
-
-
-def _tensors_in(obj: Any, depth: int = 3):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth > 0 and isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors_in(item, depth - 1)
-    elif depth > 0 and isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors_in(item, depth - 1)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
