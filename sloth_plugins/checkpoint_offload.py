@@ -1,7 +1,8 @@
 """Checkpointed layers' inputs parked in host memory between their forward and their backward.
 
-``ActivationOffloader.park`` is called by ``layer_checkpoint`` for the layer's inputs. Under
-torch.distributed and torch.compile, where the plugin uses torch's checkpoint instead,
+``ActivationOffloader.park`` is called by ``layer_checkpoint`` for the layer's inputs. Where that
+is not usable (torch.distributed, torch.compile, trainable tensors among the layer's bound
+arguments) the plugin uses torch's checkpoint instead, and
 ``ActivationOffloader.hooks(generation, index)`` is a ``saved_tensors_hooks`` context put around a
 non-reentrant ``torch.utils.checkpoint`` call. Inside the checkpoint the layer's own saves go
 to the checkpoint (and are recomputed); the only tensors that reach our hooks are the

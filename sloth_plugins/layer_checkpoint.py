@@ -12,7 +12,8 @@ the node, so the node is in every graph that uses the layer's output.
 
 ``usable`` routes to torch's non-reentrant checkpoint what this does not cover:
 torch.distributed runs (DDP's and FSDP's gradient hooks are proven with torch's checkpoint),
-torch.compile tracing, keyword arguments that require grad. ``torch.autograd.grad`` cannot
+torch.compile tracing, trainable tensors bound in the layer's call (a partial's keywords or
+positional arguments; the node's inputs are the call's own tensor arguments). ``torch.autograd.grad`` cannot
 reach the parameters through a nested backward; it raises, as with torch's reentrant
 checkpoint. The forward and the recompute run under the same autocast and RNG state, so they
 compute the same values.
