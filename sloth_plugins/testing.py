@@ -11,6 +11,8 @@ from typing import Iterable, List, Optional
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+# Causal LMs without an architecture entry: what the generic paths must get right.
+UNKNOWN_FAMILIES = ("gpt2", "opt", "custom")
 DATA_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "examples", "data", "tiny_instructions.jsonl")
 PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
@@ -72,6 +74,52 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **config_overrides), dtype=dtype)
     return model
+
+
+def probe_model(family: str = "llama", seed: int = 0, **overrides):
+    """A tiny model of FAMILIES or UNKNOWN_FAMILIES ("custom": a Llama registered under a model_type
+    no table knows), dropout off, built from ``seed``."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, OPTConfig
+
+    if family not in UNKNOWN_FAMILIES:
+        return tiny_model(family, seed=seed, **overrides)
+    torch.manual_seed(seed)
+    small = dict(vocab_size=384, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, **small)
+    elif family == "opt":
+        config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+                           **small)
+    else:
+        class CustomConfig(LlamaConfig):
+            model_type = "sloth_custom_llm"
+
+        class CustomForCausalLM(LlamaForCausalLM):
+            config_class = CustomConfig
+
+        return CustomForCausalLM(CustomConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=128, **small, **overrides))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def with_lora(model, seed: int = 7, **lora_options):
+    """PEFT LoRA on all linear layers, B initialised away from zero so the adapters change the outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    options = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    options.update(lora_options)
+    peft_model = get_peft_model(model, LoraConfig(**options))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=g)
+    return peft_model
 
 
 def right_pad_collate(rows: List[dict]) -> dict:
