@@ -13,6 +13,9 @@ skip ignored labels before the head's matmul), the model's own loss and logits, 
 ``num_items_in_batch``. Labels are never touched; with labels -100 at padding (what every padding
 collator produces) the loss and gradients equal the padded batch's, token for token.
 
+Only families of the architecture table are packed: their attention is tested to keep the samples
+of a packed row apart. Any other family falls back (PatchReport) and its batches stay padded.
+
 Why the decoder and not the CausalLM forward: every head calls it, including TRL's fused head,
 which replaces the CausalLM forward after the callback patched it and runs the decoder itself.
 
@@ -49,7 +52,7 @@ class PaddingFreePlugin:
         if not config.padding_free:
             return
         decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-        reason = _why_not(model, decoder)
+        reason = _why_not(model, decoder, arch)
         if reason:
             report.fallback(KIND, reason)
             return
@@ -58,7 +61,12 @@ class PaddingFreePlugin:
                                  "position ids restarting per sample, cu_seq_lens); hidden states scattered back")
 
 
-def _why_not(model, decoder) -> Optional[str]:
+def _why_not(model, decoder, arch) -> Optional[str]:
+    if arch is None:
+        # Declaring FlashAttention support does not prove that the family's SDPA / eager masks
+        # read restarting position ids (issue #15: OPT's packed samples attended to each other).
+        return (f"model_type {getattr(model.config, 'model_type', None)!r} is not in the architecture table: "
+                f"nothing proves its attention keeps the samples of a packed row apart; padded batches stay padded")
     if not isinstance(decoder, torch.nn.Module):
         return f"{type(model).__name__} has no decoder at .{getattr(model, 'base_model_prefix', 'model')}"
     if not getattr(model, "_supports_flash_attn", False):
