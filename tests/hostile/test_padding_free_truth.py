@@ -2,6 +2,8 @@
 
 - A family outside the architecture table (OPT, GPT-2) is not proven to keep packed samples
   apart: padding_free falls back, batches stay padded, the loss is the unpatched one exactly.
+- A left-padded batch: the padded model predicts the first real token of a row from the pad
+  position before it; a packed row has no such position. Such batches pass through unpacked.
 """
 import pytest
 import torch
@@ -81,3 +83,18 @@ def test_a_table_family_still_packs():
     rows = _decoder_rows(model)
     torch.testing.assert_close(_loss(model, batch), ref, rtol=1e-5, atol=1e-5)
     assert rows == [(1, sum(LENGTHS))]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_left_padded_batch_passes_through_with_the_padded_loss(family):
+    model = tiny_model(family).train()
+    batch = _batch("left")
+    ref = _loss(model, batch)
+    report = sloth.patch(model, padding_free=True, **ONLY)
+    rows = _decoder_rows(model)
+    assert torch.equal(_loss(model, batch), ref)
+    assert rows == [(len(LENGTHS), max(LENGTHS))]
+    notes = [n for n in report.notes if n.startswith("padding_free:")]
+    assert len(notes) == 1 and "left padding" in notes[0]
+    _loss(model, batch)
+    assert len([n for n in report.notes if n.startswith("padding_free:")]) == 1    # noted once
