@@ -35,13 +35,14 @@ class SlothConfig:
         row) on CUDA where a one-time measurement finds sloth's varlen kernel faster; "sloth" sends
         every call it can to the kernel (torch reference off CUDA); "sdpa" leaves the model's
         attention (SDPA / FlashAttention through transformers) alone.
-    padding_free: train without padding. In a training forward with a 2-D padding mask (right or
-        left padding) the decoder runs its layers on one packed row of the real tokens (position
-        ids restarting at 0 per sample, ``cu_seq_lens``) and hands the head the hidden states in
-        the padded layout again: same loss and logits shape, labels untouched. Batches a collator
-        already packed (``integrations.collators.PaddingFreeCollator``, TRL's ``padding_free``,
-        Axolotl's ``sample_packing``) pass through. The HF callback turns it on for TRL's
-        padding-free SFTConfig; Axolotl's plugin follows ``sample_packing``.
+    padding_free: train without padding. In a training forward with a 2-D right-padding mask
+        the decoder runs its layers on one packed row of the real tokens (position ids restarting
+        at 0 per sample, ``cu_seq_lens``) and hands the head the hidden states in the padded
+        layout again: same loss and logits shape, labels untouched. Families of the architecture
+        table only (others fall back). Left-padded batches and batches a collator already packed
+        (``integrations.collators.PaddingFreeCollator``, TRL's ``padding_free``, Axolotl's
+        ``sample_packing``) pass through. The HF callback turns it on for TRL's padding-free
+        SFTConfig; Axolotl's plugin follows ``sample_packing``.
     """
 
     kernels: Any = True

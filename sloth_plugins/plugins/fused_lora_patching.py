@@ -16,6 +16,17 @@ from . import fused_lora
 from ._modules import get_path
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hooked(module, names) -> bool:
+    """Whether a layer a fused path would call around (not through ``__call__``) has hooks we
+    cannot honour: PEFT's ``adapter_names`` pre-hooks (mixed-adapter batches), DeepSpeed's
+    parameter gathering, a user's. Dict truthiness only: this runs on every call."""
+    modules = module._modules
+    return any(getattr(modules[n], h) for n in names for h in _HOOKS)
+
+
 def _has_lora(*modules) -> bool:
     return any(fused_lora._is_lora_layer(m) for m in modules if m is not None)
 
@@ -37,6 +48,8 @@ def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher:
     original = mlp.forward
 
     def forward(self, x):
+        if _hooked(self, names):
+            return original(x)
         try:
             return fused_lora.fused_mlp_forward(self, x, kind, gate_name=gate_name, up_name=up_name,
                                                 down_name=arch.down_proj)
@@ -88,8 +101,8 @@ def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, 
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
-        if ready or not isinstance(x, torch.Tensor) or x.is_inference():   # no version counter there
-            return original(*args, **kwargs)
+        if ready or not isinstance(x, torch.Tensor) or x.is_inference() or _hooked(self, names):
+            return original(*args, **kwargs)                # (no version counter on an inference tensor)
         try:
             outs = fused_lora.fused_qkv_forward(self, x, *names)
         except fused_lora.UnsupportedLoraLayer:

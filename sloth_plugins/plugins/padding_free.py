@@ -11,7 +11,11 @@ positions, and no layer spends work on padding. The final hidden states are scat
 loss next sees the padded layout it expects: sloth's chunked loss and TRL's fused LM head (both
 skip ignored labels before the head's matmul), the model's own loss and logits, ``logits_to_keep``,
 ``num_items_in_batch``. Labels are never touched; with labels -100 at padding (what every padding
-collator produces) the loss and gradients equal the padded batch's, token for token.
+collator produces) the loss and gradients of a right-padded batch equal the padded batch's, token
+for token.
+
+Only families of the architecture table are packed: their attention is tested to keep the samples
+of a packed row apart. Any other family falls back (PatchReport) and its batches stay padded.
 
 Why the decoder and not the CausalLM forward: every head calls it, including TRL's fused head,
 which replaces the CausalLM forward after the callback patched it and runs the decoder itself.
@@ -20,7 +24,9 @@ Which tokens are real is read from the attention mask. Axolotl's multipack mask 
 index within the row, 0 on padding) is split into its samples the same way.
 
 Everything else reaches the decoder untouched, with a one-time note in the PatchReport where a
-padded batch was not packed: eval mode, a batch without padding, a batch already packed
+padded batch was not packed: eval mode, a left-padded batch (the padded model predicts a row's
+first real token from the pad position before it: a loss term a packed row cannot reproduce), a
+batch without padding, a batch already packed
 (``cu_seq_lens_q`` present, position ids restarting inside a sample), a KV cache or
 ``use_cache=True``, ``output_hidden_states`` / ``output_attentions``, a 4-D or holed mask,
 per-token tensors the plugin does not know.
@@ -49,7 +55,7 @@ class PaddingFreePlugin:
         if not config.padding_free:
             return
         decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-        reason = _why_not(model, decoder)
+        reason = _why_not(model, decoder, arch)
         if reason:
             report.fallback(KIND, reason)
             return
@@ -58,7 +64,12 @@ class PaddingFreePlugin:
                                  "position ids restarting per sample, cu_seq_lens); hidden states scattered back")
 
 
-def _why_not(model, decoder) -> Optional[str]:
+def _why_not(model, decoder, arch) -> Optional[str]:
+    if arch is None:
+        # Declaring FlashAttention support does not prove that the family's SDPA / eager masks
+        # read restarting position ids (issue #15: OPT's packed samples attended to each other).
+        return (f"model_type {getattr(model.config, 'model_type', None)!r} is not in the architecture table: "
+                f"nothing proves its attention keeps the samples of a packed row apart; padded batches stay padded")
     if not isinstance(decoder, torch.nn.Module):
         return f"{type(model).__name__} has no decoder at .{getattr(model, 'base_model_prefix', 'model')}"
     if not getattr(model, "_supports_flash_attn", False):
@@ -146,6 +157,7 @@ class _Packing:
         run_starts = real & (values != F.pad(values[:, :-1], (1, 0)))
         start_values = torch.where(run_starts, values, torch.zeros_like(values))
         holed = run_starts & (start_values <= F.pad(start_values.cummax(dim=1).values[:, :-1], (1, 0)))
+        left_padded = ~real[:, 0] & real.any(dim=1)
         index = real.reshape(-1).nonzero().squeeze(1)
         if index.numel() == 0:
             return "every token of the batch is padding"
@@ -160,7 +172,12 @@ class _Packing:
             positions = position_ids.to(index.device).expand(batch, seq).reshape(-1)[index]
             follows = F.pad(positions[1:] == positions[:-1] + 1, (1, 0), value=False)
             restarted, joined = (~starts & ~follows).any(), (starts & follows).any()
-        holed, restarted, joined = torch.stack([holed.any().to(index.device), restarted, joined]).tolist()
+        holed, left_padded, restarted, joined = torch.stack(
+            [holed.any().to(index.device), left_padded.any().to(index.device), restarted, joined]).tolist()
+        if left_padded:
+            # The padded model predicts a row's first real token from the pad position before it
+            # (a loss term when that token is labelled); a packed row has no such position.
+            return "left padding (the padded model predicts each row's first real token from a pad position)"
         if holed:
             return "an attention mask with holes (padding between the tokens of one sample)"
         if restarted:
