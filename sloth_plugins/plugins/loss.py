@@ -9,8 +9,8 @@ where its loss is provably CE(lm_head(decoder output)): the head is a direct chi
 CausalLM beside the decoder, no other module holds weights, no router/auxiliary loss is
 configured, and on the first training step the model's own loss on the same batch (same
 dropout masks, no graph) equals sloth's; on a mismatch the model keeps its own forward for
-good. Training calls that bypass the fast loss (router logits asked for) turn the report's
-loss line into a fallback.
+good. Training calls that bypass the fast loss (no labels: the caller builds its loss from
+the logits; router logits asked for) turn the report's loss line into a fallback.
 
 Sharded heads. Under DDP, and under FSDP1/FSDP2 when the head belongs to the root unit, the
 head's weight is whole while the model's forward runs (FSDP1 gives it as a Tensor view). When
@@ -291,6 +291,10 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         labels = arguments.pop("labels", None)
         shift_labels = arguments.pop("shift_labels", None)
         if labels is None and shift_labels is None:
+            if torch.is_grad_enabled():     # not generation: the caller trains on the logits
+                record_model_loss("a training forward ran without labels: the caller computes the loss from the "
+                                  "full logits (a Trainer compute_loss_func, label smoothing, a custom loop); "
+                                  "sloth's fused loss does not run for such calls")
             return original(*args, **kwargs)
         if arguments.get("logits_to_keep", 0) not in (0, None):
             return original(*args, **kwargs)

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, BertConfig, BertLMHeadModel, GPT2Config, MixtralConfig,
-                          OlmoeConfig, OPTConfig, Qwen2MoeConfig, RobertaConfig, RobertaForCausalLM)
+                          OlmoeConfig, OPTConfig, Qwen2MoeConfig, RobertaConfig, RobertaForCausalLM, Trainer,
+                          TrainingArguments)
 
 import sloth_plugins as sloth
 from sloth_plugins.testing import tiny_model
@@ -214,3 +215,71 @@ def test_table_families_keep_todays_path():
     assert entry.patched and "verified" not in entry.detail and "pending" not in entry.detail
     ids, labels = _batch()
     assert model(input_ids=ids, labels=labels).logits is None
+
+
+# ---- 2. the caller computes its own loss ------------------------------------------------------------
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=12):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, VOCAB, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def _smoothed_loss(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             label_smoothing=0.05)
+
+
+def _trainer_losses(tmp_path, *, patched, **options):
+    model = tiny_model("llama", vocab_size=VOCAB)
+    args = TrainingArguments(output_dir=str(tmp_path / f"out-{patched}"), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                             label_smoothing_factor=options.pop("label_smoothing_factor", 0.0))
+    callbacks = [sloth.SlothCallback(verbose=False)] if patched else []
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=callbacks, **options)
+    losses = []
+    step = trainer.training_step
+    trainer.training_step = lambda *a, **k: losses.append(step(*a, **k).item()) or torch.tensor(losses[-1])
+    trainer.train()
+    return losses, (callbacks[0].report if patched else None)
+
+
+def test_compute_loss_func_trains_the_same_and_the_report_says_so(tmp_path):
+    ref, _ = _trainer_losses(tmp_path, patched=False, compute_loss_func=_smoothed_loss)
+    losses, report = _trainer_losses(tmp_path, patched=True, compute_loss_func=_smoothed_loss)
+    assert losses == pytest.approx(ref, rel=1e-5) and len(losses) == 3
+    entry = _loss_entry(report)
+    assert not entry.patched and "without labels" in entry.detail and "logits" in entry.detail
+
+
+def test_label_smoothing_turns_the_loss_off_with_a_note(tmp_path):
+    ref, _ = _trainer_losses(tmp_path, patched=False, label_smoothing_factor=0.1)
+    losses, report = _trainer_losses(tmp_path, patched=True, label_smoothing_factor=0.1)
+    assert losses == pytest.approx(ref, rel=1e-5) and len(losses) == 3
+    assert report.count("loss") == 0
+    assert any("label_smoothing_factor" in n for n in report.notes)
+
+
+def test_training_forward_without_labels_flips_the_report_once():
+    model = tiny_model("llama").train()
+    report = sloth.patch(model)
+    ids, _ = _batch()
+    logits = model(input_ids=ids).logits
+    assert logits is not None
+    model(input_ids=ids)
+    entry = _loss_entry(report)
+    assert not entry.patched and "without labels" in entry.detail
+    assert report.count("loss", patched=False) == 1
+    with torch.no_grad():          # generation-style calls do not train on the logits
+        other = tiny_model("llama").train()
+        other_report = sloth.patch(other)
+        other(input_ids=ids)
+    assert _loss_entry(other_report).patched
