@@ -271,9 +271,17 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
             # target of position t is labels[t + 1]; the last position has none
             shift_labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
         shift_labels = shift_labels.to(hidden.device)
+        # Launched before the loss and read after it: the loss already waits for the labels (it
+        # selects the valid tokens), so reading this adds no wait of its own.
+        has_labels = (shift_labels != IGNORE_INDEX).any()
         loss = hook.sloth_causal_lm_loss(
             hidden_states=hidden.reshape(-1, hidden.shape[-1]), lm_head=self.get_output_embeddings(),
             labels=shift_labels.reshape(-1), num_items_in_batch=num_items, config=config, softcap=softcap)
+        if "empty" not in warned and not bool(has_labels):
+            warned.add("empty")
+            warnings.warn(f"sloth_plugins: a training batch of {type(self).__name__} has no labels (every label "
+                          f"is {IGNORE_INDEX}): its loss is 0.0 with zero gradients (transformers' own loss would "
+                          f"be NaN). Warned once per model.", stacklevel=5)
         return _causal_lm_output(loss, outputs), hidden.dtype
 
     def forward(self, *args, **kwargs):
@@ -296,6 +304,8 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
                                   "full logits (a Trainer compute_loss_func, label smoothing, a custom loop); "
                                   "sloth's fused loss does not run for such calls")
             return original(*args, **kwargs)
+        _check_label_shape(arguments, labels if labels is not None else shift_labels,
+                           "labels" if labels is not None else "shift_labels")
         if arguments.get("logits_to_keep", 0) not in (0, None):
             return original(*args, **kwargs)
         asked = _extra_outputs(arguments, self.config)
@@ -336,6 +346,16 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         return original(*args, **kwargs)
 
     patcher.bind(model, "forward", forward, wraps=original)
+
+
+def _check_label_shape(arguments, labels, name) -> None:
+    ids = arguments.get("input_ids")
+    embeds = arguments.get("inputs_embeds")
+    tokens, what = (ids.shape, "input_ids") if ids is not None else (
+        (embeds.shape[:-1], "inputs_embeds (without the hidden dim)") if embeds is not None else (None, None))
+    if tokens is not None and tuple(labels.shape) != tuple(tokens):
+        raise ValueError(f"sloth_plugins: {name} have shape {tuple(labels.shape)} but {what} have shape "
+                         f"{tuple(tokens)}; a causal-LM loss needs one label per input token (-100 to ignore one)")
 
 
 def _extra_outputs(arguments, model_config) -> Optional[str]:

@@ -283,3 +283,31 @@ def test_training_forward_without_labels_flips_the_report_once():
         other_report = sloth.patch(other)
         other(input_ids=ids)
     assert _loss_entry(other_report).patched
+
+
+# ---- 3. a batch without labels ----------------------------------------------------------------------
+
+def test_all_ignored_labels_warn_once_and_stay_finite():
+    model = tiny_model("llama").train()
+    sloth.patch(model)
+    ids, _ = _batch()
+    labels = torch.full_like(ids, -100)
+    with pytest.warns(UserWarning, match="sloth_plugins.*no labels"):
+        out = model(input_ids=ids, labels=labels)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model(input_ids=ids, labels=labels).loss.item() == 0.0
+
+
+# ---- 4. labels that do not line up with the inputs -------------------------------------------------
+
+@pytest.mark.parametrize("length", [11, 13])
+def test_labels_of_another_length_are_a_clear_error(length):
+    model = tiny_model("llama").train()
+    sloth.patch(model)
+    ids, _ = _batch()
+    labels = torch.randint(3, VOCAB, (2, length))
+    with pytest.raises(ValueError, match=rf"labels.*\(2, {length}\).*\(2, 12\)|\(2, 12\).*labels.*\(2, {length}\)"):
+        model(input_ids=ids, labels=labels)
