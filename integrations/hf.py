@@ -43,6 +43,11 @@ class SlothCallback(TrainerCallback):
                     f"logits, so sloth's chunked loss is off for this trainer; use loss_type='chunked_nll' (or TRL "
                     f">= 1.16) for a loss without full logits")
         notes = [note] if note else []
+        if getattr(args, "label_smoothing_factor", 0) > 0 and config.loss != "off":
+            # The Trainer pops the labels and smooths the loss from the full logits itself.
+            config = config.replace(loss="off")
+            notes.append(f"label_smoothing_factor={args.label_smoothing_factor:g}: the Trainer computes the "
+                         f"label-smoothed loss from the full logits, so sloth's fused loss is off for this trainer")
         if hasattr(args, "loss_type") and _trl_has_fused_head():
             notes.append("TRL SFTTrainer (>= 1.16) computes the training loss with its own fused LM head "
                          "(trl add_fused_lm_head: no full logits), which it installs over the model's forward "

@@ -23,11 +23,15 @@ class PatchReport:
     entries: List[PatchEntry] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
-    def patched(self, kind: str, path: str = "", detail: str = "") -> None:
+    def patched(self, kind: str, path: str = "", detail: str = "") -> PatchEntry:
+        """Record a patch; the entry is returned so that a plugin which learns more at run time
+        (the loss, on its first training step) can revise what it claimed."""
         self.entries.append(PatchEntry(kind, path, True, detail))
+        return self.entries[-1]
 
-    def fallback(self, kind: str, reason: str, path: str = "") -> None:
+    def fallback(self, kind: str, reason: str, path: str = "") -> PatchEntry:
         self.entries.append(PatchEntry(kind, path, False, reason))
+        return self.entries[-1]
 
     def note(self, text: str) -> None:
         self.notes.append(text)

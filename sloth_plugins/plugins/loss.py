@@ -4,6 +4,14 @@ The CausalLM's ``forward`` (on this instance) runs the decoder, then asks the
 ``sloth_causal_lm_loss`` hook for the loss; full logits are never formed in training. In
 eval, without labels, or when logits are asked for, the original forward runs unchanged.
 
+What the report claims is what trains. A family without a table entry gets the fast loss only
+where its loss is provably CE(lm_head(decoder output)): the head is a direct child of the
+CausalLM beside the decoder, no other module holds weights, no router/auxiliary loss is
+configured, and on the first training step the model's own loss on the same batch (same
+dropout masks, no graph) equals sloth's; on a mismatch the model keeps its own forward for
+good. Training calls that bypass the fast loss (no labels: the caller builds its loss from
+the logits; router logits asked for) turn the report's loss line into a fallback.
+
 Sharded heads. Under DDP, and under FSDP1/FSDP2 when the head belongs to the root unit, the
 head's weight is whole while the model's forward runs (FSDP1 gives it as a Tensor view). When
 ``fully_shard`` made the head its own FSDP2 unit, its weight is a sharded DTensor outside the
@@ -38,6 +46,10 @@ from ..report import PatchReport
 IGNORE_INDEX = -100
 # Config attributes of families that scale logits in ways the generic path does not know.
 _UNKNOWN_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+# Outputs a forward may be asked for that the fast path passes through from the decoder.
+_CARRIED_OUTPUTS = ("output_attentions", "output_hidden_states")
+_PENDING = "; generic family: pending verification against the model's own loss on the first training step"
+_VERIFIED = "; generic family: verified equal to the model's own loss on the first training step"
 
 
 class LossPlugin:
@@ -46,16 +58,17 @@ class LossPlugin:
                           patcher: InstancePatcher):
         if config.loss == "off":
             return
-        reason = _unsupported_reason(model, arch) or _foreign_forward_reason(model)
+        reason = (_unsupported_reason(model, arch) or _foreign_forward_reason(model)
+                  or (_unproven_reason(model) if arch is None else None))
         if reason:
             report.fallback("loss", reason)
             return
         softcap = arch.logit_softcap(model.config) if arch else _generic_softcap(model.config)
-        _patch_forward(model, config, softcap, patcher)
         head = model.get_output_embeddings()
         impl = "fused linear CE" if _fused_head(head) else "chunked CE (module head)"
-        report.patched("loss", "", f"{impl}, chunk={config.loss_chunk_size or 'auto'}"
-                                   + (f", softcap={softcap:g}" if softcap else ""))
+        detail = f"{impl}, chunk={config.loss_chunk_size or 'auto'}" + (f", softcap={softcap:g}" if softcap else "")
+        entry = report.patched("loss", "", detail + (_PENDING if arch is None else ""))
+        _patch_forward(model, config, softcap, patcher, entry, verify=arch is None)
 
     @hookimpl(trylast=True)
     def sloth_causal_lm_loss(self, hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
@@ -184,6 +197,38 @@ def _unsupported_reason(model, arch) -> Optional[str]:
     return None
 
 
+def _unproven_reason(model) -> Optional[str]:
+    """Why the loss of a family without a table entry may not be CE(head(decoder output)), or None.
+
+    The head must be a direct child of the CausalLM beside the decoder, with no other module holding
+    weights (BERT's head transform lives in ``cls.predictions``), and no router / auxiliary loss may
+    be configured. What this cannot see (code between decoder and head) the first training step checks.
+    """
+    cls = type(model).__name__
+    config = model.config
+    if getattr(config, "output_router_logits", False):
+        return (f"{cls} adds a router auxiliary loss to the cross-entropy (config.output_router_logits=True); "
+                f"the model's own loss is kept")
+    if not hasattr(config, "output_router_logits"):
+        aux = [k for k, v in vars(config).items() if ("aux_loss" in k or k.startswith("router_")) and v]
+        if aux:
+            return (f"{cls} configures an auxiliary loss ({', '.join(sorted(aux))}) sloth cannot tell is off; "
+                    f"the model's own loss is kept")
+    head = model.get_output_embeddings()
+    decoder = getattr(model, model.base_model_prefix)
+    children = dict(model.named_children())
+    if not any(m is head for m in children.values()):
+        path = next((n for n, m in model.named_modules() if m is head), "?")
+        return (f"the output embeddings ({path}) are not a direct child of {cls}: its head may transform the "
+                f"hidden states first; the model's own loss is kept")
+    others = [n for n, m in children.items()
+              if m is not head and m is not decoder and next(m.parameters(), None) is not None]
+    if others:
+        return (f"{cls} holds weights outside its decoder and head ({', '.join(others)}) that its loss may use; "
+                f"the model's own loss is kept")
+    return None
+
+
 def _foreign_forward_reason(model) -> Optional[str]:
     if not has_instance_override(model):
         return None
@@ -195,7 +240,9 @@ def _foreign_forward_reason(model) -> Optional[str]:
     return f"the model's forward was already replaced by {owner}; sloth leaves that loss in charge"
 
 
-def _patch_forward(model, config, softcap, patcher: InstancePatcher) -> None:
+def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool) -> None:
+    """Bind the fast forward. ``entry`` is the report's loss line, revised when a training call shows
+    that the fast loss does not run (or, with ``verify``, that it differs from the model's own)."""
     original = model.forward
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -204,26 +251,15 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher) -> None:
                         f"num_items_in_batch and sloth_plugins cannot patch its loss safely")
     from ..manager import get_plugin_manager
     hook = get_plugin_manager().hook
-    warned = []
+    warned = set()
+    state = {"verify": verify, "mismatch": False}
 
-    def forward(self, *args, **kwargs):
-        if (not self.training or config.return_logits or kwargs.get("fused_lm_head")
-                or kwargs.get("return_dict") is False):
-            return original(*args, **kwargs)
-        reason = _model_loss_reason(self.get_output_embeddings())
-        if reason:
-            if not warned:
-                warned.append(True)
-                warnings.warn(f"sloth_plugins: {reason}", stacklevel=2)
-            return original(*args, **kwargs)
-        arguments = signature.bind_partial(*args, **kwargs).arguments
-        arguments.update(arguments.pop(var_kw, {}))
-        labels = arguments.pop("labels", None)
-        shift_labels = arguments.pop("shift_labels", None)
-        if (labels is None and shift_labels is None) or arguments.get("logits_to_keep", 0) not in (0, None):
-            return original(*args, **kwargs)
-        arguments.pop("logits_to_keep", None)
-        num_items = arguments.pop("num_items_in_batch", None)
+    def record_model_loss(reason):
+        """The report's line says (first reason only) that training calls like this one skip the fast loss."""
+        if entry.patched:
+            entry.patched, entry.detail = False, reason
+
+    def fast(self, arguments, labels, shift_labels, num_items):
         # A training loss needs no KV cache, and with one transformers stops reading packed samples
         # from restarting position ids (padding-free batches would attend across samples).
         if arguments.get("use_cache") is None:
@@ -234,14 +270,132 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher) -> None:
         if shift_labels is None:
             # target of position t is labels[t + 1]; the last position has none
             shift_labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-        head = self.get_output_embeddings()
         shift_labels = shift_labels.to(hidden.device)
+        # Launched before the loss and read after it: the loss already waits for the labels (it
+        # selects the valid tokens), so reading this adds no wait of its own.
+        has_labels = (shift_labels != IGNORE_INDEX).any()
         loss = hook.sloth_causal_lm_loss(
-            hidden_states=hidden.reshape(-1, hidden.shape[-1]), lm_head=head, labels=shift_labels.reshape(-1),
-            num_items_in_batch=num_items, config=config, softcap=softcap)
-        return _causal_lm_output(loss, outputs)
+            hidden_states=hidden.reshape(-1, hidden.shape[-1]), lm_head=self.get_output_embeddings(),
+            labels=shift_labels.reshape(-1), num_items_in_batch=num_items, config=config, softcap=softcap)
+        if "empty" not in warned and not bool(has_labels):
+            warned.add("empty")
+            warnings.warn(f"sloth_plugins: a training batch of {type(self).__name__} has no labels (every label "
+                          f"is {IGNORE_INDEX}): its loss is 0.0 with zero gradients (transformers' own loss would "
+                          f"be NaN). Warned once per model.", stacklevel=5)
+        return _causal_lm_output(loss, outputs), hidden.dtype
+
+    def forward(self, *args, **kwargs):
+        if (not self.training or config.return_logits or kwargs.get("fused_lm_head")
+                or kwargs.get("return_dict") is False):
+            return original(*args, **kwargs)
+        reason = _model_loss_reason(self.get_output_embeddings())
+        if reason:
+            if "head" not in warned:
+                warned.add("head")
+                warnings.warn(f"sloth_plugins: {reason}", stacklevel=2)
+            return original(*args, **kwargs)
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        arguments.update(arguments.pop(var_kw, {}))
+        labels = arguments.pop("labels", None)
+        shift_labels = arguments.pop("shift_labels", None)
+        if labels is None and shift_labels is None:
+            if torch.is_grad_enabled():     # not generation: the caller trains on the logits
+                record_model_loss("a training forward ran without labels: the caller computes the loss from the "
+                                  "full logits (a Trainer compute_loss_func, label smoothing, a custom loop); "
+                                  "sloth's fused loss does not run for such calls")
+            return original(*args, **kwargs)
+        _check_label_shape(arguments, labels if labels is not None else shift_labels,
+                           "labels" if labels is not None else "shift_labels")
+        if arguments.get("logits_to_keep", 0) not in (0, None):
+            return original(*args, **kwargs)
+        asked = _extra_outputs(arguments, self.config)
+        if asked:
+            record_model_loss(f"a training call asked for {asked}, which sloth's loss does not produce (an extra "
+                              f"loss term or outputs): the model's own forward runs for such calls")
+            return original(*args, **kwargs)
+        if state["mismatch"]:
+            return original(*args, **kwargs)
+        arguments.pop("logits_to_keep", None)
+        num_items = arguments.pop("num_items_in_batch", None)
+        if not state["verify"]:
+            return fast(self, arguments, labels, shift_labels, num_items)[0]
+
+        # First training step of a family without a table entry: the model's own loss on the same
+        # batch and the same dropout masks, once, without a graph.
+        restore_rng = _rng_snapshot(self)
+        with torch.no_grad():
+            reference = original(*args, **kwargs).loss
+        restore_rng()
+        out, dtype = fast(self, arguments, labels, shift_labels, num_items)
+        verdict = _compare(out.loss, reference, dtype)
+        if verdict == _DEFER:
+            return out
+        state["verify"] = False
+        if verdict == _MATCH:
+            entry.detail = entry.detail.replace(_PENDING, _VERIFIED)
+            return out
+        state["mismatch"] = True
+        entry.patched, entry.detail = False, (
+            f"the model's own loss differed from sloth's on the first training step ({reference.item():.6g} vs "
+            f"{out.loss.item():.6g}): its forward does more than CE(lm_head(decoder output)); the model's own "
+            f"loss runs")
+        warnings.warn(f"sloth_plugins: {type(self).__name__}'s own loss ({reference.item():.6g}) differs from "
+                      f"sloth's fused loss ({out.loss.item():.6g}) on the first training step; sloth falls back to "
+                      f"the model's own forward for this model", stacklevel=4)
+        restore_rng()
+        return original(*args, **kwargs)
 
     patcher.bind(model, "forward", forward, wraps=original)
+
+
+def _check_label_shape(arguments, labels, name) -> None:
+    ids = arguments.get("input_ids")
+    embeds = arguments.get("inputs_embeds")
+    tokens, what = (ids.shape, "input_ids") if ids is not None else (
+        (embeds.shape[:-1], "inputs_embeds (without the hidden dim)") if embeds is not None else (None, None))
+    if tokens is not None and tuple(labels.shape) != tuple(tokens):
+        raise ValueError(f"sloth_plugins: {name} have shape {tuple(labels.shape)} but {what} have shape "
+                         f"{tuple(tokens)}; a causal-LM loss needs one label per input token (-100 to ignore one)")
+
+
+def _extra_outputs(arguments, model_config) -> Optional[str]:
+    """The output_* options of this call (or the config's router logits) that the fast path would drop."""
+    asked = [k for k, v in arguments.items() if k.startswith("output_") and k not in _CARRIED_OUTPUTS and v]
+    if "output_router_logits" not in arguments and getattr(model_config, "output_router_logits", False):
+        asked.append("output_router_logits (config)")
+    return ", ".join(asked) or None
+
+
+_MATCH, _DEFER, _MISMATCH = 0, 1, 2
+
+
+def _compare(loss, reference, dtype) -> int:
+    """Whether sloth's loss equals the model's, agreed by every rank (they must all take the same path)."""
+    if reference is None or not bool(torch.isfinite(reference)):
+        verdict = _DEFER        # e.g. a batch without labels (NaN): check on the next one
+    else:
+        tol = 1e-4 if dtype == torch.float32 and not torch.is_autocast_enabled(loss.device.type) else 5e-3
+        same = torch.allclose(loss.detach().float(), reference.detach().float().to(loss.device), rtol=tol, atol=tol)
+        verdict = _MATCH if same else _MISMATCH
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor(verdict, device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        verdict = int(flag.item())
+    return verdict
+
+
+def _rng_snapshot(model):
+    """A function putting back the RNG state of now, so a second forward draws the same dropout masks."""
+    indices = sorted({p.device.index if p.device.index is not None else torch.cuda.current_device()
+                      for p in model.parameters() if p.device.type == "cuda"})
+    cpu, cuda = torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in indices]
+
+    def restore():
+        torch.set_rng_state(cpu)
+        for i, s in zip(indices, cuda):
+            torch.cuda.set_rng_state(s, i)
+    return restore
 
 
 def _causal_lm_output(loss, decoder_outputs):
