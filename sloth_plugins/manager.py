@@ -1,6 +1,7 @@
 """The plugin manager and the two public verbs, ``patch`` and ``unpatch``."""
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -140,9 +141,33 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
     if config.strict and report.fallbacks():
         patcher.restore()
         raise SlothUnsupported("strict=True and some modules fell back:\n" + str(report))
+    patcher.after_copy(lm, _repatch_copies)
     lm.__dict__[_STATE_ATTR] = SlothState(config=config, report=report, patcher=patcher)
     logger.info("%s", report)
     return report
+
+
+def _repatch_copies(lm: torch.nn.Module):
+    """For a deep copy or pickle of the patched ``lm``: what patches the (unpatched) copy as ``lm`` is."""
+    state: Optional[SlothState] = lm.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return None
+    from .plugins.checkpointing import get_checkpoint_controller
+    controller = get_checkpoint_controller(lm)
+    return functools.partial(_patch_copy, state.config, controller.framework_request if controller else None)
+
+
+def _patch_copy(config: SlothConfig, framework_request, copy: torch.nn.Module) -> None:
+    # The copy is the model before the patch: give it the gradient-checkpointing request a framework
+    # made since (as unpatch would replay it), then patch it.
+    if framework_request is not None:
+        args, kwargs = framework_request
+        copy._set_gradient_checkpointing(*args, **kwargs)
+    try:
+        patch(copy, config)
+    except Exception as exc:   # noqa: BLE001 - an unpatched copy still computes the right thing
+        warnings.warn(f"sloth_plugins: a copy of a patched {type(copy).__name__} could not be patched again, it "
+                      f"runs unpatched: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def unpatch(model: Any) -> bool:
