@@ -63,6 +63,13 @@ class SlothState:
     config: SlothConfig
     report: PatchReport
     patcher: InstancePatcher
+    structure: tuple = ()     # _structure(lm) when patched
+
+
+def _structure(lm: torch.nn.Module) -> tuple:
+    """The module tree patch() saw: PEFT wrapping the model (LoRA layers in place of its Linears)
+    or adding an adapter changes it, and then the patches must be decided again."""
+    return tuple((name, id(module)) for name, module in lm.named_modules())
 
 
 def resolve_causal_lm(model: Any) -> torch.nn.Module:
@@ -101,7 +108,8 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
 
     Patching again with the same config re-asserts the patches (e.g. the checkpointing plan
     after a framework called ``gradient_checkpointing_enable()``) and returns the same report;
-    with another config the old patches are undone first.
+    with another config, or after the module tree changed (PEFT wrapped the patched model), the
+    old patches are undone first and the model patched afresh.
     """
     if config is None:
         config = SlothConfig(**options)
@@ -109,7 +117,7 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
         config = config.replace(**options)
     lm = resolve_causal_lm(model)
     state: Optional[SlothState] = lm.__dict__.get(_STATE_ATTR)
-    if state is not None and state.config == config:
+    if state is not None and state.config == config and state.structure == _structure(lm):
         # Re-assert without re-patching: frameworks may have wrapped our forwards since (accelerate).
         get_plugin_manager().hook.sloth_reassert(model=lm, config=config)
         return state.report
@@ -142,7 +150,7 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
         patcher.restore()
         raise SlothUnsupported("strict=True and some modules fell back:\n" + str(report))
     patcher.after_copy(lm, _repatch_copies)
-    lm.__dict__[_STATE_ATTR] = SlothState(config=config, report=report, patcher=patcher)
+    lm.__dict__[_STATE_ATTR] = SlothState(config=config, report=report, patcher=patcher, structure=_structure(lm))
     logger.info("%s", report)
     return report
 
