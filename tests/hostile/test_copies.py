@@ -95,6 +95,10 @@ def assert_patched_copy(dup, original):
     assert state.config == original_state.config
     assert [e.kind for e in state.report.entries] == [e.kind for e in original_state.report.entries]
     lm = resolve_causal_lm(dup)
+    ids, labels = batch(lm.config.vocab_size)
+    training, _ = dup.training, dup.train()
+    assert dup(input_ids=ids, labels=labels).logits is None, "the chunked loss runs: the copy's forward is patched"
+    dup.train(training)
     controller = get_checkpoint_controller(dup)
     if state.config.gradient_checkpointing == "off":
         assert controller is None
@@ -110,6 +114,7 @@ def test_deepcopy_is_an_independent_patched_model(family, mode):
     before = outputs(model, ids, labels)
 
     dup = copy.deepcopy(model)
+    assert type(dup) is type(model)    # PeftModel forwards unknown attributes, __deepcopy__ too, to the LM
     assert_patched_copy(dup, model)
     assert any(e.kind.startswith("lora_") for e in sloth.get_state(dup).report.entries)
     perturb_lora(dup)
@@ -224,3 +229,16 @@ def test_unpatch_after_copying_leaves_both_models_exact():
     want = outputs(model, ids, labels)
     assert_same(outputs(dup, ids, labels), want)
     assert_same(outputs(loaded, ids, labels), want)
+
+
+def test_copies_of_a_patched_config():
+    """attention="sloth" sets the config's implementation: copies get their own config, patched or not."""
+    model = tiny_model("llama")
+    original = model.config._attn_implementation
+    sloth.patch(model, attention="sloth", gradient_checkpointing="off")
+    for dup in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert dup.config is not model.config and dup.config._attn_implementation == "sloth"
+        assert f"model's {original}" in str(sloth.get_state(dup).report)
+        sloth.unpatch(dup)
+        assert dup.config._attn_implementation == original and model.config._attn_implementation == "sloth"
+    assert copy.deepcopy(model.model.layers[0]).self_attn.config._attn_implementation == original
