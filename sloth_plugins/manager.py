@@ -1,6 +1,7 @@
 """The plugin manager and the two public verbs, ``patch`` and ``unpatch``."""
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -62,6 +63,13 @@ class SlothState:
     config: SlothConfig
     report: PatchReport
     patcher: InstancePatcher
+    structure: tuple = ()     # _structure(lm) when patched
+
+
+def _structure(lm: torch.nn.Module) -> tuple:
+    """The module tree patch() saw: PEFT wrapping the model (LoRA layers in place of its Linears)
+    or adding an adapter changes it, and then the patches must be decided again."""
+    return tuple((name, id(module)) for name, module in lm.named_modules())
 
 
 def resolve_causal_lm(model: Any) -> torch.nn.Module:
@@ -100,7 +108,8 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
 
     Patching again with the same config re-asserts the patches (e.g. the checkpointing plan
     after a framework called ``gradient_checkpointing_enable()``) and returns the same report;
-    with another config the old patches are undone first.
+    with another config, or after the module tree changed (PEFT wrapped the patched model), the
+    old patches are undone first and the model patched afresh.
     """
     if config is None:
         config = SlothConfig(**options)
@@ -108,7 +117,7 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
         config = config.replace(**options)
     lm = resolve_causal_lm(model)
     state: Optional[SlothState] = lm.__dict__.get(_STATE_ATTR)
-    if state is not None and state.config == config:
+    if state is not None and state.config == config and state.structure == _structure(lm):
         # Re-assert without re-patching: frameworks may have wrapped our forwards since (accelerate).
         get_plugin_manager().hook.sloth_reassert(model=lm, config=config)
         return state.report
@@ -140,9 +149,33 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
     if config.strict and report.fallbacks():
         patcher.restore()
         raise SlothUnsupported("strict=True and some modules fell back:\n" + str(report))
-    lm.__dict__[_STATE_ATTR] = SlothState(config=config, report=report, patcher=patcher)
+    patcher.after_copy(lm, _repatch_copies)
+    lm.__dict__[_STATE_ATTR] = SlothState(config=config, report=report, patcher=patcher, structure=_structure(lm))
     logger.info("%s", report)
     return report
+
+
+def _repatch_copies(lm: torch.nn.Module):
+    """For a deep copy or pickle of the patched ``lm``: what patches the (unpatched) copy as ``lm`` is."""
+    state: Optional[SlothState] = lm.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return None
+    from .plugins.checkpointing import get_checkpoint_controller
+    controller = get_checkpoint_controller(lm)
+    return functools.partial(_patch_copy, state.config, controller.framework_request if controller else None)
+
+
+def _patch_copy(config: SlothConfig, framework_request, copy: torch.nn.Module) -> None:
+    # The copy is the model before the patch: give it the gradient-checkpointing request a framework
+    # made since (as unpatch would replay it), then patch it.
+    if framework_request is not None:
+        args, kwargs = framework_request
+        copy._set_gradient_checkpointing(*args, **kwargs)
+    try:
+        patch(copy, config)
+    except Exception as exc:   # noqa: BLE001 - an unpatched copy still computes the right thing
+        warnings.warn(f"sloth_plugins: a copy of a patched {type(copy).__name__} could not be patched again, it "
+                      f"runs unpatched: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def unpatch(model: Any) -> bool:
