@@ -1,5 +1,6 @@
 """Hostile inputs to SlothConfig, ``sloth.patch`` and ``sloth doctor``: each is a clear error, never a crash."""
 import json
+import re
 import subprocess
 import sys
 
@@ -34,13 +35,8 @@ def test_kernels_dict_switches_kernels_off_and_on():
     ({"rms_norm": 0}, "kernels['rms_norm'] must be true or false, got 0"),
 ])
 def test_kernels_dict_rejects_unknown_names_and_non_bools(kernels, message):
-    with pytest.raises(sloth.SlothConfigError, match=_escaped(message)):
+    with pytest.raises(sloth.SlothConfigError, match=re.escape(message)):
         sloth.SlothConfig(kernels=kernels)
-
-
-def _escaped(text):
-    import re
-    return re.escape(text)
 
 
 # ---- sloth.patch's config argument ------------------------------------------------------------
