@@ -19,7 +19,7 @@ batches under context parallelism, which splits rows across ranks before the mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List, Literal, Optional, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -40,8 +40,9 @@ LORA_KERNEL_OWNERS = {
 class SlothArgs(BaseModel):
     """``sloth_*`` keys of an Axolotl config (``plugins: [sloth_plugins.integrations.axolotl.SlothPlugin]``)."""
 
-    sloth_kernels: Union[bool, List[str], str, None] = Field(
-        default=None, json_schema_extra={"description": f"true (all), false, or a list of {', '.join(KERNEL_NAMES)}"})
+    sloth_kernels: Union[bool, Dict[str, bool], List[str], str, None] = Field(
+        default=None, json_schema_extra={"description": f"true (all), false, a list of {', '.join(KERNEL_NAMES)}, or "
+                                                        f"a map of name: true/false applied to all on"})
     sloth_loss: Optional[Literal["chunked", "off"]] = Field(
         default=None, json_schema_extra={"description": "chunked: causal-LM loss without full logits; off: model's"})
     sloth_loss_chunk_size: Optional[int] = Field(default=None, gt=0)

@@ -22,8 +22,10 @@ Padding-free training: ``SlothStrategy(padding_free=True)``; the ``training_step
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import inspect
 import logging
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -50,8 +52,39 @@ _BASES = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPS
 _CONFIG_KEYS = tuple(SlothConfig().to_dict())
 
 
+_SLOTH_STRATEGY_ARGS = ("config", "model_attr", "verbose")
+# Lightning passes DDPStrategy's / FSDPStrategy's extra keyword arguments on to these at fit().
+_WRAPPERS = {"ddp": ("torch.nn.parallel", "DistributedDataParallel"),
+             "fsdp": ("torch.distributed.fsdp", "FullyShardedDataParallel")}
+
+
 def _split_sloth_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_KEYS}
+
+
+def _named_parameters(fn) -> List[str]:
+    return [name for name, p in inspect.signature(fn).parameters.items()
+            if name not in ("self", "module") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _check_arguments(kind: str, given, strategy_args: Sequence[str], wrapper: Optional[str] = None) -> None:
+    """Refuse unknown keyword arguments when the strategy is built, naming the valid ones."""
+    unknown = sorted(set(given) - set(_CONFIG_KEYS) - set(strategy_args))
+    if not unknown:
+        return
+    wrapper_args: List[str] = []
+    if wrapper is not None:
+        module, name = _WRAPPERS[wrapper]
+        wrapper_args = _named_parameters(getattr(importlib.import_module(module), name).__init__)
+        unknown = [key for key in unknown if key not in wrapper_args]
+        if not unknown:
+            return
+    close = difflib.get_close_matches(unknown[0], [*_CONFIG_KEYS, *strategy_args, *wrapper_args], n=1)
+    raise SlothConfigError(
+        f"SlothStrategy({kind!r}) got unknown argument{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(map(repr, unknown))}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+        f"sloth options: {', '.join(_CONFIG_KEYS)}; strategy options: {', '.join(strategy_args)}"
+        + (f"; and {_WRAPPERS[wrapper][1]}'s keyword arguments" if wrapper else ""))
 
 
 def _make_config(config: Optional[SlothConfig], options: Dict[str, Any]) -> SlothConfig:
@@ -194,13 +227,8 @@ class _SingleDeviceMixin(_SlothStrategyMixin):
     def __init__(self, device: Union[str, torch.device, None] = None, accelerator=None, checkpoint_io=None,
                  precision_plugin=None, *, config: Optional[SlothConfig] = None,
                  model_attr: Union[str, Sequence[str], None] = None, verbose: bool = True, **sloth_options: Any):
-        unknown = sorted(set(sloth_options) - set(_CONFIG_KEYS))
-        if unknown:
-            raise SlothConfigError(
-                f"SlothStrategy() got unknown argument{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(map(repr, unknown))};"
-                f" sloth options: {', '.join(_CONFIG_KEYS)}; strategy options: device, accelerator, checkpoint_io, "
-                f"precision_plugin, config, model_attr, verbose")
+        _check_arguments("single", sloth_options, ["device", "accelerator", "checkpoint_io", "precision_plugin",
+                                                   *_SLOTH_STRATEGY_ARGS])
         if device is not None:
             device = torch.device(device)
             if device.type != "cpu" and device.index is None:
@@ -229,9 +257,16 @@ class _SingleDeviceMixin(_SlothStrategyMixin):
 
 
 class _DDPMixin(_SlothStrategyMixin):
+    _sloth_own_args: Tuple[str, ...] = ()   # a subclass's own keyword arguments, for the error message
+
     def __init__(self, *args: Any, config: Optional[SlothConfig] = None,
                  model_attr: Union[str, Sequence[str], None] = None, verbose: bool = True, **kwargs: Any):
         options = _split_sloth_options(kwargs)
+        base = self._sloth_base.__init__
+        wrapper = self._sloth_kind if self._sloth_kind in _WRAPPERS and any(
+            p.kind is p.VAR_KEYWORD for p in inspect.signature(base).parameters.values()) else None
+        _check_arguments(self._sloth_kind, kwargs, [*_named_parameters(base), *self._sloth_own_args,
+                                                    *_SLOTH_STRATEGY_ARGS], wrapper)
         super().__init__(*args, **kwargs)
         self._sloth_init(config, options, model_attr, verbose)
 
@@ -292,6 +327,8 @@ class _FSDP2Mixin(_DDPMixin):
     LoRA a GPU holds 1/world of the base weights. (FSDP1 flattens a layer's parameters into one
     tensor and, with frozen and trainable ones mixed, keeps a gradient for all of it.)
     """
+
+    _sloth_own_args = ("shard_modules", "reshard_after_forward")
 
     def __init__(self, *args: Any, shard_modules=None, reshard_after_forward: bool = True, **kwargs: Any):
         kwargs.setdefault("tensor_parallel_size", 1)
@@ -373,7 +410,8 @@ def strategy_classes(namespace: str = "lightning") -> Dict[str, type]:
                 continue
             name = prefix + _CLASS_NAMES[kind]
             cls = type(name, (_MIXINS[kind], getattr(strategies, _BASES[kind])),
-                       {"strategy_name": REGISTRY_NAMES[kind], "_sloth_namespace": package,
+                       {"strategy_name": REGISTRY_NAMES[kind], "_sloth_namespace": package, "_sloth_kind": kind,
+                        "_sloth_base": getattr(strategies, _BASES[kind]),
                         "__module__": __name__, "__qualname__": name,
                         "__doc__": f"{_BASES[kind]} that patches the LightningModule's HF models in setup() "
                                    f"({package} namespace). Build it with sloth_plugins.SlothStrategy."})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
@@ -23,7 +24,9 @@ class SlothUnsupported(RuntimeError):
 class SlothConfig:
     """What to patch and how.
 
-    kernels: True (all), False (none) or an iterable of names from KERNEL_NAMES.
+    kernels: True (all), False (none), an iterable of names from KERNEL_NAMES (only those), or a
+        dict of name -> True/False that switches those kernels on or off, starting from all on
+        (``{"rms_norm": False}`` is every kernel but rms_norm).
     loss: "chunked" computes the causal-LM loss from the final hidden states in token chunks,
         never materialising the [tokens x vocab] logits; "off" leaves the model's loss alone.
     loss_chunk_size: tokens per chunk; None sizes chunks from free memory.
@@ -92,6 +95,7 @@ class SlothConfig:
             raise SlothConfigError(f"loss_chunk_size must be a positive int or None, got {self.loss_chunk_size!r}")
         if self.memory_budget_gb is not None and (isinstance(self.memory_budget_gb, bool)
                                                   or not isinstance(self.memory_budget_gb, (int, float))
+                                                  or not math.isfinite(self.memory_budget_gb)
                                                   or self.memory_budget_gb <= 0):
             raise SlothConfigError(f"memory_budget_gb must be a positive number or None, got {self.memory_budget_gb!r}")
         for name in ("strict", "return_logits", "padding_free"):
@@ -109,13 +113,24 @@ def _parse_kernels(value: Any) -> Tuple[str, ...]:
         return KERNEL_NAMES
     if value is False or value is None:
         return ()
+    if isinstance(value, Mapping):
+        _check_kernel_names(value)
+        for name, on in value.items():
+            if not isinstance(on, bool):
+                raise SlothConfigError(f"kernels[{name!r}] must be true or false, got {on!r}")
+        return tuple(n for n in KERNEL_NAMES if value.get(n, True))
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     try:
         names = tuple(value)
     except TypeError:
-        raise SlothConfigError(f"kernels must be true, false or a list of {', '.join(KERNEL_NAMES)}; got {value!r}")
+        raise SlothConfigError(f"kernels must be true, false, a list of {', '.join(KERNEL_NAMES)} or a dict of "
+                               f"name: true/false; got {value!r}")
+    _check_kernel_names(names)
+    return names
+
+
+def _check_kernel_names(names) -> None:
     bad = [n for n in names if n not in KERNEL_NAMES]
     if bad:
         raise SlothConfigError(f"unknown kernel name(s) {', '.join(map(repr, bad))}; valid: {', '.join(KERNEL_NAMES)}")
-    return names

@@ -109,8 +109,16 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
     Patching again with the same config re-asserts the patches (e.g. the checkpointing plan
     after a framework called ``gradient_checkpointing_enable()``) and returns the same report;
     with another config, or after the module tree changed (PEFT wrapped the patched model), the
-    old patches are undone first and the model patched afresh.
+    old patches are undone first and the model patched afresh. ``config`` may also be a dict of
+    SlothConfig keys (as read from YAML or JSON); keyword options override its values.
     """
+    from collections.abc import Mapping
+    if isinstance(config, Mapping):
+        config = SlothConfig.from_dict(config)
+    elif config is not None and not isinstance(config, SlothConfig):
+        raise TypeError(f"sloth_plugins.patch(model, config): config must be a SlothConfig(...) (or a dict of its "
+                        f"keys), or leave it out and pass keyword options, e.g. patch(model, "
+                        f"gradient_checkpointing='recompute'); got {type(config).__name__} {repr(config)[:80]}")
     if config is None:
         config = SlothConfig(**options)
     elif options:
