@@ -65,6 +65,14 @@ def _softcap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 
 
+def first_order_only() -> None:
+    """Raise in a fused loss's backward when it runs for ``create_graph=True`` (grad mode on)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("sloth_plugins fused linear cross-entropy: create_graph=True (double backward) is not "
+                           "supported: its gradients are computed in the forward. Use SlothConfig(loss='off', "
+                           "kernels=False, gradient_checkpointing='off') for higher-order gradients")
+
+
 def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     # Keeps the autograd graph connected so backward runs and yields zero gradients.
     return sum((t.sum() * 0.0).float() for t in tensors)
@@ -100,6 +108,7 @@ class _FusedLinearCrossEntropyTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        first_order_only()
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype)
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None

@@ -5,30 +5,38 @@ hooks around every tensor the layer saves, in the forward and again in the recom
 40 Python calls a tensor, a quarter of the host's Python in an 8B QLoRA step, which is
 host-bound. Here the forward runs under ``no_grad`` (autograd records and saves nothing), one
 node holds the layer's inputs (parked in host memory when offloading), and its backward runs
-the forward again with grad and back-propagates through it, as torch's reentrant checkpoint
-does. Unlike that one, the layer's parameters get gradients even when no input requires grad
-(frozen embeddings under PEFT): a tensor that requires grad ("anchor") is always an input of
-the node, so the node is in every graph that uses the layer's output.
+the forward again with grad and differentiates it, as torch's reentrant checkpoint does.
+
+Unlike that one, the node's inputs are the layer's tensor arguments *and* its parameters that
+require grad, and its backward returns their gradients instead of accumulating them from a
+nested backward. So the engine knows which parameters depend on the node: ``.backward()``,
+``backward(inputs=...)``, ``torch.autograd.grad`` and gradient accumulation give exactly what
+they give without checkpointing, also when no input requires grad (frozen embeddings under
+PEFT). A trainable tensor the layer reaches other than through its arguments or its own
+parameters (another module's parameter) would get no gradient. Not supported, with an error
+that says so: ``create_graph=True`` (double backward) and a second backward through the same
+graph (``retain_graph=True``).
 
 ``usable`` routes to torch's non-reentrant checkpoint what this does not cover:
 torch.distributed runs (DDP's and FSDP's gradient hooks are proven with torch's checkpoint),
 torch.compile tracing, trainable tensors bound in the layer's call (a partial's keywords or
-positional arguments; the node's inputs are the call's own tensor arguments). ``torch.autograd.grad`` cannot
-reach the parameters through a nested backward; it raises, as with torch's reentrant
-checkpoint. The forward and the recompute run under the same autocast and RNG state, so they
-compute the same values.
+positional arguments; the node's inputs are the call's own tensor arguments). The forward and
+the recompute run under the same autocast and RNG state, so they compute the same values.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
-from typing import Any, Callable, Hashable, Optional, Tuple
+from typing import Any, Callable, Hashable, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
 
 from .checkpoint_offload import ActivationOffloader, ParkedTensor
 
-_anchor: Optional[torch.Tensor] = None
+_registrations = 0          # modules and parameters registered into a watched layer so far
+_watched: dict = {}         # id -> weakref of the modules of those layers (no hashing: a module may be unhashable)
+_registration_hooks = None
 
 
 def usable(function: Callable, kwargs: dict) -> bool:
@@ -52,17 +60,60 @@ def tensors_in(obj: Any, depth: int = 3):
             yield from tensors_in(item, depth - 1)
 
 
-def checkpoint_layer(function: Callable, args: tuple, offloader: Optional[ActivationOffloader] = None,
+def _registered(module, name, value) -> None:
+    # Runs for every registration in the process, so it must never raise. Only registrations
+    # into a layer's modules count: transformers slices its ModuleList of layers every forward,
+    # which registers each layer into a new, unwatched list.
+    global _registrations
+    ref = _watched.get(id(module))
+    if ref is not None and ref() is module:
+        _registrations += 1
+
+
+class LayerParameters:
+    """A layer's parameters that require grad, the inputs of its node besides its tensor arguments.
+
+    The list of the layer's parameters is kept until a module or a parameter is registered
+    into one of its modules (torch's global registration hooks: PEFT adding adapters, a
+    parameter replaced by assignment), so a call costs one pass over the kept list for the
+    ``requires_grad`` flags.
+    """
+
+    __slots__ = ("module", "version", "params")
+
+    def __init__(self, module: torch.nn.Module):
+        global _registration_hooks
+        if _registration_hooks is None:
+            from torch.nn.modules import module as nn_module
+            _registration_hooks = (nn_module.register_module_parameter_registration_hook(_registered),
+                                   nn_module.register_module_module_registration_hook(_registered))
+        self.module, self.version, self.params = module, None, ()
+
+    def trainable(self) -> list:
+        if self.version != _registrations:
+            _watched.update((id(m), weakref.ref(m)) for m in self.module.modules())
+            self.params, self.version = tuple(self.module.parameters()), _registrations
+        return [p for p in self.params if p.requires_grad]
+
+    def forget(self) -> None:
+        self.version = None
+
+
+def checkpoint_layer(function: Callable, args: tuple, params: Sequence[torch.Tensor],
+                     offloader: Optional[ActivationOffloader] = None,
                      key: Optional[Tuple[Hashable, int]] = None) -> Any:
-    """``function(*args)``, checkpointed; with an offloader, large tensor inputs wait in host memory
-    under ``key`` (``offloader.prefetch(*key)`` starts their copy back)."""
-    global _anchor
-    if _anchor is None:
-        _anchor = torch.empty(0, requires_grad=True)
+    """``function(*args)``, checkpointed; ``params``: the trainable parameters ``function`` uses
+    (``LayerParameters.trainable()``), which get their gradients from the node. With an offloader,
+    large tensor inputs wait in host memory under ``key`` (``offloader.prefetch(*key)`` starts
+    their copy back)."""
     slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    tensors = tuple(args[i] for i in slots)
+    if not params and not any(t.requires_grad for t in tensors):
+        return function(*args)      # nothing to differentiate: autograd saves nothing either
     # the job keeps the non-tensor arguments only: tensors are saved (or parked) by the node
     job = _Job(function, tuple(None if i in slots else a for i, a in enumerate(args)), slots, offloader, key)
-    out = _LayerCheckpoint.apply(job, _anchor, *(args[i] for i in slots))
+    job.params = tuple(params)
+    out = _LayerCheckpoint.apply(job, *tensors, *job.params)
     if job.structure is None:
         return out
     return job.structure.unflatten(list(out))
@@ -71,7 +122,7 @@ def checkpoint_layer(function: Callable, args: tuple, offloader: Optional[Activa
 class _Job:
     """What the node's backward needs besides the saved tensors."""
 
-    __slots__ = ("function", "args", "slots", "offloader", "key", "parked", "requires_grad", "structure",
+    __slots__ = ("function", "args", "slots", "offloader", "key", "params", "parked", "structure",
                  "device", "autocast", "cpu_autocast", "cpu_rng", "device_rng")
 
     def __init__(self, function, args, slots, offloader, key):
@@ -82,7 +133,6 @@ class _Job:
     def capture(self, tensors: tuple) -> None:
         device = tensors[0].device if tensors else torch.device("cpu")
         self.device = device
-        self.requires_grad = tuple(t.requires_grad for t in tensors)
         self.autocast = _autocast_state(device.type)
         self.cpu_autocast = _autocast_state("cpu") if device.type != "cpu" else None
         self.cpu_rng = torch.get_rng_state()
@@ -141,7 +191,8 @@ def _autocast(device_type: str, state):
 
 class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, job: _Job, anchor: torch.Tensor, *tensors: torch.Tensor):
+    def forward(ctx, job: _Job, *inputs: torch.Tensor):
+        tensors = inputs[:len(job.slots)]          # the layer's tensor arguments, then its parameters
         job.capture(tensors)
         out = job.call(tensors)
         parked = tuple(job.offloader.park(t, *job.key) if job.offloader is not None else None for t in tensors)
@@ -155,19 +206,20 @@ class _LayerCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if not torch.autograd._is_checkpoint_valid():
-            raise RuntimeError("sloth_plugins gradient checkpointing supports .backward(), not torch.autograd.grad() "
-                               "or backward(inputs=...): the checkpointed layers' parameters get their gradients "
-                               "in .grad. Use SlothConfig(gradient_checkpointing='off') for autograd.grad.")
+        if torch.is_grad_enabled():     # the engine runs backward with grad enabled only for create_graph
+            raise RuntimeError("sloth_plugins gradient checkpointing: create_graph=True (double backward) through "
+                               "a checkpointed layer is not supported. For higher-order gradients use "
+                               "SlothConfig(gradient_checkpointing='off', loss='off', kernels=False)")
         job, ctx.job = ctx.job, None
         if job is None:
             raise RuntimeError("sloth_plugins gradient checkpointing: a second backward through a checkpointed layer "
                                "(retain_graph=True) is not supported; the first one released its inputs")
+        needs = ctx.needs_input_grad[1:1 + len(job.slots)]
         saved = iter(ctx.saved_tensors)
         inputs = []
-        for parked, needs in zip(job.parked, job.requires_grad):
+        for parked, need in zip(job.parked, needs):
             t = (parked.take() if parked is not None else next(saved)).detach()
-            inputs.append(t.requires_grad_(needs))
+            inputs.append(t.requires_grad_(need))
         # the graph outlives its backward as long as the loss tensor lives: keep nothing in it
         job.parked = ()
         with torch.enable_grad(), job.replay():
@@ -175,6 +227,17 @@ class _LayerCheckpoint(torch.autograd.Function):
         outs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
         pairs = [(o, g) for o, g in zip(outs, grads)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        targets = tuple([t for t, need in zip(inputs, needs) if need] + list(job.params))
+        # Returned, not accumulated here: the engine puts them in .grad, hands them to
+        # autograd.grad, or drops those that backward(inputs=...) did not ask for.
         if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, *(t.grad if needs else None for t, needs in zip(inputs, job.requires_grad)))
+            # torch.autograd.grad(..., allow_unused=True) without its Python checks of each
+            # tensor: a few Python calls per parameter per layer
+            outputs, seeds = zip(*pairs)
+            found = torch.autograd.Variable._execution_engine.run_backward(
+                outputs, seeds, False, False, targets, True, False)
+        else:
+            found = (None,) * len(targets)
+        found = iter(found)
+        input_grads = [next(found) if need else None for need in needs]
+        return (None, *input_grads, *found)

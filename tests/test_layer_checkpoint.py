@@ -36,7 +36,7 @@ def _run(block, x, gate, checkpointed, offloader=None, seed=3):
     torch.manual_seed(seed)
     if checkpointed:
         key = (1, 0) if offloader is not None else None
-        y, none, label = layer_checkpoint.checkpoint_layer(block, (x, gate, 0.5), offloader, key)
+        y, none, label = layer_checkpoint.checkpoint_layer(block, (x, gate, 0.5), _params(block), offloader, key)
     else:
         y, none, label = block(x, gate, 0.5)
     assert none is None and label == "label"
@@ -48,6 +48,10 @@ def _run(block, x, gate, checkpointed, offloader=None, seed=3):
     grads = {n: p.grad.clone() for n, p in block.named_parameters()}
     block.zero_grad(set_to_none=True)
     return y.detach(), grads
+
+
+def _params(block):
+    return [p for p in block.parameters() if p.requires_grad]
 
 
 def _inputs(x_grad, gate_grad):
@@ -85,7 +89,7 @@ def test_recompute_runs_under_the_forwards_autocast():
         x, gate = _inputs(True, False)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if checkpointed:
-                y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0))[0]
+                y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
             else:
                 y = block(x, gate, 1.0)[0]
         assert y.dtype == torch.bfloat16
@@ -100,24 +104,72 @@ def test_prefetch_by_key_before_the_backward():
     block = _Block()
     offloader = ActivationOffloader(min_bytes=0)
     x, _ = _inputs(True, False)
-    y = layer_checkpoint.checkpoint_layer(block, (x, None, 1.0), offloader, ("gen", 7))[0]
+    y = layer_checkpoint.checkpoint_layer(block, (x, None, 1.0), _params(block), offloader, ("gen", 7))[0]
     assert offloader.prefetch("gen", 7)
     y.sum().backward()
     assert offloader.prefetched == 1 and offloader.fetched_on_demand == 0 and x.grad is not None
 
 
-def test_autograd_grad_raises_a_clear_error():
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_autograd_grad_and_backward_inputs_match_plain_autograd(x_grad):
+    block = _Block(dropout=0.3)
+    wanted = [block.down.weight, block.up.bias]
+    results = []
+    for checkpointed in (False, True):
+        x, gate = _inputs(x_grad, True)
+        torch.manual_seed(3)
+        args = (x, gate, 1.0)
+        y = layer_checkpoint.checkpoint_layer(block, args, _params(block))[0] if checkpointed else block(*args)[0]
+        grads = torch.autograd.grad(y.square().sum(), wanted + [gate])
+        assert all(p.grad is None for p in block.parameters())         # autograd.grad leaves .grad alone
+        torch.manual_seed(3)
+        y = layer_checkpoint.checkpoint_layer(block, args, _params(block))[0] if checkpointed else block(*args)[0]
+        y.square().sum().backward(inputs=[block.up.weight, gate])
+        assert block.down.weight.grad is None and (x.grad is None)
+        results.append((*grads, block.up.weight.grad.clone(), gate.grad))
+        block.zero_grad(set_to_none=True)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_create_graph_raises_a_clear_error():
     block = _Block()
     x, gate = _inputs(True, False)
-    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0))[0]
-    with pytest.raises(RuntimeError, match="gradient_checkpointing='off'"):
-        torch.autograd.grad(y.sum(), x)
+    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
+    with pytest.raises(RuntimeError, match="create_graph=True.*gradient_checkpointing='off'"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_a_layer_with_nothing_to_differentiate_is_not_checkpointed():
+    block = _Block()
+    block.requires_grad_(False)
+    x, gate = _inputs(False, False)
+    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
+    assert y.grad_fn is None and not y.requires_grad
+
+
+def test_layer_parameters_follow_flags_and_new_parameters():
+    block = _Block()
+    listed = layer_checkpoint.LayerParameters(block)
+
+    def trainable():
+        return [id(p) for p in listed.trainable()]
+
+    assert trainable() == [id(p) for p in block.parameters()]
+    block.up.requires_grad_(False)
+    assert trainable() == [id(block.down.weight), id(block.down.bias)]
+    block.down.weight = torch.nn.Parameter(torch.zeros(8, 16))          # replaced by assignment
+    block.extra = torch.nn.Linear(2, 2)                                 # a module added (an adapter)
+    assert trainable() == [id(p) for p in (block.down.weight, block.down.bias, block.extra.weight, block.extra.bias)]
+    version = listed.version
+    torch.nn.ModuleList([block, torch.nn.Linear(2, 2)])     # transformers' per-forward slice of its layers
+    assert trainable() and listed.version == version        # was not listed again
 
 
 def test_a_second_backward_through_the_layer_raises_a_clear_error():
     block = _Block()
     x, gate = _inputs(True, False)
-    loss = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0))[0].sum()
+    loss = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0].sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()

@@ -204,6 +204,7 @@ class CheckpointController:
         self.framework_request = None
         self._framework_at_patch = is_checkpointing_enabled(model)
         self.checkpointers = [LayerCheckpointer(self, i) for i in range(len(layers))]
+        self.parameters = [layer_checkpoint.LayerParameters(layer) for layer in layers]
         self.offloader = ActivationOffloader()
         self.one_node = True          # layer_checkpoint where it is usable; False: always torch's checkpoint
         self.generation = 0
@@ -241,6 +242,8 @@ class CheckpointController:
     def apply(self, patcher: Optional[InstancePatcher]) -> None:
         # Always on, always ours: run_layer decides per forward (FRAMEWORK follows the request),
         # so the attributes never change after patch and unpatch restores them exactly.
+        for parameters in self.parameters:
+            parameters.forget()
         for layer, checkpointer in zip(self.layers, self.checkpointers):
             for name, value in (("_gradient_checkpointing_func", checkpointer),
                                 ("gradient_checkpointing", GRAD_ENABLED)):
@@ -295,7 +298,8 @@ class CheckpointController:
             out = function(*args, **kwargs)
         elif self.one_node and layer_checkpoint.usable(function, kwargs):
             offload = decision == OFFLOAD
-            out = layer_checkpoint.checkpoint_layer(function, args, self.offloader if offload else None,
+            out = layer_checkpoint.checkpoint_layer(function, args, self.parameters[index].trainable(),
+                                                    self.offloader if offload else None,
                                                     (generation, index) if offload else None)
         elif decision == OFFLOAD:
             with self.offloader.hooks(generation, index):
