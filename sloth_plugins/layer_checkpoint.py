@@ -13,7 +13,9 @@ nested backward. So the engine knows which parameters depend on the node: ``.bac
 ``backward(inputs=...)``, ``torch.autograd.grad`` and gradient accumulation give exactly what
 they give without checkpointing, also when no input requires grad (frozen embeddings under
 PEFT). A trainable tensor the layer reaches other than through its arguments or its own
-parameters (another module's parameter) would get no gradient. Not supported, with an error
+parameters (another module's parameter, a shared weight) is looked for once per layer, in the
+recompute's graph: if there is one, it gets its gradient accumulated that time, with a warning,
+and the layer goes to torch's checkpoint from then on (``LayerParameters.foreign``). Not supported, with an error
 that says so: ``create_graph=True`` (double backward) and a second backward through the same
 graph (``retain_graph=True``).
 
@@ -25,6 +27,7 @@ the recompute run under the same autocast and RNG state, so they compute the sam
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import nullcontext
 from typing import Any, Callable, Hashable, Optional, Sequence, Tuple
@@ -79,7 +82,7 @@ class LayerParameters:
     ``requires_grad`` flags.
     """
 
-    __slots__ = ("module", "version", "params")
+    __slots__ = ("module", "version", "params", "checked", "foreign")
 
     def __init__(self, module: torch.nn.Module):
         global _registration_hooks
@@ -88,6 +91,8 @@ class LayerParameters:
             _registration_hooks = (nn_module.register_module_parameter_registration_hook(_registered),
                                    nn_module.register_module_module_registration_hook(_registered))
         self.module, self.version, self.params = module, None, ()
+        self.checked = None     # the version whose recompute graph was searched for foreign leaves
+        self.foreign = False    # the layer reaches a trainable tensor that is not one of its inputs
 
     def trainable(self) -> list:
         if self.version != _registrations:
@@ -101,9 +106,10 @@ class LayerParameters:
 
 def checkpoint_layer(function: Callable, args: tuple, params: Sequence[torch.Tensor],
                      offloader: Optional[ActivationOffloader] = None,
-                     key: Optional[Tuple[Hashable, int]] = None) -> Any:
+                     key: Optional[Tuple[Hashable, int]] = None, watch: Optional[LayerParameters] = None) -> Any:
     """``function(*args)``, checkpointed; ``params``: the trainable parameters ``function`` uses
-    (``LayerParameters.trainable()``), which get their gradients from the node. With an offloader,
+    (``LayerParameters.trainable()``), which get their gradients from the node; ``watch``: that
+    ``LayerParameters``, whose ``foreign`` the first backward sets. With an offloader,
     large tensor inputs wait in host memory under ``key`` (``offloader.prefetch(*key)`` starts
     their copy back)."""
     slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
@@ -112,7 +118,7 @@ def checkpoint_layer(function: Callable, args: tuple, params: Sequence[torch.Ten
         return function(*args)      # nothing to differentiate: autograd saves nothing either
     # the job keeps the non-tensor arguments only: tensors are saved (or parked) by the node
     job = _Job(function, tuple(None if i in slots else a for i, a in enumerate(args)), slots, offloader, key)
-    job.params = tuple(params)
+    job.params, job.watch = tuple(params), watch
     out = _LayerCheckpoint.apply(job, *tensors, *job.params)
     if job.structure is None:
         return out
@@ -122,7 +128,7 @@ def checkpoint_layer(function: Callable, args: tuple, params: Sequence[torch.Ten
 class _Job:
     """What the node's backward needs besides the saved tensors."""
 
-    __slots__ = ("function", "args", "slots", "offloader", "key", "params", "parked", "structure",
+    __slots__ = ("function", "args", "slots", "offloader", "key", "params", "watch", "parked", "structure",
                  "device", "autocast", "cpu_autocast", "cpu_rng", "device_rng")
 
     def __init__(self, function, args, slots, offloader, key):
@@ -228,6 +234,16 @@ class _LayerCheckpoint(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outs, grads)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         targets = tuple([t for t, need in zip(inputs, needs) if need] + list(job.params))
+        watch, foreign = job.watch, ()
+        if watch is not None and watch.checked != watch.version and pairs:
+            watch.checked = watch.version
+            foreign = _foreign_leaves([o for o, _ in pairs], targets)
+            if foreign:
+                watch.foreign = True
+                warnings.warn(f"sloth_plugins gradient checkpointing: {type(watch.module).__name__} uses "
+                              f"{len(foreign)} trainable tensor(s) that are neither its arguments nor its own "
+                              f"parameters; they get their gradient in .grad this time, and the layer runs under "
+                              f"torch's checkpoint from now on", stacklevel=2)
         # Returned, not accumulated here: the engine puts them in .grad, hands them to
         # autograd.grad, or drops those that backward(inputs=...) did not ask for.
         if pairs:
@@ -235,9 +251,30 @@ class _LayerCheckpoint(torch.autograd.Function):
             # tensor: a few Python calls per parameter per layer
             outputs, seeds = zip(*pairs)
             found = torch.autograd.Variable._execution_engine.run_backward(
-                outputs, seeds, False, False, targets, True, False)
+                outputs, seeds, False, False, targets + foreign, True, False)
         else:
             found = (None,) * len(targets)
-        found = iter(found)
+        for leaf, grad in zip(foreign, found[len(targets):]):
+            if grad is not None:      # what the old nested backward did: accumulate in .grad
+                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        found = iter(found[:len(targets)])
         input_grads = [next(found) if need else None for need in needs]
         return (None, *input_grads, *found)
+
+
+def _foreign_leaves(outputs, targets) -> tuple:
+    """The leaves requiring grad that the graph of ``outputs`` reaches, other than ``targets``."""
+    known = {id(t) for t in targets}
+    stack, seen, found = [o.grad_fn for o in outputs], set(), []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)      # an AccumulateGrad node
+        if variable is not None:
+            if id(variable) not in known:
+                found.append(variable)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return tuple(found)

@@ -222,3 +222,57 @@ def test_the_controller_uses_one_node_per_layer_and_torch_under_distributed():
         dist.destroy_process_group()
         if os.path.exists(store.name):
             os.unlink(store.name)
+
+
+class _SharedScaleBlock(_Block):
+    """A block that multiplies by a trainable tensor it does not own (a weight shared from outside)."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.__dict__["shared"] = shared          # not registered: not among the block's parameters
+
+    def forward(self, x, gate=None, scale=1.0):
+        y, none, label = super().forward(x, gate, scale)
+        return y * self.shared, none, label
+
+
+def test_a_trainable_tensor_the_layer_does_not_own_gets_its_gradient_and_reroutes_the_layer():
+    shared = torch.full((8,), 1.5, requires_grad=True)
+    block = _SharedScaleBlock(shared)
+    x, gate = _inputs(True, False)
+    block(x, gate, 1.0)[0].square().sum().backward()
+    expected = {"shared": shared.grad.clone(), "x": x.grad.clone(),
+                **{n: p.grad.clone() for n, p in block.named_parameters()}}
+    shared.grad = x.grad = None
+    block.zero_grad(set_to_none=True)
+
+    watch = layer_checkpoint.LayerParameters(block)
+    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), watch.trainable(), watch=watch)[0]
+    with pytest.warns(UserWarning, match="neither its arguments nor its own parameters"):
+        y.square().sum().backward()
+    assert watch.foreign
+    got = {"shared": shared.grad, "x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+
+
+def test_model_layers_reaching_a_foreign_tensor_go_to_torchs_checkpoint():
+    ref, model = (tiny_model("llama", seed=0) for _ in range(2))
+    for m in (ref, model):
+        shared = torch.nn.Parameter(torch.full((m.config.hidden_size,), 0.9))
+        m.shared_scale = shared       # registered on the model, used inside every layer's MLP
+        for layer in m.model.layers:
+            mlp_forward = layer.mlp.forward
+            layer.mlp.forward = lambda h, f=mlp_forward, s=shared: f(h) * s
+    sloth.patch(model, gradient_checkpointing="recompute")
+    ids = torch.randint(3, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        grads = []
+        for m in (ref, model):
+            m.train().zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad for n, p in m.named_parameters()})
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], msg=f"step {step}: {name}")
+    assert all(p.foreign for p in get_checkpoint_controller(model).parameters)
+    assert _layer_nodes(model, ids) == 0          # rerouted: no one-node checkpoint left

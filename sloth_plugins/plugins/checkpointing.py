@@ -296,11 +296,12 @@ class CheckpointController:
             self._probe(index, function, args, kwargs)
         if decision == KEEP:
             out = function(*args, **kwargs)
-        elif self.one_node and layer_checkpoint.usable(function, kwargs):
-            offload = decision == OFFLOAD
-            out = layer_checkpoint.checkpoint_layer(function, args, self.parameters[index].trainable(),
+        elif (self.one_node and not self.parameters[index].foreign
+              and layer_checkpoint.usable(function, kwargs)):
+            offload, watch = decision == OFFLOAD, self.parameters[index]
+            out = layer_checkpoint.checkpoint_layer(function, args, watch.trainable(),
                                                     self.offloader if offload else None,
-                                                    (generation, index) if offload else None)
+                                                    (generation, index) if offload else None, watch)
         elif decision == OFFLOAD:
             with self.offloader.hooks(generation, index):
                 out = checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
