@@ -24,8 +24,9 @@ import triton.language as tl
 from ._dispatch import eager_call, use_reference
 from ._tuning import measured_choice, row_bucket
 from .activations import geglu_reference, swiglu_reference
+from .names import ACT_KIND_IDS
 
-_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+_KINDS = ACT_KIND_IDS
 _BLOCK_MAX = 2048
 
 

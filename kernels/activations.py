@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import use_triton
+from .names import gated_activation_spec
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -13,6 +14,13 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return F.gelu(gate, approximate=approximate) * up
+
+
+def gated_activation_reference(kind: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    approximate = gated_activation_spec(kind).gelu_approximate
+    if approximate is None:
+        return swiglu_reference(gate, up)
+    return geglu_reference(gate, up, approximate)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -32,11 +40,8 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
 
 
 def gated_activation(kind: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """kind is one of 'swiglu', 'geglu', 'geglu_tanh' (the names the architecture table uses)."""
-    if kind == "swiglu":
+    """kind is a name of ``names.GATED_ACTIVATIONS`` ('swiglu', 'geglu', 'geglu_tanh')."""
+    approximate = gated_activation_spec(kind).gelu_approximate
+    if approximate is None:
         return swiglu(gate, up)
-    if kind == "geglu":
-        return geglu(gate, up, "none")
-    if kind == "geglu_tanh":
-        return geglu(gate, up, "tanh")
-    raise ValueError(f"unknown gated activation {kind!r}; expected swiglu, geglu or geglu_tanh")
+    return geglu(gate, up, approximate)
