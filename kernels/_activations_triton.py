@@ -200,7 +200,7 @@ def _gated(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if gate.shape != up.shape or gate.dim() == 0 or use_reference("GATED_ACT"):
+    if gate.shape != up.shape or gate.dim() == 0 or use_reference("mlp"):
         return swiglu_reference(gate, up)
     return _gated(gate, up, "silu")
 
@@ -208,6 +208,6 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"geglu approximate must be 'none' or 'tanh', got {approximate!r}")
-    if gate.shape != up.shape or gate.dim() == 0 or use_reference("GATED_ACT"):
+    if gate.shape != up.shape or gate.dim() == 0 or use_reference("mlp"):
         return geglu_reference(gate, up, approximate)
     return _gated(gate, up, "gelu" if approximate == "none" else "gelu_tanh")

@@ -250,7 +250,7 @@ _rms_norm_fwd.register_autograd(_custom_op_backward, setup_context=_setup_contex
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
                     cast_before_weight: bool = True) -> torch.Tensor:
     if (x.shape[-1] > MAX_HIDDEN or weight.shape != x.shape[-1:]
-            or use_reference("RMS_NORM")):
+            or use_reference("rms_norm")):
         return rms_norm_reference(x, weight, eps, offset, cast_before_weight)
     args = (x, weight, float(eps), float(offset), bool(cast_before_weight))
     if eager_call(x, weight):

@@ -254,7 +254,7 @@ def _supported(q, k, cos, sin, unsqueeze_dim) -> bool:
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, Hq, S, D], k: [B, Hk, S, D], cos/sin: [B or 1, S, Drot]; others use the reference."""
-    if not _supported(q, k, cos, sin, unsqueeze_dim) or use_reference("ROPE"):
+    if not _supported(q, k, cos, sin, unsqueeze_dim) or use_reference("rope"):
         return apply_rope_reference(q, k, cos, sin, unsqueeze_dim)
     if eager_call(q, k, cos, sin):
         return _RopeFunction.apply(q, k, cos, sin)

@@ -99,10 +99,31 @@ def test_custom_op_and_eager_function_agree(kind):
 
 def test_torch_override_knob(monkeypatch):
     gate, up = torch.randn(3, 16), torch.randn(3, 16)
-    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", "torch")
+    monkeypatch.setenv("SLOTH_KERNEL_MLP", "torch")
     monkeypatch.setattr(T, "_gated", lambda *a: pytest.fail("Triton path taken"))
     assert torch.equal(swiglu_triton(gate, up), swiglu_reference(gate, up))
     assert torch.equal(geglu_triton(gate, up, "tanh"), geglu_reference(gate, up, "tanh"))
+
+
+def test_deprecated_gated_act_variable(monkeypatch):
+    """SLOTH_KERNEL_GATED_ACT, the old name of SLOTH_KERNEL_MLP, still works and warns once."""
+    import warnings
+
+    from sloth_plugins.kernels import _dispatch
+    monkeypatch.setattr(_dispatch, "_warned_deprecated", set())
+    monkeypatch.delenv("SLOTH_KERNEL_MLP", raising=False)
+    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", "torch")
+    with pytest.warns(DeprecationWarning, match="SLOTH_KERNEL_MLP"):
+        assert _dispatch.kernel_choice("mlp") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.use_reference("mlp")
+    monkeypatch.setenv("SLOTH_KERNEL_MLP", "triton")   # the new name wins
+    assert _dispatch.kernel_choice("mlp") == "triton"
+    monkeypatch.delenv("SLOTH_KERNEL_MLP")
+    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", "cuda")
+    with pytest.raises(ValueError, match="SLOTH_KERNEL_GATED_ACT"):
+        _dispatch.kernel_choice("mlp")
 
 
 def test_opcheck():
@@ -115,7 +136,7 @@ def test_opcheck():
 def test_compiles_without_graph_breaks(monkeypatch, choice, custom_op_traced):
     """Under torch.compile 'auto' hands inductor the reference (measured at least as fast as ours
     there); 'triton' keeps our kernel as a custom op. Both trace without a graph break."""
-    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", choice)
+    monkeypatch.setenv("SLOTH_KERNEL_MLP", choice)
     gate, up = torch.randn(4, 24, requires_grad=True), torch.randn(4, 24, requires_grad=True)
     def fn(g, u):
         return (swiglu_triton(g, u) + geglu_triton(g, u, "tanh")).square().sum()
