@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import use_reference, use_triton
 from .names import gated_activation_spec
 
 
@@ -25,8 +25,9 @@ def gated_activation_reference(kind: str, gate: torch.Tensor, up: torch.Tensor) 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton(gate, up):
-        from ._activations_triton import swiglu_triton
-        return swiglu_triton(gate, up)
+        from ._activations_triton import supported, swiglu_triton
+        if supported(gate, up) is None and not use_reference("mlp"):
+            return swiglu_triton(gate, up)
     return swiglu_reference(gate, up)
 
 
@@ -34,8 +35,9 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     if approximate not in ("none", "tanh"):
         raise ValueError(f"geglu approximate must be 'none' or 'tanh', got {approximate!r}")
     if use_triton(gate, up):
-        from ._activations_triton import geglu_triton
-        return geglu_triton(gate, up, approximate)
+        from ._activations_triton import geglu_triton, supported
+        if supported(gate, up) is None and not use_reference("mlp"):
+            return geglu_triton(gate, up, approximate)
     return geglu_reference(gate, up, approximate)
 
 
