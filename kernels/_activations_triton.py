@@ -8,6 +8,9 @@ so half-precision outputs match it bit for bit in the common case.
 Eager calls go through a plain ``autograd.Function``; under ``torch.compile`` (or any tracer)
 the same launches run inside a ``torch.library.custom_op``.
 
+A leaf: ``activations.swiglu`` / ``geglu`` decide between these kernels (for inputs ``supported``
+takes) and the references.
+
     silu'(g)      = s * (1 + g * (1 - s)),  s = sigmoid(g)
     gelu'(g)      = Phi(g) + g * phi(g)
     gelu_tanh'(g) = 0.5 * (1 + t) + 0.5 * g * (1 - t^2) * c * (1 + 3 * 0.044715 * g^2),
@@ -16,16 +19,17 @@ the same launches run inside a ``torch.library.custom_op``.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import eager_call, use_reference
+from ._dispatch import eager_call
 from ._tuning import measured_choice, row_bucket
-from .activations import geglu_reference, swiglu_reference
+from .names import ACT_KIND_IDS
 
-_KINDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+_KINDS = ACT_KIND_IDS
 _BLOCK_MAX = 2048
 
 
@@ -198,15 +202,22 @@ def _gated(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     return _gated_fwd(gate, up, kind)
 
 
+def supported(gate: torch.Tensor, up: torch.Tensor) -> Optional[str]:
+    """None when the kernels take these tensors, else why not (no broadcasting, no 0-d)."""
+    if gate.shape != up.shape:
+        return f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape"
+    if gate.dim() == 0:
+        return "0-d tensors"
+    return None
+
+
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if gate.shape != up.shape or gate.dim() == 0 or use_reference("GATED_ACT"):
-        return swiglu_reference(gate, up)
+    """silu(gate) * up; the tensors must pass ``supported``."""
     return _gated(gate, up, "silu")
 
 
 def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """gelu(gate) * up; the tensors must pass ``supported``."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"geglu approximate must be 'none' or 'tanh', got {approximate!r}")
-    if gate.shape != up.shape or gate.dim() == 0 or use_reference("GATED_ACT"):
-        return geglu_reference(gate, up, approximate)
     return _gated(gate, up, "gelu" if approximate == "none" else "gelu_tanh")

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from ._activations_triton import _act_and_grad
+from .names import GATED_ACTIVATIONS
 
-KIND_IDS = {"swiglu": 0, "geglu": 1, "geglu_tanh": 2}
+KIND_IDS = {name: spec.kind_id for name, spec in GATED_ACTIVATIONS.items()}
 _BLOCK_MAX = 2048
 
 

@@ -1,5 +1,7 @@
 """Triton NF4/FP4 dequantization (see nf4.py for the bit layout and the rounding contract).
 
+A leaf: ``nf4.dequantize_4bit`` decides when to come here and prepares the output.
+
 One program handles BLOCK consecutive output elements: it gathers their bytes (each byte is
 read by its two elements; the reads coalesce), decodes the nibble through the 16-entry table,
 scales by the block's absmax in fp32 and rounds once at the store. Double-quantized absmax is
@@ -8,13 +10,9 @@ decoded in the same pass. FMA contraction is switched off for the launch so the 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
-
-from .nf4 import QuantState4bit, _packed_bytes, _prepare_out
 
 _BLOCK = 1024
 
@@ -49,18 +47,19 @@ def _dequant_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_elements,
         tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState4bit, dtype: torch.dtype,
-                           out: Optional[torch.Tensor] = None, reuse_buffer: bool = False) -> torch.Tensor:
+def dequantize_4bit_triton(packed: torch.Tensor, state, dest: torch.Tensor) -> torch.Tensor:
+    """Dequantize ``packed`` (its ``nf4.QuantState4bit`` is ``state``) into ``dest`` (contiguous,
+    ``state.shape``, the output dtype; ``nf4.dequantize_4bit`` prepares it) and return it."""
     code, absmax, nested_absmax, nested_code, offset, nested_blocksize = state.triton_args
     n = state.numel
     if n >= 2**31 - _BLOCK:
         raise ValueError(f"dequantize_4bit_triton uses int32 offsets; {n} elements is too many")
-    # the kernel reads bytes from the base pointer: any contiguous uint8 shape will do as it is
-    data = packed if packed.dtype == torch.uint8 and packed.is_contiguous() else _packed_bytes(packed)
+    # the kernel reads bytes from the base pointer: any contiguous uint8 shape will do as it is;
+    # other quant_storage dtypes (bf16/fp32 under FSDP) are viewed as their bytes
+    data = packed if packed.dtype == torch.uint8 and packed.is_contiguous() else packed.reshape(-1).view(torch.uint8)
     if data.numel() * 2 < n:
         raise ValueError(f"packed weight has {data.numel()} bytes, {n} elements need {(n + 1) // 2}")
-    dest = _prepare_out(state, dtype, packed.device, out, reuse_buffer)
-    to_bf16 = dtype == torch.bfloat16
+    to_bf16 = dest.dtype == torch.bfloat16
     _dequant_4bit_kernel[(triton.cdiv(n, _BLOCK),)](
         data, absmax, code, dest.view(torch.int16) if to_bf16 else dest, n, nested_absmax, nested_code, offset,
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=state.nested,

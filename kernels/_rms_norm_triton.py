@@ -17,17 +17,20 @@ half-precision outputs match Hugging Face's modules (bit for bit in the fp16 tes
 
 Eager calls go through a plain ``autograd.Function``; under ``torch.compile`` (or any tracer)
 the same launches run inside a ``torch.library.custom_op`` that the graph treats as opaque.
+
+A leaf: ``rms_norm.rms_norm`` decides between this kernel (for inputs ``supported`` takes) and
+the reference.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import eager_call, sm_count, use_reference
-from .rms_norm import rms_norm_reference
+from ._dispatch import eager_call, sm_count
 
 MAX_HIDDEN = 65536
 
@@ -247,11 +250,18 @@ def _custom_op_backward(ctx, dy):
 _rms_norm_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
 
 
+def supported(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
+    """None when the kernel takes these tensors, else why not."""
+    if x.shape[-1] > MAX_HIDDEN:
+        return f"hidden size {x.shape[-1]} > {MAX_HIDDEN}"
+    if weight.shape != x.shape[-1:]:
+        return f"weight {tuple(weight.shape)} does not match the last dimension of x {tuple(x.shape)}"
+    return None
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
                     cast_before_weight: bool = True) -> torch.Tensor:
-    if (x.shape[-1] > MAX_HIDDEN or weight.shape != x.shape[-1:]
-            or use_reference("RMS_NORM")):
-        return rms_norm_reference(x, weight, eps, offset, cast_before_weight)
+    """Same contract as ``rms_norm.rms_norm``; the tensors must pass ``supported``."""
     args = (x, weight, float(eps), float(offset), bool(cast_before_weight))
     if eager_call(x, weight):
         return _RMSNormFunction.apply(*args)

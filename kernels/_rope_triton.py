@@ -21,17 +21,20 @@ both halves costs only cache traffic: the tables are small next to q and k.
 
 Eager calls go through a plain ``autograd.Function``; under ``torch.compile`` (or any tracer)
 the same launch runs inside a ``torch.library.custom_op``.
+
+A leaf: ``rope.apply_rope`` decides between this kernel (for inputs ``supported`` takes) and the
+reference.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import eager_call, use_reference
-from .rope import apply_rope_reference
+from ._dispatch import eager_call
 
 TILE_ELEMENTS = 4096  # per half tile: 64 (head, position) rows of head_dim 128, 16 KiB of bf16 in
 NUM_WARPS = 8         # 16 elements of each half per thread
@@ -238,24 +241,27 @@ def _custom_op_backward(ctx, dq_out, dk_out):
 _rope_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
 
 
-def _supported(q, k, cos, sin, unsqueeze_dim) -> bool:
+def supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              unsqueeze_dim: int = 1) -> Optional[str]:
+    """None when the kernel takes these tensors, else why not."""
     if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
-        return False
+        return "needs q, k [B, H, S, D] and cos, sin [B or 1, S, Drot] (unsqueeze_dim=1)"
     if cos.requires_grad or sin.requires_grad or cos.shape != sin.shape:
-        return False  # gradients w.r.t. cos/sin are not computed by the kernel
+        return "cos and sin must have one shape and need no gradient (the kernel computes none for them)"
     batch, _, seq_len, head_dim = q.shape
     rot = cos.shape[-1]
     if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
-        return False
-    return (rot % 2 == 0 and 0 < rot <= head_dim and cos.shape[1] == seq_len
-            and cos.shape[0] in (1, batch))
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head_dim"
+    if not (rot % 2 == 0 and 0 < rot <= head_dim and cos.shape[1] == seq_len
+            and cos.shape[0] in (1, batch)):
+        return f"cos {tuple(cos.shape)} does not fit q {tuple(q.shape)}"
+    return None
 
 
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [B, Hq, S, D], k: [B, Hk, S, D], cos/sin: [B or 1, S, Drot]; others use the reference."""
-    if not _supported(q, k, cos, sin, unsqueeze_dim) or use_reference("ROPE"):
-        return apply_rope_reference(q, k, cos, sin, unsqueeze_dim)
+    """q: [B, Hq, S, D], k: [B, Hk, S, D], cos/sin: [B or 1, S, Drot]: the tensors must pass
+    ``supported`` (``rope.apply_rope`` sends the others to the reference)."""
     if eager_call(q, k, cos, sin):
         return _RopeFunction.apply(q, k, cos, sin)
     return _rope_fwd(q, k, cos, sin)

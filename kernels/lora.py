@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import use_triton
-from .activations import gated_activation
+from .activations import gated_activation, gated_activation_reference
+from .names import GATED_ACTIVATION_NAMES, gated_activation_spec
 from .nf4 import QuantState4bit, dequantize_4bit, dequantize_4bit_reference
 
-ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+ACTIVATIONS = GATED_ACTIVATION_NAMES
 
 
 @dataclass(frozen=True)
@@ -245,19 +246,18 @@ def gated_activation_backward_reference(g, u, da, kind: str):
     dtype = g.dtype
     ct = torch.promote_types(dtype, torch.float32)
     gf, uf, daf = g.to(ct), u.to(ct), da.to(ct)
-    if kind == "swiglu":
+    act_name = gated_activation_spec(kind).act
+    if act_name == "silu":
         sig = torch.sigmoid(gf)
         act, dact = gf * sig, sig * (1 + gf * (1 - sig))
-    elif kind == "geglu":
+    elif act_name == "gelu":
         cdf = 0.5 * (1 + torch.erf(gf * 0.7071067811865476))
         act, dact = gf * cdf, cdf + gf * torch.exp(-0.5 * gf * gf) * 0.3989422804014327
-    elif kind == "geglu_tanh":
+    else:  # gelu_tanh
         c = 0.7978845608028654
         t = torch.tanh(c * (gf + 0.044715 * gf ** 3))
         act = 0.5 * gf * (1 + t)
         dact = 0.5 * (1 + t) + 0.5 * gf * (1 - t * t) * c * (1 + 3 * 0.044715 * gf * gf)
-    else:
-        raise ValueError(f"unknown gated activation {kind!r}; expected one of {ACTIVATIONS}")
     act = act.to(dtype).to(ct)
     return (act * uf).to(da.dtype), (daf * uf * dact).to(dtype), (daf * act).to(u.dtype)
 
@@ -363,8 +363,7 @@ def lora_gated_mlp(x: torch.Tensor, gate: ProjectionLike, up: Optional[Projectio
                    activation: str = "swiglu", lora_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``; ``up=None`` means ``gate`` is a fused gate_up projection
     whose output halves are [gate | up] (Phi-3). ``lora_dtype`` as in :func:`lora_projections`."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown gated activation {activation!r}; expected one of {ACTIVATIONS}")
+    gated_activation_spec(activation)   # ValueError for an unknown name
     up_projs = [as_projection(gate)] + ([] if up is None else [as_projection(up)])
     down = as_projection(down)
     _check_input(x, up_projs)
@@ -412,8 +411,4 @@ def lora_gated_mlp_reference(x, gate, up, down, activation: str = "swiglu") -> t
         g, u = lora_projection_reference(x, gate).chunk(2, dim=-1)
     else:
         g, u = lora_projection_reference(x, gate), lora_projection_reference(x, up)
-    if activation == "swiglu":
-        a = F.silu(g) * u
-    else:
-        a = F.gelu(g, approximate="tanh" if activation == "geglu_tanh" else "none") * u
-    return lora_projection_reference(a, down)
+    return lora_projection_reference(gated_activation_reference(activation, g, u), down)

@@ -257,5 +257,5 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype: Optional
         return result
     if use_triton(packed):
         from ._nf4_triton import dequantize_4bit_triton
-        return dequantize_4bit_triton(packed, state, dtype, out=out, reuse_buffer=reuse_buffer)
+        return dequantize_4bit_triton(packed, state, _prepare_out(state, dtype, packed.device, out, reuse_buffer))
     return dequantize_4bit_reference(packed, state, dtype, out=out, reuse_buffer=reuse_buffer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import use_reference, use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
@@ -28,6 +28,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
              cast_before_weight: bool = True) -> torch.Tensor:
     if use_triton(x, weight):
-        from ._rms_norm_triton import rms_norm_triton
-        return rms_norm_triton(x, weight, eps, offset, cast_before_weight)
+        from ._rms_norm_triton import rms_norm_triton, supported
+        if supported(x, weight) is None and not use_reference("rms_norm"):
+            return rms_norm_triton(x, weight, eps, offset, cast_before_weight)
     return rms_norm_reference(x, weight, eps, offset, cast_before_weight)

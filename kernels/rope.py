@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import use_reference, use_triton
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, Hq, S, D], k: [B, Hk, S, D] (unsqueeze_dim=1); cos/sin: [B, S, Drot]."""
     if use_triton(q, k, cos, sin):
-        from ._rope_triton import apply_rope_triton
-        return apply_rope_triton(q, k, cos, sin, unsqueeze_dim)
+        from ._rope_triton import apply_rope_triton, supported
+        if supported(q, k, cos, sin, unsqueeze_dim) is None and not use_reference("rope"):
+            return apply_rope_triton(q, k, cos, sin, unsqueeze_dim)
     return apply_rope_reference(q, k, cos, sin, unsqueeze_dim)

@@ -9,12 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-# hidden_act / hidden_activation values -> our gated-activation kernel names
-ACTIVATIONS = {
-    "silu": "swiglu", "swish": "swiglu",
-    "gelu": "geglu",
-    "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "geglu_tanh", "gelu_fast": "geglu_tanh",
-}
+from .kernels.names import HIDDEN_ACT_TO_GATED
+
+# hidden_act / hidden_activation values -> our gated-activation kernel names (kernels/names.py)
+ACTIVATIONS = HIDDEN_ACT_TO_GATED
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,14 @@ class Architecture:
         if value is None and self.activation_attr != "hidden_act":
             value = getattr(config, "hidden_act", None)
         return ACTIVATIONS.get(value) if isinstance(value, str) else None
+
+    def mlp_projections(self) -> Tuple[Optional[str], Optional[str], str]:
+        """(gate, up, down) projection names of the MLP. ``up`` is None when the family fuses gate
+        and up into one projection (``gate_up_proj``, Phi-3): ``gate`` then names that projection,
+        whose output halves are [gate | up]. The one place that decides fused vs separate."""
+        if self.gate_up_proj:
+            return self.gate_up_proj, None, self.down_proj
+        return self.gate_proj, self.up_proj, self.down_proj
 
     def logit_softcap(self, config) -> Optional[float]:
         if self.logit_softcap_attr is None:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
-KERNEL_NAMES = ("rms_norm", "rope", "mlp", "lora_mlp", "lora_qkv", "lora_o")
+from .kernels.names import KERNEL_NAMES  # defined once, beside the kernels
 LOSS_MODES = ("chunked", "off")
 CHECKPOINTING_MODES = ("auto", "offload", "recompute", "off")
 ATTENTION_MODES = ("auto", "sloth", "sdpa")

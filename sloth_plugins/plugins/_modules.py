@@ -18,6 +18,16 @@ def get_path(root: torch.nn.Module, path: Optional[str]) -> Optional[Any]:
     return obj
 
 
+def decoder_prefix(model: torch.nn.Module) -> str:
+    """The attribute of a Hugging Face CausalLM that holds its decoder (``base_model_prefix``)."""
+    return getattr(model, "base_model_prefix", "model")
+
+
+def find_decoder(model: torch.nn.Module) -> Optional[Any]:
+    """The decoder (``model.model`` for Llama) of a CausalLM, or None when there is none."""
+    return getattr(model, decoder_prefix(model), None)
+
+
 def decoder_layers(model: torch.nn.Module, layers_path: str) -> Iterator[Tuple[str, torch.nn.Module]]:
     layers = get_path(model, layers_path)
     if layers is None:

@@ -37,7 +37,7 @@ from ..hookspecs import hookimpl
 from ..instance_patch import InstancePatcher
 from ..kernels.attention import Segments, find_segments, packed_attention, triton_supports
 from ..report import PatchReport
-from ._modules import decoder_layers, get_path
+from ._modules import decoder_layers, find_decoder, get_path
 
 IMPLEMENTATION = "sloth"
 _CONFIG_ATTR = "_attn_implementation_internal"
@@ -259,7 +259,7 @@ def _attention_configs(model, arch) -> list:
         cfg = getattr(attn, "config", None)
         if cfg is not None:
             configs.setdefault(id(cfg), cfg)
-    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    decoder = find_decoder(model)
     if getattr(decoder, "config", None) is not None:
         configs.setdefault(id(decoder.config), decoder.config)
     return list(configs.values())

@@ -27,10 +27,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sloth_plugins.kernels.lora import LoraProjection, lora_gated_mlp, lora_projections
-from sloth_plugins.kernels.nf4 import QuantState4bit
-
-_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+from ..kernels.lora import LoraProjection, lora_gated_mlp, lora_projections
+from ..kernels.names import gated_activation_spec
+from ..kernels.nf4 import QuantState4bit
 
 
 class UnsupportedLoraLayer(ValueError):
@@ -169,9 +168,15 @@ def qkv_support(attn, q_name: str = "q_proj", k_name: str = "k_proj", v_name: st
     return _group_support({n: getattr(attn, n, None) for n in (q_name, k_name, v_name)})
 
 
+def mlp_projection_names(gate_name: str, up_name: Optional[str], down_name: str) -> list:
+    """The MLP's projections in call order; ``up_name=None``: ``gate_name`` is a fused gate_up
+    projection (see ``Architecture.mlp_projections``)."""
+    return [gate_name] + ([up_name] if up_name else []) + [down_name]
+
+
 def mlp_support(mlp, gate_name: str = "gate_proj", up_name: Optional[str] = "up_proj",
                 down_name: str = "down_proj") -> tuple[bool, str]:
-    names = [gate_name] + ([up_name] if up_name else []) + [down_name]
+    names = mlp_projection_names(gate_name, up_name, down_name)
     return _group_support({n: getattr(mlp, n, None) for n in names})
 
 
@@ -353,9 +358,8 @@ def fused_mlp_forward(mlp_module, x: torch.Tensor, activation: str, gate_name: s
                       up_name: Optional[str] = "up_proj", down_name: str = "down_proj") -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``. ``up_name=None``: ``gate_name`` is a fused gate_up projection
     (Phi-3's ``gate_up_proj``, halves [gate | up])."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown gated activation {activation!r}; expected one of {_ACTIVATIONS}")
-    names = [gate_name] + ([up_name] if up_name else []) + [down_name]
+    gated_activation_spec(activation)   # ValueError for an unknown name
+    names = mlp_projection_names(gate_name, up_name, down_name)
     exs = [extract_lora(getattr(mlp_module, n)) for n in names]
     projs, xc, ld, od = _prepared(exs, x)
     up = projs[1] if up_name else None

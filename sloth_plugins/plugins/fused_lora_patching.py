@@ -33,15 +33,14 @@ def _has_lora(*modules) -> bool:
 
 def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher: InstancePatcher) -> bool:
     """True when the whole gated MLP now runs through one fused LoRA autograd function."""
-    gate_name = arch.gate_up_proj or arch.gate_proj
-    up_name = None if arch.gate_up_proj else arch.up_proj
-    names = [n for n in (gate_name, up_name, arch.down_proj) if n]
+    gate_name, up_name, down_name = arch.mlp_projections()
+    names = fused_lora.mlp_projection_names(gate_name, up_name, down_name)
     if not _has_lora(*(get_path(mlp, n) for n in names)):
         return False
     if kind is None:
         report.fallback("lora_mlp", "activation has no fused gated kernel", path)
         return False
-    ok, reason = fused_lora.mlp_support(mlp, gate_name=gate_name, up_name=up_name, down_name=arch.down_proj)
+    ok, reason = fused_lora.mlp_support(mlp, gate_name=gate_name, up_name=up_name, down_name=down_name)
     if not ok or has_instance_override(mlp):
         report.fallback("lora_mlp", reason if not ok else "forward already replaced by another library", path)
         return False
@@ -52,7 +51,7 @@ def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher:
             return original(x)
         try:
             return fused_lora.fused_mlp_forward(self, x, kind, gate_name=gate_name, up_name=up_name,
-                                                down_name=arch.down_proj)
+                                                down_name=down_name)
         except fused_lora.UnsupportedLoraLayer:
             return original(x)
 

@@ -135,22 +135,18 @@ def _patch_mlp(mlp, path: str, model_config, arch: Architecture, config, report:
         report.fallback("mlp", "forward already replaced on this instance by another library", path)
         return
     # Projections are looked up on every call: PEFT may wrap them after we patch.
-    down = arch.down_proj
-    if arch.gate_up_proj:
-        gate_up = arch.gate_up_proj
-        if get_path(mlp, gate_up) is None or get_path(mlp, down) is None:
-            report.fallback("mlp", f"missing {gate_up}/{down}", path)
-            return
+    gate, up, down = arch.mlp_projections()
+    names = (gate, down) if up is None else (gate, up, down)
+    if any(get_path(mlp, n) is None for n in names):
+        report.fallback("mlp", f"missing {'/'.join(map(str, names))}", path)
+        return
+    if up is None:   # one fused gate_up projection
+        gate_up = gate
 
         def forward(self, x):
             g, u = getattr(self, gate_up)(x).chunk(2, dim=-1)
             return getattr(self, down)(gated_activation(kind, g, u))
     else:
-        gate, up = arch.gate_proj, arch.up_proj
-        if get_path(mlp, gate) is None or get_path(mlp, up) is None or get_path(mlp, down) is None:
-            report.fallback("mlp", f"missing {gate}/{up}/{down}", path)
-            return
-
         def forward(self, x):
             return getattr(self, down)(gated_activation(kind, getattr(self, gate)(x), getattr(self, up)(x)))
 

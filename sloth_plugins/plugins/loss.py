@@ -42,6 +42,7 @@ from ..hookspecs import hookimpl
 from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import chunked_cross_entropy, fused_linear_cross_entropy
 from ..report import PatchReport
+from ._modules import decoder_prefix, find_decoder
 
 IGNORE_INDEX = -100
 # Config attributes of families that scale logits in ways the generic path does not know.
@@ -187,9 +188,9 @@ def _generic_softcap(model_config) -> Optional[float]:
 
 
 def _unsupported_reason(model, arch) -> Optional[str]:
-    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    decoder = find_decoder(model)
     if not isinstance(decoder, torch.nn.Module):
-        return f"{type(model).__name__} has no decoder at .{model.base_model_prefix}"
+        return f"{type(model).__name__} has no decoder at .{decoder_prefix(model)}"
     if arch is None:
         for attr in _UNKNOWN_LOGIT_SCALES:
             if getattr(model.config, attr, None) not in (None, 1, 1.0):
@@ -264,7 +265,7 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         # from restarting position ids (padding-free batches would attend across samples).
         if arguments.get("use_cache") is None:
             arguments["use_cache"] = False
-        decoder = getattr(self, self.base_model_prefix)
+        decoder = find_decoder(self)
         outputs = decoder(**arguments)
         hidden = outputs[0]
         if shift_labels is None:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sloth_plugins.kernels import _activations_triton as T
+from sloth_plugins.kernels import activations as A
 from sloth_plugins.kernels._activations_triton import _gated_fwd, geglu_triton, swiglu_triton
 from sloth_plugins.kernels.activations import geglu, geglu_reference, swiglu, swiglu_reference
 
@@ -99,10 +100,42 @@ def test_custom_op_and_eager_function_agree(kind):
 
 def test_torch_override_knob(monkeypatch):
     gate, up = torch.randn(3, 16), torch.randn(3, 16)
-    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", "torch")
+    monkeypatch.setattr(A, "use_triton", lambda *tensors: True)   # as on CUDA
+    monkeypatch.setenv("SLOTH_KERNEL_MLP", "torch")
     monkeypatch.setattr(T, "_gated", lambda *a: pytest.fail("Triton path taken"))
-    assert torch.equal(swiglu_triton(gate, up), swiglu_reference(gate, up))
-    assert torch.equal(geglu_triton(gate, up, "tanh"), geglu_reference(gate, up, "tanh"))
+    assert torch.equal(swiglu(gate, up), swiglu_reference(gate, up))
+    assert torch.equal(geglu(gate, up, "tanh"), geglu_reference(gate, up, "tanh"))
+
+
+def test_unsupported_inputs_take_the_reference(monkeypatch):
+    monkeypatch.setattr(A, "use_triton", lambda *tensors: True)   # as on CUDA
+    monkeypatch.setattr(T, "_gated", lambda *a: pytest.fail("Triton path taken"))
+    gate, up = torch.randn(3, 16), torch.randn(16)                # broadcasting
+    assert T.supported(gate, up) is not None
+    assert torch.equal(swiglu(gate, up), swiglu_reference(gate, up))
+    assert T.supported(torch.tensor(1.0), torch.tensor(2.0)) is not None
+    assert torch.equal(geglu(torch.tensor(1.0), torch.tensor(2.0)), geglu_reference(torch.tensor(1.0), torch.tensor(2.0)))
+
+
+def test_deprecated_gated_act_variable(monkeypatch):
+    """SLOTH_KERNEL_GATED_ACT, the old name of SLOTH_KERNEL_MLP, still works and warns once."""
+    import warnings
+
+    from sloth_plugins.kernels import _dispatch
+    monkeypatch.setattr(_dispatch, "_warned_deprecated", set())
+    monkeypatch.delenv("SLOTH_KERNEL_MLP", raising=False)
+    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", "torch")
+    with pytest.warns(DeprecationWarning, match="SLOTH_KERNEL_MLP"):
+        assert _dispatch.kernel_choice("mlp") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.use_reference("mlp")
+    monkeypatch.setenv("SLOTH_KERNEL_MLP", "triton")   # the new name wins
+    assert _dispatch.kernel_choice("mlp") == "triton"
+    monkeypatch.delenv("SLOTH_KERNEL_MLP")
+    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", "cuda")
+    with pytest.raises(ValueError, match="SLOTH_KERNEL_GATED_ACT"):
+        _dispatch.kernel_choice("mlp")
 
 
 def test_opcheck():
@@ -115,10 +148,11 @@ def test_opcheck():
 def test_compiles_without_graph_breaks(monkeypatch, choice, custom_op_traced):
     """Under torch.compile 'auto' hands inductor the reference (measured at least as fast as ours
     there); 'triton' keeps our kernel as a custom op. Both trace without a graph break."""
-    monkeypatch.setenv("SLOTH_KERNEL_GATED_ACT", choice)
+    monkeypatch.setenv("SLOTH_KERNEL_MLP", choice)
+    monkeypatch.setattr(A, "use_triton", lambda *tensors: True)   # as on CUDA
     gate, up = torch.randn(4, 24, requires_grad=True), torch.randn(4, 24, requires_grad=True)
     def fn(g, u):
-        return (swiglu_triton(g, u) + geglu_triton(g, u, "tanh")).square().sum()
+        return (swiglu(g, u) + geglu(g, u, "tanh")).square().sum()
 
     traced = []
 

@@ -15,9 +15,17 @@ import torch
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
+from unittest import mock  # noqa: E402
+
+from sloth_plugins.kernels import nf4  # noqa: E402
 from sloth_plugins.kernels.nf4 import (  # noqa: E402
     QuantState4bit, dequant_buffer, dequantize_4bit, dequantize_4bit_reference)
-from sloth_plugins.kernels._nf4_triton import dequantize_4bit_triton  # noqa: E402
+
+
+def dequantize_4bit_triton(packed, state, dtype, **kwargs):
+    """dequantize_4bit down its Triton path, as on CUDA (here: the interpreter)."""
+    with mock.patch.object(nf4, "use_triton", lambda *tensors: True):
+        return dequantize_4bit(packed, state, dtype, **kwargs)
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

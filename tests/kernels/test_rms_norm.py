@@ -1,4 +1,6 @@
 """Triton RMSNorm vs the torch reference: CPU under the interpreter, real shapes on the GPU."""
+import importlib
+
 import pytest
 import torch
 
@@ -6,6 +8,8 @@ from sloth_plugins.kernels import _rms_norm_triton as T
 from sloth_plugins.kernels._dispatch import eager_call
 from sloth_plugins.kernels._rms_norm_triton import _rms_norm_fwd, rms_norm_triton
 from sloth_plugins.kernels.rms_norm import rms_norm, rms_norm_reference
+
+R = importlib.import_module("sloth_plugins.kernels.rms_norm")   # the package's rms_norm is the function
 
 LLAMA = dict(offset=0.0, cast_before_weight=True)
 GEMMA = dict(offset=1.0, cast_before_weight=False)
@@ -123,14 +127,27 @@ def test_eager_call_only_for_plain_tensors_outside_tracing():
 
 def test_torch_override_knob(monkeypatch):
     x, w = torch.randn(3, 16, requires_grad=True), _weight(16, torch.float32, True)
+    monkeypatch.setattr(R, "use_triton", lambda *tensors: True)   # as on CUDA
     monkeypatch.setenv("SLOTH_KERNEL_RMS_NORM", "torch")
     called = []
     monkeypatch.setattr(T, "_forward", lambda *a: called.append(a))
-    assert torch.equal(rms_norm_triton(x, w, EPS), rms_norm_reference(x, w, EPS))
+    assert torch.equal(rms_norm(x, w, EPS), rms_norm_reference(x, w, EPS))
     assert not called
     monkeypatch.setenv("SLOTH_KERNEL_RMS_NORM", "cuda")
     with pytest.raises(ValueError, match="SLOTH_KERNEL_RMS_NORM"):
-        rms_norm_triton(x, w, EPS)
+        rms_norm(x, w, EPS)
+
+
+def test_unsupported_inputs_take_the_reference(monkeypatch):
+    monkeypatch.setattr(R, "use_triton", lambda *tensors: True)   # as on CUDA
+    monkeypatch.setattr(T, "_forward", lambda *a: pytest.fail("Triton path taken"))
+    monkeypatch.setattr(T, "MAX_HIDDEN", 8)
+    x, w = torch.randn(3, 16), _weight(16, torch.float32, False)
+    assert T.supported(x, w) is not None
+    assert torch.equal(rms_norm(x, w, EPS), rms_norm_reference(x, w, EPS))
+    x, w = torch.randn(3, 4), _weight(1, torch.float32, False)          # a broadcast weight
+    assert T.supported(x, w) is not None
+    assert torch.equal(rms_norm(x, w, EPS), rms_norm_reference(x, w, EPS))
 
 
 def test_zero_rows():

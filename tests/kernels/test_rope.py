@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sloth_plugins.kernels import _rope_triton as T
+from sloth_plugins.kernels import rope as R
 from sloth_plugins.kernels._rope_triton import _rope_fwd, apply_rope_triton
 from sloth_plugins.kernels.rope import apply_rope, apply_rope_reference
 
@@ -154,17 +155,21 @@ def test_custom_op_and_eager_function_agree():
 def test_torch_override_knob(monkeypatch):
     q, k = _heads(1, 2, 3, 8, torch.float32, True), _heads(1, 1, 3, 8, torch.float32, True)
     cos, sin = _cos_sin(1, 3, 8, torch.float32)
+    monkeypatch.setattr(R, "use_triton", lambda *tensors: True)   # as on CUDA
     monkeypatch.setenv("SLOTH_KERNEL_ROPE", "torch")
     monkeypatch.setattr(T, "_launch", lambda *a, **kw: pytest.fail("Triton path taken"))
-    for got, want in zip(apply_rope_triton(q, k, cos, sin), apply_rope_reference(q, k, cos, sin)):
+    for got, want in zip(apply_rope(q, k, cos, sin), apply_rope_reference(q, k, cos, sin)):
         assert torch.equal(got, want)
 
 
-def test_other_unsqueeze_dim_falls_back_to_reference():
+def test_other_unsqueeze_dim_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(R, "use_triton", lambda *tensors: True)   # as on CUDA
+    monkeypatch.setattr(T, "_launch", lambda *a, **kw: pytest.fail("Triton path taken"))
     q, k = _heads(1, 2, 3, 8, torch.float32, False), _heads(1, 2, 3, 8, torch.float32, False)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D] with S=3
     cos, sin = _cos_sin(1, 3, 8, torch.float32)
-    for got, want in zip(apply_rope_triton(q, k, cos, sin, unsqueeze_dim=2),
+    assert T.supported(q, k, cos, sin, unsqueeze_dim=2) is not None
+    for got, want in zip(apply_rope(q, k, cos, sin, unsqueeze_dim=2),
                          apply_rope_reference(q, k, cos, sin, unsqueeze_dim=2)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
