@@ -81,11 +81,15 @@ def worker(job: dict) -> None:
     if scn["run"] == "longest":
         from slothbench import longest
         cap = longest.cap_memory(device, scn["longest"]["budget_gib"])
+    sloth_extra = dict(job["sloth_extra"] or {})
+    if cap is not None or scn["run"] == "longest":       # auto plans for the search's budget
+        if (spec.get("sloth") or {}).get("gradient_checkpointing") == "auto":
+            sloth_extra.setdefault("memory_budget_gb", scn["longest"]["budget_gib"])
     settle_extra = 5 if scn["settle"] else 0
     plan = D.plan(d, scn["warmup"] + scn["steps"] + settle_extra, seed)
     t0 = time.perf_counter()
     model, info = M.load(spec, job["model_dir"], device, dtype, qlora=qlora, grad_ckpt=spec.get("grad_ckpt",
-                         scn["grad_ckpt"]), seed=seed, sloth_extra=job["sloth_extra"], unsloth_gc=job["unsloth_gc"],
+                         scn["grad_ckpt"]), seed=seed, sloth_extra=sloth_extra, unsloth_gc=job["unsloth_gc"],
                          max_seq=scn["longest"]["max_seq"] if scn["run"] == "longest" else max(map(max, plan)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     info.update(trainable_params=sum(p.numel() for p in trainable),

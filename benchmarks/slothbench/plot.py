@@ -56,6 +56,7 @@ def plot(rows: List[dict], path, title: str = "") -> Optional[Path]:
         ax.set_xlabel("peak GiB (max_memory_allocated; 0: not measured)")
         ax.set_ylabel("tokens/s (real tokens)")
         ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0)
         if panel["failed"]:
             ax.text(0.01, 0.01, "failed: " + ", ".join(panel["failed"]), transform=ax.transAxes, fontsize=7,
                     color="tab:red")
