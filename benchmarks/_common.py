@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: timing, memory, tables, JSON, plots, progress.
+Importing it also makes the runner's package importable as ``slothbench``.
 
 Import it FIRST in any script under benchmarks/ (before torch, transformers, bitsandbytes):
 
@@ -17,8 +18,9 @@ API (all device-agnostic: CUDA uses do_bench / max_memory_allocated, CPU a wall 
     environment() -> dict: date, host, GPU, Python and package versions, command line
     text_table(headers, rows, left=1) -> str  (None cells print as "-")
     write_json(path, payload) -> Path         (adds payload["meta"] = environment())
-    plot_panels(path, panels) -> Path|None     grouped bar charts; PNG via matplotlib,
-                                               else an SVG beside it
+    plot_panels(path, panels) -> Path|None     grouped bar charts for the micro-benchmarks
+                                               (kernels/attention/nf4); PNG via matplotlib, else
+                                               an SVG beside it. The runner plots with slothbench.plot
     Progress(total, desc)                      tqdm on a terminal, plain lines otherwise
     MiB, GiB, fmt(x, digits)
 """
@@ -39,6 +41,20 @@ REPO = HERE.parent
 RESULTS_DIR = HERE / "results"
 
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
+
+
+def _register_slothbench() -> None:
+    """``import slothbench`` (benchmarks/slothbench/) without benchmarks/ on sys.path."""
+    import importlib.util
+    if "slothbench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("slothbench", HERE / "slothbench" / "__init__.py",
+                                                      submodule_search_locations=[str(HERE / "slothbench")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["slothbench"] = module
+        spec.loader.exec_module(module)
+
+
+_register_slothbench()
 
 MiB = 2 ** 20
 GiB = 2 ** 30

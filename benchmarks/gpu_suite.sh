@@ -3,21 +3,29 @@
 #
 #   bash benchmarks/gpu_suite.sh PHASE [PHASE ...]        (from the repository root, .gpu carried)
 #
-# Phases (rough H200 wall times, measured numbers go in benchmarks/RESULTS.md):
-#   tests          pytest -m gpu -q
-#   kernels        benchmarks/kernels.py: all kernels x sloth/eager/compile/liger   (< 4 min)
-#   e2e-1b         e2e.py llama-1b bf16, checkpointing on, 4 impls                  (< 5 min incl. model creation)
-#   e2e-1b-nogc    the same with gradient checkpointing off
-#   e2e-8b         e2e.py llama-8b bf16, checkpointing on, 4 impls (creates the 16 GB model folder once)
-#   e2e-8b-qlora   e2e.py llama-8b QLoRA NF4, checkpointing on, 4 impls
-#   e2e-8b-nogc    llama-8b bf16, checkpointing off
-#   padding-free-1b  padding_free.py llama-1b: long-tailed SFT lengths, padded vs packed, 7 impls (~7 min)
-#   padding-free-8b  the same on llama-8b, 12 samples a step (~8 min; the budget may skip the last impl)
-#   attention      benchmarks/attention.py: varlen kernel vs SDPA / flex, full and packed rows (< 3 min)
-# Extra flags: KERNELS_ARGS="--kernels fused_ce" / E2E_ARGS="--impls hf_peft,sloth --steps 5" /
-# PF_ARGS="--impls hf_peft,sloth,unsloth --tokens-per-step 16384" / ATTN_ARGS="--seqs 4096,16384".
-# E2E_BUDGET_S (default 420): an e2e or padding-free phase starts no new implementation after that
-# many seconds.
+# Phases (rough H200 wall times, measured numbers go in benchmarks/RESULTS.md). Every training phase
+# is one configuration of benchmarks/run.py (`python benchmarks/run.py --list` shows the scenarios):
+#   tests            pytest -m gpu -q
+#   kernels          benchmarks/kernels.py: all kernels x sloth/eager/compile/liger            (< 4 min)
+#   attention        benchmarks/attention.py: varlen kernel vs SDPA / flex, full and packed rows (< 3 min)
+#   e2e-1b           run.py --scenario e2e-1b: Llama-3.2-1B bf16, bs 8 x 2048, checkpointing on, 4 impls
+#   e2e-1b-nogc      run.py --scenario e2e-1b-nogc: the same with checkpointing off
+#   e2e-8b           run.py --scenario e2e-8b: Llama-3.1-8B bf16, bs 2 x 2048, 4 impls (creates the model once)
+#   e2e-8b-qlora     run.py --scenario e2e-8b-qlora: the same, QLoRA NF4
+#   e2e-8b-nogc      run.py --scenario e2e-8b-nogc
+#   e2e-8b-offload   run.py --scenario e2e-8b-offload: sloth gradient_checkpointing="offload" vs Unsloth, bf16
+#   e2e-8b-qlora-offload  the same in QLoRA NF4
+#   e2e-8b-host      run.py --scenario e2e-8b-host --host-profile: the host's cost of a step
+#   padding-free-1b  run.py --scenario padding-free-1b: long-tailed SFT lengths, padded vs packed, 7 impls (~7 min)
+#   padding-free-8b  run.py --scenario padding-free-8b (~8 min; the budget may skip the last impl)
+#   ckpt-1b          run.py --scenario ckpt-1b: HF with/without checkpointing vs each sloth checkpointing mode
+#   longest-8b       run.py --scenario longest-8b: longest bs-1 sequence within 80 GiB, 4 impls (~10 min)
+#   matrix           run.py --families all --modes bf16,qlora: every family x precision, 4 impls; resumable
+#                    (cells already in results/matrix.json are skipped), so run it again until it is complete
+# Extra flags: KERNELS_ARGS="--kernels fused_ce" / RUN_ARGS="--impls hf_peft,sloth --steps 5" (every run.py
+# phase) / ATTN_ARGS="--seqs 4096,16384" / MATRIX_ARGS="--families qwen3-8b,gemma-2-9b".
+# RUN_BUDGET_S (default 420; E2E_BUDGET_S is read too): a run.py phase starts no new implementation
+# after that many seconds.
 # The model folders live in /tmp/sloth_bench_models and survive between calls while the machine
 # stays warm.
 #
@@ -44,22 +52,21 @@ pack() {
 
 run_phase() {
   local phase=$1 t0=$SECONDS rc
-  # an e2e phase starts no new implementation after E2E_BUDGET_S seconds (default 420)
-  local e2e="--time-budget-s ${E2E_BUDGET_S:-420} ${E2E_ARGS:-}"
+  # a run.py phase starts no new implementation after RUN_BUDGET_S seconds (default 420)
+  local run=("$PY" benchmarks/run.py --time-budget-s "${RUN_BUDGET_S:-${E2E_BUDGET_S:-420}}")
   echo "=== $phase ($(date -u +%H:%M:%S))"
   case $phase in
     tests)        pytest -m gpu -q -rs ;;   # never `python -m pytest`: it puts the root (kernels/) on sys.path
     kernels)      "$PY" benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
-    e2e-1b)       "$PY" benchmarks/e2e.py --model llama-1b $e2e ;;
-    e2e-1b-nogc)  "$PY" benchmarks/e2e.py --model llama-1b --grad-ckpt off $e2e ;;
-    e2e-8b)       "$PY" benchmarks/e2e.py --model llama-8b $e2e ;;
-    e2e-8b-qlora) "$PY" benchmarks/e2e.py --model llama-8b --qlora $e2e ;;
-    e2e-8b-nogc)  "$PY" benchmarks/e2e.py --model llama-8b --grad-ckpt off $e2e ;;
-    padding-free-1b) "$PY" benchmarks/padding_free.py --model llama-1b --time-budget-s ${E2E_BUDGET_S:-420} ${PF_ARGS:-} ;;
-    padding-free-8b) "$PY" benchmarks/padding_free.py --model llama-8b --time-budget-s ${E2E_BUDGET_S:-420} ${PF_ARGS:-} ;;
     attention)    "$PY" benchmarks/attention.py ${ATTN_ARGS:-} ;;
-    *) echo "unknown phase $phase (tests kernels e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
-            "padding-free-1b padding-free-8b attention)"; return 2 ;;
+    e2e-8b-host)  "${run[@]}" --scenario "$phase" --host-profile ${RUN_ARGS:-${E2E_ARGS:-}} ;;
+    e2e-1b|e2e-1b-nogc|e2e-8b|e2e-8b-qlora|e2e-8b-nogc|e2e-8b-offload|e2e-8b-qlora-offload|padding-free-1b|\
+    padding-free-8b|ckpt-1b|longest-8b)
+                  "${run[@]}" --scenario "$phase" ${RUN_ARGS:-${E2E_ARGS:-}} ;;
+    matrix)       "${run[@]}" --name matrix --families all --modes bf16,qlora ${MATRIX_ARGS:-} ${RUN_ARGS:-} ;;
+    *) echo "unknown phase $phase (tests kernels attention e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
+            "e2e-8b-offload e2e-8b-qlora-offload e2e-8b-host padding-free-1b padding-free-8b ckpt-1b longest-8b" \
+            "matrix)"; return 2 ;;
   esac 2>&1 | tee "$OUT/$phase.log"
   rc=${PIPESTATUS[0]}
   echo "=== $phase: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$phase.log"
@@ -67,7 +74,7 @@ run_phase() {
   return "$rc"
 }
 
-[ $# -gt 0 ] || { sed -n '2,29p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,40p' "$0"; exit 2; }
 status=0
 for phase in "$@"; do
   run_phase "$phase" || status=1

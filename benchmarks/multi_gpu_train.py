@@ -35,21 +35,16 @@ import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-# benchmarks/kernels.py must never be importable as Hugging Face's `kernels` package
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _HERE]
+import _common as C  # noqa: E402,I001  (keeps benchmarks/ off sys.path, registers slothbench)
+
+_HERE = C.HERE
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
                "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES = {
-    # vocab None: the locally trained tokenizer's size
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=None, max_position_embeddings=4096),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-}
+# "small" here; every other shape (llama-8b = llama-3.1-8b, any family) from slothbench.models.SHAPES
+SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 ENGINES = {"lightning": ("single", "ddp", "fsdp", "fsdp2"), "hf": ("single", "ddp", "fsdp2")}
 
 
@@ -80,12 +75,16 @@ def build_model(args, vocab_size: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    shape = {**SHAPES[args.shape], "vocab_size": SHAPES[args.shape]["vocab_size"] or vocab_size}
-    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    try:
-        config = LlamaConfig(**shape, **special, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    except TypeError:                                   # transformers < 5
-        config = LlamaConfig(**shape, **special, rope_theta=500000.0)
+    from slothbench.models import build_config, lora_targets
+    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if args.shape == "small":
+        try:
+            config = LlamaConfig(**SMALL, **special, vocab_size=vocab_size,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+        except TypeError:                                   # transformers < 5
+            config = LlamaConfig(**SMALL, **special, vocab_size=vocab_size, rope_theta=500000.0)
+    else:
+        config = build_config(args.shape, **special)
     torch.manual_seed(args.seed)
     with torch.device(_device()):
         model = AutoModelForCausalLM.from_config(config, dtype=_dtype(args.dtype), attn_implementation="sdpa")
@@ -93,7 +92,7 @@ def build_model(args, vocab_size: int):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(args.seed + 1)
     # adapters in the model's dtype: FSDP1 flattens a layer's parameters into one tensor of one dtype
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_targets(config.model_type),
                                             task_type="CAUSAL_LM"), autocast_adapter_dtype=False)
 
 
@@ -102,7 +101,8 @@ def build_rows(args):
     import torch
     n = args.global_batch * args.steps
     if args.data == "random":
-        vocab = SHAPES[args.shape]["vocab_size"] or 32000
+        from slothbench.models import build_config
+        vocab = 32000 if args.shape == "small" else build_config(args.shape).vocab_size
         g = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(3, vocab, (n, args.seq), generator=g)
         return [dict(input_ids=r) for r in ids], vocab
@@ -162,15 +162,10 @@ class Meter:
 
 
 def _summarize_profile(prof, n_steps: int, times) -> dict:
-    """Device time per kernel category of the profiled steps (e2e_worker's categories, NCCL included)."""
-    import importlib.util
-
-    # by path: benchmarks/ is kept off sys.path (see the top of this file)
-    spec = importlib.util.spec_from_file_location("e2e_worker", _HERE / "e2e_worker.py")
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
+    """Device time per kernel category of the profiled steps (slothbench.profile's categories, NCCL included)."""
+    from slothbench.profile import CUDA_SOURCE, cuda_records, summarize_profile
     step_s = sorted(times)[len(times) // 2] if times else None      # the unprofiled median step
-    return worker.summarize_profile(worker.cuda_records(prof), n_steps, step_s, worker.CUDA_SOURCE)
+    return summarize_profile(cuda_records(prof), n_steps, step_s, CUDA_SOURCE)
 
 
 # ---------------------------------------------------------------------------------------- frameworks
@@ -387,7 +382,7 @@ def main():
     r.add_argument("--framework", required=True, choices=sorted(ENGINES))
     r.add_argument("--engine", required=True)
     r.add_argument("--tag", default="run", help="groups runs in the report (e.g. parity, scale)")
-    r.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    r.add_argument("--shape", default="small", help="small, or a slothbench.models shape (llama-8b, qwen3-8b, ...)")
     r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     r.add_argument("--data", default="text", choices=["text", "random"])
     r.add_argument("--global-batch", default=8, type=int, help="rows per step, all GPUs together")

@@ -1,8 +1,11 @@
-"""Benchmark tooling on CPU: e2e.py --profile, longest_seq.py --smoke and its search, the kernel
-categories of the profile, and the peak-memory meters that must survive other code's
-torch.cuda.reset_peak_memory_stats (e2e_worker.PeakMemory, axolotl_h200.sh's bench_meter)."""
+"""Benchmark tooling on CPU: run.py --profile and the longest-sequence search, the kernel
+categories of the profile, the peak-memory meters that must survive other code's
+torch.cuda.reset_peak_memory_stats (slothbench.meter.PeakMemory, axolotl_h200.sh's bench_meter),
+the shapes table, the Pareto front, and gpu_suite.sh's phases naming runner scenarios."""
+import importlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import types
@@ -21,24 +24,32 @@ def _module(name: str, path: Path):
     return module
 
 
-@pytest.fixture(scope="module")
-def worker():
-    return _module("e2e_worker_under_test", BENCH / "e2e_worker.py")
-
-
-@pytest.fixture(scope="module")
-def longest():
-    sys.path.insert(0, str(BENCH))    # for its `import _common`, which takes benchmarks/ off the path again
+def _slothbench(name: str):
+    sys.path.insert(0, str(BENCH))    # for `import _common` (it registers slothbench, then leaves the path)
     try:
-        return _module("longest_seq_under_test", BENCH / "longest_seq.py")
+        import _common  # noqa: F401
+        return importlib.import_module(f"slothbench.{name}")
     finally:
         sys.path[:] = [p for p in sys.path if p != str(BENCH)]
 
 
-def _run(script: str, *args: str, timeout: float = 300) -> str:
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], stdout=subprocess.PIPE,
+@pytest.fixture(scope="module")
+def worker():
+    """The profile summaries and the meter, as one namespace (they were e2e_worker's)."""
+    prof, meter = _slothbench("profile"), _slothbench("meter")
+    return types.SimpleNamespace(**vars(prof), PeakMemory=meter.PeakMemory)
+
+
+@pytest.fixture(scope="module")
+def longest():
+    search, models = _slothbench("longest"), _slothbench("models")
+    return types.SimpleNamespace(search_longest=search.search_longest, long_context_view=models.long_context_view)
+
+
+def _run(*args: str, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{proc.stdout[-4000:]}"
+    assert proc.returncode == 0, f"run.py --smoke exited {proc.returncode}:\n{proc.stdout[-4000:]}"
     return proc.stdout
 
 
@@ -255,13 +266,50 @@ def test_long_context_view_links_weights_and_raises_max_positions(longest, tmp_p
     assert longest.long_context_view(src, 4096) == src
 
 
+# ------------------------------------------------------------------------ shapes, plot, suite
+
+def test_shapes_cover_every_family_at_public_shapes():
+    models, scenarios = _slothbench("models"), _slothbench("scenarios")
+    assert set(models.FAMILIES) == {"llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b-v0.3", "qwen2.5-7b",
+                                    "qwen3-8b", "gemma-2-9b", "gemma-3-4b", "phi-3-mini"}
+    params = {}
+    for name in models.FAMILIES:
+        cfg = models.build_config(name).to_dict()
+        params[name] = models.matmul_flops(cfg)["n_matmul"] / 1e9
+    assert 7.4 < params["llama-3.1-8b"] < 7.6 and 1.1 < params["llama-3.2-1b"] < 1.3      # lm_head counted
+    assert 7.0 < params["mistral-7b-v0.3"] < 7.3 and 7.0 < params["qwen2.5-7b"] < 7.2
+    assert 7.5 < params["qwen3-8b"] < 7.65 and 3.6 < params["phi-3-mini"] < 3.9
+    grid = scenarios.matrix(["all"], ["bf16", "qlora"])
+    assert len(grid) == 2 * len(models.FAMILIES)
+    assert {json.dumps(s["data"]) for s in grid} == {json.dumps(grid[0]["data"])}     # every shape alike
+    assert models.lora_targets("phi3") != models.lora_targets("llama")
+
+
+def test_pareto_front():
+    plot = _slothbench("plot")
+    points = [(10.0, 100.0, "a"), (12.0, 90.0, "b"), (8.0, 50.0, "c"), (20.0, 150.0, "d"), (10.0, 100.0, "e")]
+    assert [p[2] for p in plot.pareto(points)] == ["c", "a", "e", "d"]
+
+
+def test_gpu_suite_phases_are_runner_scenarios():
+    scenarios = _slothbench("scenarios")
+    script = (BENCH / "gpu_suite.sh").read_text()
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_suite.sh")], check=True)
+    cases = script[script.index("  case $phase in"):script.index("    *) echo")]
+    named = set(scenarios.NAMED)
+    listed = set(re.findall(r"^#   ([a-z0-9-]+)\s", script, re.M)) - {"tests", "kernels", "attention", "matrix", "bash"}
+    assert listed and listed <= named, listed - named
+    assert all(re.search(rf"(^|[|\s]){re.escape(p)}[|)]", cases, re.M) for p in listed), cases
+    assert "e2e-8b-offload" in listed and "e2e-8b-qlora-offload" in listed
+
+
 # ----------------------------------------------------------------------------- smoke runs
 
 @pytest.mark.slow
-def test_e2e_smoke_with_profile(tmp_path):
-    out = _run("e2e.py", "--profile", "--impls", "sloth", "--out-dir", str(tmp_path / "e"),
-               "--model-dir", str(tmp_path / "model"))
-    result = json.loads((tmp_path / "e" / "e2e_tiny_fp32_gc.json").read_text())["results"][0]
+def test_runner_smoke_with_profile(tmp_path):
+    out = _run("--scenario", "e2e-1b", "--profile", "--impls", "sloth", "--out-dir", str(tmp_path / "e"),
+               "--model-cache", str(tmp_path / "models"))
+    result = json.loads((tmp_path / "e" / "e2e-1b.json").read_text())["rows"][0]
     assert result["ok"] and result["impl"] == "sloth", out[-3000:]
     prof = result["profile"]
     assert "error" not in prof, prof
@@ -275,17 +323,17 @@ def test_e2e_smoke_with_profile(tmp_path):
 
 @pytest.mark.slow
 def test_longest_seq_smoke(tmp_path):
-    out = _run("longest_seq.py", "--impls", "hf_peft,sloth_auto", "--out-dir", str(tmp_path / "l"),
-               "--model-dir", str(tmp_path / "model"))
-    payload = json.loads((tmp_path / "l" / "longest_seq_tiny.json").read_text())
-    results = {r["impl"]: r for r in payload["results"]}
+    out = _run("--scenario", "longest-8b", "--impls", "hf_peft,sloth_auto", "--out-dir", str(tmp_path / "l"),
+               "--model-cache", str(tmp_path / "models"))
+    payload = json.loads((tmp_path / "l" / "longest-8b.json").read_text())
+    results = {r["impl"]: r for r in payload["rows"]}
     assert set(results) == {"hf_peft", "sloth_auto"}, out[-3000:]
     for r in results.values():
         assert r["ok"], r
         # 64, 128 train; 256 and 192 hit the simulated OOM; 160 trains: bracket 32
         assert [(t["seq"], t["status"]) for t in r["tries"]] == [(64, "ok"), (128, "ok"), (256, "oom"), (192, "oom"),
                                                                  (160, "ok")]
-        assert r["longest_ok"] == 160 and r["shortest_fail"] == 192
+        assert r["longest_ok"] == 160 and r["shortest_fail"] == 192 and r["tok_s"] > 0
         assert all(t["loss"] > 0 for t in r["tries"] if t["status"] == "ok")
     assert results["sloth_auto"]["tries"][0]["steps"] >= 2        # auto: measures, then plans
     assert "longest ok" in out and payload["meta"]["versions"]["torch"]

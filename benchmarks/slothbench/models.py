@@ -1,0 +1,247 @@
+"""Model shapes and implementations as data; one loader.
+
+SHAPES: the public shapes of every family in the architecture table (DESIGN.md section 6), plus
+``tiny`` (tests, --smoke) and ``llama-3.1-8b-host`` (the 8B's 32 layers at 1/16 of its widths:
+the GPU always waits for the host, so a step's time is the host cost). RoPE is the default type
+with each model's theta everywhere (Llama-3's "llama3" and Gemma-3's linear scaling only change the
+cos/sin tables, not the cost, and keep every implementation on its default rotary path). Nothing
+here is tuned to a shape: every scenario treats every shape alike.
+
+IMPLS: how each implementation loads (base "hf" = transformers + PEFT, optionally Liger's
+patches or sloth_plugins.patch(model, SlothConfig(**sloth)); base "unsloth" = FastLanguageModel)
+and which batch layout it gets (padded or packed). LoRA r16 alpha16 dropout 0 on every projection;
+QLoRA = bitsandbytes NF4, double quant, bf16 compute (no prepare_model_for_kbit_training: norms
+and lm_head stay bf16, as Unsloth keeps them).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import List, Optional
+
+_LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                 max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0)
+SHAPES = {   # name: (model_type, config keys)
+    "llama-3.2-1b": ("llama", dict(_LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   head_dim=64, tie_word_embeddings=True)),
+    "llama-3.2-3b": ("llama", dict(_LLAMA_8B, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                   num_attention_heads=24, tie_word_embeddings=True)),
+    "llama-3.1-8b": ("llama", _LLAMA_8B),
+    "mistral-7b-v0.3": ("mistral", dict(_LLAMA_8B, vocab_size=32768, max_position_embeddings=32768,
+                                        rope_theta=1e6, sliding_window=None)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                                 rope_theta=1e6, use_sliding_window=False)),
+    "qwen3-8b": ("qwen3", dict(_LLAMA_8B, intermediate_size=12288, num_hidden_layers=36, vocab_size=151936,
+                               max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6)),
+    "gemma-2-9b": ("gemma2", dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+                                  tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                                  rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                                  final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                                  hidden_activation="gelu_pytorch_tanh")),
+    "gemma-3-4b": ("gemma3_text", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208,
+                                       tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                                       rope_theta=1e6, query_pre_attn_scalar=256, sliding_window=1024)),
+    "phi-3-mini": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                                tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                rope_theta=10000.0, sliding_window=2047)),
+    # not public shapes: the host-cost probe and the test model
+    "llama-3.1-8b-host": ("llama", dict(_LLAMA_8B, hidden_size=256, intermediate_size=896, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=64, vocab_size=2048,
+                                        max_position_embeddings=8192)),
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+                           max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500000.0)),
+}
+FAMILIES = [n for n in SHAPES if n not in ("llama-3.1-8b-host", "tiny")]
+ALIASES = {"llama-1b": "llama-3.2-1b", "llama-3b": "llama-3.2-3b", "llama-8b": "llama-3.1-8b",
+           "llama-8b-host": "llama-3.1-8b-host"}
+LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+IMPLS = {
+    "hf_peft": dict(base="hf"),
+    "hf_peft_packed": dict(base="hf", layout="packed"),
+    "liger": dict(base="hf", liger=True),
+    "unsloth": dict(base="unsloth"),
+    "unsloth_packed": dict(base="unsloth", layout="packed"),
+    "sloth": dict(base="hf", sloth={}),
+    "sloth_packed": dict(base="hf", sloth={"padding_free": True}, layout="packed"),
+    "sloth_unpad": dict(base="hf", sloth={"padding_free": True}),     # padded in, packed inside the forward
+    "sloth_offload": dict(base="hf", sloth={"gradient_checkpointing": "offload"}),
+    "sloth_auto": dict(base="hf", sloth={"gradient_checkpointing": "auto"}),
+}
+NEEDS = {"hf": ["transformers", "peft"], "unsloth": ["unsloth", "peft"]}
+
+
+def shape_name(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in SHAPES:
+        raise SystemExit(f"unknown model {name!r}; choose from {sorted(SHAPES)} or aliases {sorted(ALIASES)}")
+    return name
+
+
+def lora_targets(model_type: str) -> List[str]:
+    return LORA_TARGETS.get(model_type, DEFAULT_TARGETS)
+
+
+def build_config(name: str, **extra):
+    """The transformers config of a shape (``extra``: token ids, overrides)."""
+    from transformers import AutoConfig
+    model_type, keys = SHAPES[shape_name(name)]
+    keys = {k: v for k, v in {**keys, **extra}.items() if v is not None or k == "sliding_window"}
+    return AutoConfig.for_model(model_type, **keys)
+
+
+def matmul_flops(cfg: dict, seq: int = 0) -> dict:
+    """N_matmul = parameters of every linear layer incl. lm_head (LoRA adapters excluded); per-token
+    LoRA training FLOPs = 4 N_matmul (forward + input gradients; frozen weights get no weight
+    gradient) + 6 L seq d (attention scores, as DESIGN.md counts them)."""
+    d, n_layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    hq, hk = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // hq
+    n_matmul = n_layers * (d * hq * hd + 2 * d * hk * hd + hq * hd * d + 3 * d * inter) + vocab * d
+    return {"n_matmul": n_matmul, "flops_per_token": 4 * n_matmul + 6 * n_layers * seq * d}
+
+
+def missing_modules(spec: dict, qlora: bool, device: str) -> List[str]:
+    needed = NEEDS[spec["base"]] + (["liger_kernel"] if spec.get("liger") else []) + \
+        (["sloth_plugins"] if spec.get("sloth") is not None else []) + (["bitsandbytes"] if qlora else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if (spec["base"] == "unsloth" or spec.get("liger")) and device == "cpu":
+        missing.append("a CUDA GPU")
+    return missing
+
+
+# ---------------------------------------------------------------------------------------- create
+
+def _tokenizer():
+    """A small byte-level BPE trained here (no hub): Unsloth's loader wants a tokenizer in the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    texts = [f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(64)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def create(name: str, target: Path, device, dtype, seed: int = 0) -> dict:
+    """Random-init model + tokenizer saved to ``target`` (with bench_meta.json), atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not (target / "bench_meta.json").exists():
+        raise SystemExit(f"refusing to replace {target}: it exists and was not made by this benchmark")
+    t0 = time.perf_counter()
+    tok = _tokenizer()
+    config = build_config(name, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):          # random init on the GPU: minutes faster than CPU for 8B
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(old)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    tok.save_pretrained(tmp)
+    meta = {"model": shape_name(name), "model_type": SHAPES[shape_name(name)][0], "shape": SHAPES[shape_name(name)][1],
+            "seed": seed, "dtype": str(dtype).replace("torch.", ""),
+            "params": sum(p.numel() for p in model.parameters()), "created_s": round(time.perf_counter() - t0, 1)}
+    (tmp / "bench_meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return meta
+
+
+def long_context_view(model_dir: Path, max_seq: int) -> Path:
+    """The model folder itself when its config allows ``max_seq`` positions, else a sibling with
+    symlinks to its files and a config saying max_position_embeddings = max_seq (so no library
+    applies RoPE scaling for long inputs)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("max_position_embeddings", 0) >= max_seq:
+        return model_dir
+    view = model_dir.with_name(f"{model_dir.name}-maxpos{max_seq}")
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and f.is_file():
+            (view / f.name).symlink_to(f.resolve())
+    cfg["max_position_embeddings"] = max_seq
+    (view / "config.json").write_text(json.dumps(cfg, indent=2))
+    return view
+
+
+# ------------------------------------------------------------------------------------------ load
+
+def sloth_options(spec: dict, extra: Optional[dict] = None) -> dict:
+    """The impl's SlothConfig keys, then --sloth-config's, then SLOTH_BENCH_CONFIG's (older commands)."""
+    return {**spec["sloth"], **(extra or {}), **json.loads(os.environ.get("SLOTH_BENCH_CONFIG") or "{}")}
+
+
+def load(spec: dict, model_dir, device, dtype, *, qlora: bool, grad_ckpt: bool, seed: int, max_seq: int,
+         lora_r: int = 16, lora_alpha: int = 16, sloth_extra: Optional[dict] = None, unsloth_gc: str = "unsloth"):
+    """(model in training mode with LoRA adapters, info dict) for one implementation spec."""
+    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    targets = lora_targets(model_type)
+    if spec["base"] == "unsloth":
+        from unsloth import FastLanguageModel
+        gc = (unsloth_gc if unsloth_gc == "unsloth" else True) if grad_ckpt else False
+        model, _tok = FastLanguageModel.from_pretrained(
+            model_name=str(model_dir), max_seq_length=max_seq, dtype=dtype, load_in_4bit=qlora,
+            use_gradient_checkpointing=gc, random_state=seed)
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=0, bias="none", target_modules=targets,
+            use_gradient_checkpointing=gc, random_state=seed)
+        FastLanguageModel.for_training(model, use_gradient_checkpointing=gc)
+        return model, {"gradient_checkpointing": f"unsloth use_gradient_checkpointing={gc!r}",
+                       "unsloth_max_seq_length": max_seq}
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    info = {}
+    if spec.get("liger"):
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
+        _apply_liger_kernel(model_type)      # class-level, its defaults: rope, rms_norm, swiglu, fused linear CE
+        info["liger"] = f"_apply_liger_kernel({model_type!r}) defaults"
+    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    if qlora:
+        from transformers import BitsAndBytesConfig
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if qlora or device.type == "cuda":
+        kw["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+    if not qlora and device.type != "cuda":
+        model.to(device)
+    model.config.use_cache = False
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        info["gradient_checkpointing"] = "HF gradient_checkpointing_enable(use_reentrant=False)"
+    torch.manual_seed(seed)                # the same LoRA A init for every HF-based impl
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, bias="none",
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    if spec.get("sloth") is not None:
+        import sloth_plugins as sloth
+        options = sloth_options(spec, sloth_extra)
+        report = sloth.patch(model, sloth.SlothConfig(**options))
+        info.update(sloth_config=options, patch_report=report.summary(), patch_notes=list(report.notes))
+    model.train()
+    return model, info

@@ -1,0 +1,93 @@
+"""Scenarios as data: model shape x precision (bf16 | qlora) x batch lengths (fixed | longtail) x
+gradient checkpointing x GPUs, the implementations to compare, and how to measure (``run``:
+"train" = timed steps, "longest" = the longest batch-1 sequence within a memory budget).
+
+Named scenarios reproduce what the older scripts measured (e2e.py, padding_free.py,
+checkpointing.py, longest_seq.py); ``matrix`` builds the cross-family grid the same way for
+every shape (nothing tuned to a named one).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .models import FAMILIES, shape_name
+
+E2E_IMPLS = ["hf_peft", "sloth", "liger", "unsloth"]
+PF_IMPLS = ["hf_peft", "sloth_packed", "unsloth", "unsloth_packed", "sloth", "sloth_unpad", "hf_peft_packed"]
+
+
+def fixed(batch: int, seq: int) -> dict:
+    return {"kind": "fixed", "batch": batch, "seq": seq}
+
+
+def longtail(samples: int, micro: int, mean_len: float = 350.0, min_len: int = 32, max_len: int = 2048,
+             sigma: float = 1.0, tokens: int = 0) -> dict:
+    """``samples`` a step (or as many as fit ``tokens`` real tokens), padded micro-batches of ``micro``."""
+    return {"kind": "longtail", "samples": samples, "micro": micro, "mean_len": mean_len, "min_len": min_len,
+            "max_len": max_len, "sigma": sigma, "tokens": tokens}
+
+
+def scenario(name: str, model: str, data: dict, impls: List[str], mode: str = "bf16", grad_ckpt: bool = True,
+             **more) -> dict:
+    return {"name": name, "model": shape_name(model), "mode": mode, "data": data, "grad_ckpt": grad_ckpt,
+            "gpus": 1, "impls": impls, "define": {}, "run": "train", "warmup": 3, "steps": 10, "settle": False,
+            **more}
+
+
+def _ckpt(name: str, model: str, data: dict, full: bool = False) -> dict:
+    """checkpointing.py's rows: HF without / with checkpointing, and each sloth checkpointing mode
+    (checkpointing only, or with kernels and the chunked loss: ``full``). Auto warms up until its
+    plan is settled."""
+    stack = {} if full else {"kernels": False, "loss": "off"}
+    define = {"hf": {"base": "hf", "grad_ckpt": False}, "hf-gc": {"base": "hf"}}
+    for mode in ("off", "recompute", "offload", "auto"):
+        define[mode] = {"base": "hf", "sloth": {**stack, "gradient_checkpointing": mode}}
+    define["auto-40g"] = {"base": "hf", "sloth": {**stack, "gradient_checkpointing": "auto", "memory_budget_gb": 40.0}}
+    return scenario(name, model, data, list(define), define=define, settle=True, warmup=3, steps=5)
+
+
+def _longest(name: str, model: str, mode: str = "bf16") -> dict:
+    return scenario(name, model, fixed(1, 8192), ["sloth_offload", "sloth_auto", "unsloth", "hf_peft"], mode=mode,
+                    run="longest", longest={"budget_gib": 80.0, "max_seq": 131072, "start_seq": 8192,
+                                            "resolution": 1024, "impl_budget_s": 150.0, "auto_max_steps": 3,
+                                            "alloc_conf": "expandable_segments:True"})
+
+
+NAMED: Dict[str, dict] = {s["name"]: s for s in [
+    scenario("e2e-1b", "llama-3.2-1b", fixed(8, 2048), E2E_IMPLS),
+    scenario("e2e-1b-nogc", "llama-3.2-1b", fixed(8, 2048), E2E_IMPLS, grad_ckpt=False),
+    scenario("e2e-8b", "llama-3.1-8b", fixed(2, 2048), E2E_IMPLS),
+    scenario("e2e-8b-qlora", "llama-3.1-8b", fixed(2, 2048), E2E_IMPLS, mode="qlora"),
+    scenario("e2e-8b-nogc", "llama-3.1-8b", fixed(2, 2048), E2E_IMPLS, grad_ckpt=False),
+    # sloth's offloaded checkpointing against Unsloth's (use_gradient_checkpointing="unsloth")
+    scenario("e2e-8b-offload", "llama-3.1-8b", fixed(2, 2048), ["sloth_offload", "unsloth"]),
+    scenario("e2e-8b-qlora-offload", "llama-3.1-8b", fixed(2, 2048), ["sloth_offload", "unsloth"], mode="qlora"),
+    # the host's cost of a step (run with --host-profile): the 8B's 32 layers at 1/16 of its widths
+    scenario("e2e-8b-host", "llama-3.1-8b-host", fixed(2, 2048), ["sloth", "unsloth"], mode="qlora"),
+    scenario("padding-free-1b", "llama-3.2-1b", longtail(48, 8), PF_IMPLS),
+    scenario("padding-free-8b", "llama-3.1-8b", longtail(12, 4), PF_IMPLS),
+    _ckpt("ckpt-1b", "llama-3.2-1b", fixed(8, 2048)),
+    _ckpt("ckpt-1b-16k", "llama-3.2-1b", fixed(1, 16384)),
+    _ckpt("ckpt-1b-full", "llama-3.2-1b", fixed(8, 2048), full=True),
+    _ckpt("ckpt-8b", "llama-3.1-8b", fixed(2, 2048)),
+    _longest("longest-8b", "llama-3.1-8b"),
+    _longest("longest-8b-qlora", "llama-3.1-8b", mode="qlora"),
+    # 2 GPUs: HF Trainer + SlothCallback under torchrun DDP (benchmarks/multi_gpu_train.py), 2 x 2048 a GPU
+    scenario("ddp-8b", "llama-3.1-8b", fixed(2, 2048), ["sloth"], gpus=2, warmup=3, steps=20),
+]}
+
+
+def matrix(families: List[str], modes: List[str], data: str = "fixed", grad_ckpt: bool = True,
+           impls: List[str] = E2E_IMPLS, batch: int = 2, seq: int = 2048) -> List[dict]:
+    """One scenario per family x mode, all alike: bs ``batch`` x ``seq`` (fixed) or the long-tailed
+    set at 12 samples a step in micro-batches of 4 (longtail)."""
+    families = FAMILIES if families in (["all"], "all") else [shape_name(f) for f in families]
+    out = []
+    for family in families:
+        for mode in modes:
+            if mode not in ("bf16", "qlora"):
+                raise SystemExit(f"unknown mode {mode!r}: bf16 or qlora")
+            name = f"{family}-{mode}" + ("-longtail" if data == "longtail" else "") + ("" if grad_ckpt else "-nogc")
+            shape = fixed(batch, seq) if data == "fixed" else longtail(12, 4, max_len=seq)
+            out.append(scenario(name, family, shape, list(impls), mode=mode, grad_ckpt=grad_ckpt))
+    return out
