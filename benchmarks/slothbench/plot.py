@@ -42,26 +42,30 @@ def plot(rows: List[dict], path, title: str = "") -> Optional[Path]:
     cols = min(3, len(panels))
     n_rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(5.2 * cols, 4.2 * n_rows), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
     for ax, (name, panel) in zip(axes.flat, panels.items()):
         front = pareto(panel["points"])
         if len(front) > 1:
-            ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:green", lw=1.2, zorder=1,
+            ax.plot([p[0] for p in front], [p[1] for p in front], color="0.6", lw=1.0, ls="--", zorder=1,
                     label="Pareto front")
-        for x, y, impl in panel["points"]:
-            on = (x, y, impl) in front
-            ax.scatter([x], [y], s=45, zorder=2, facecolors="tab:green" if on else "none",
-                       edgecolors="tab:green" if on else "tab:gray")
-            ax.annotate(impl, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for i, (x, y, impl) in enumerate(sorted(panel["points"], key=lambda p: -p[1])):
+            color, on = colors[i % len(colors)], (x, y, impl) in front
+            # the legend carries the numbers: labels beside points collide when the points are close
+            ax.scatter([x], [y], s=70, zorder=2, facecolors=color if on else "none", edgecolors=color,
+                       linewidths=1.5, label=f"{impl}: {y:,.0f} tok/s, {x:.2f} GiB" + ("" if on else " (dominated)"))
+        xs = [p[0] for p in panel["points"]] or [1.0]
+        ys = [p[1] for p in panel["points"]] or [1.0]
+        ax.set_xlim(0, max(xs) * 1.2 or 1.0)
+        ax.set_ylim(0, max(ys) * 1.35 or 1.0)     # room for the legend above the points
+        ax.grid(alpha=0.3)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("peak GiB (max_memory_allocated; 0: not measured)")
         ax.set_ylabel("tokens/s (real tokens)")
-        ax.set_ylim(bottom=0)
-        ax.set_xlim(left=0)
         if panel["failed"]:
             ax.text(0.01, 0.01, "failed: " + ", ".join(panel["failed"]), transform=ax.transAxes, fontsize=7,
                     color="tab:red")
-        if len(front) > 1:
-            ax.legend(fontsize=7, loc="upper right")
+        if panel["points"]:
+            ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if title:
