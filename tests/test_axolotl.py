@@ -327,3 +327,21 @@ def test_pre_model_load_refuses_a_config_that_skipped_validation():
     cfg = DictDefault(sloth_kernels=True, liger_rms_norm=True)
     with pytest.raises(ValueError, match="liger_rms_norm: True and sloth_kernels"):
         SlothPlugin().pre_model_load(cfg)
+
+
+def test_resume_from_a_checkpoint_matches_the_resumed_run_without_the_plugin(model_dir, tmp_path):
+    """Train 2 of 4 steps saving a checkpoint, resume to step 4: with the plugin, the resumed losses and
+    weights equal the same resume without it (HF's resume is not bit-equal to an uninterrupted run by
+    itself, so resumed is compared with resumed)."""
+    def resumed(out, plugin):
+        first = base_config(model_dir, out, plugin=plugin, gradient_checkpointing=True, save_strategy="steps",
+                            save_steps=2, max_steps=2)
+        first["lr_scheduler"] = "constant"      # the same schedule whether the run stops at 2 or 4
+        run_training(first)
+        second = dict(first, max_steps=4, resume_from_checkpoint=os.path.join(out, "out", "checkpoint-2"))
+        return run_training(second)
+
+    ref, run = resumed(str(tmp_path / "ref"), False), resumed(str(tmp_path / "sloth"), True)
+    assert run.trainer.state.global_step == ref.trainer.state.global_step == 4
+    assert sloth.get_state(run.model) is not None and sloth.get_state(ref.model) is None
+    _check_parity(run, ref)
