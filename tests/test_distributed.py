@@ -308,7 +308,7 @@ def _fsdp_case(engine, own_unit, head, checkpointing, rank, world, device):
     from peft import LoraConfig, get_peft_model
 
     import sloth_plugins as sloth
-    from sloth_plugins.manager import resolve_causal_lm
+    from sloth_plugins.models import resolve_causal_lm
     from sloth_plugins.testing import tiny_model
 
     model = tiny_model("llama", seed=0, vocab_size=VOCAB).to(device)

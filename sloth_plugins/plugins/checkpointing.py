@@ -48,14 +48,15 @@ from ..checkpoint_plan import (KEEP, OFFLOAD, RECOMPUTE, CheckpointPlan, LayerMe
                                plan_layers)
 from ..hookspecs import hookimpl
 from ..instance_patch import InstancePatcher
+from ..models import resolve_causal_lm
 from ..report import PatchReport
+from ..state import StashKey, model_stash
 from ._modules import decoder_layers
 
 logger = logging.getLogger("sloth_plugins")
 
 FRAMEWORK, AUTO = "framework", "auto"
 PLAN_DECISIONS = (KEEP, RECOMPUTE, OFFLOAD, FRAMEWORK, AUTO)
-_CONTROLLER_ATTR = "_sloth_checkpointing"
 _MAX_VERIFICATIONS = 4        # steps whose peak auto measures to check a new plan (each resets CUDA peak stats)
 _MAX_FAILED_MEASUREMENTS = 3  # measuring forwards without a backward before auto stops waiting for one
 _MAX_MEASUREMENTS = 8         # probing costs a second forward of every layer: beyond this, scale up instead
@@ -93,7 +94,7 @@ class LayerCheckpointer:
 
 class CheckpointingPlugin:
     @hookimpl
-    def sloth_patch_model(self, model, config, report: PatchReport, arch, patcher: InstancePatcher):
+    def sloth_patch_model(self, model, config, report: PatchReport, arch, patcher: InstancePatcher, context):
         if config.gradient_checkpointing == "off":
             return
         found = [(path, layer) for path, layer in decoder_layers(model, arch.layers if arch else "model.layers")
@@ -104,9 +105,7 @@ class CheckpointingPlugin:
             return
         paths, layers = [p for p, _ in found], [layer for _, layer in found]
         budget = _budget(config, model)
-        from ..manager import get_plugin_manager
-        plan = get_plugin_manager().hook.sloth_checkpoint_plan(model=model, config=config, layers=layers,
-                                                               budget_bytes=budget)
+        plan = context.hook.sloth_checkpoint_plan(model=model, config=config, layers=layers, budget_bytes=budget)
         plan = _validated(plan, len(layers))
         controller = CheckpointController(model, paths, layers, plan, budget, report)
         controller.apply(patcher)
@@ -118,8 +117,8 @@ class CheckpointingPlugin:
             controller.apply(None)
 
         patcher.bind(model, "_set_gradient_checkpointing", _set_gradient_checkpointing, wraps=original)
-        # kept outside the patcher: it must still be there after the patcher restored everything
-        model.__dict__[_CONTROLLER_ATTR] = controller
+        # in the model's stash, not the patcher: unpatch needs it after the patcher restored everything
+        context.stash[CONTROLLER] = controller
         controller.record_patch(config)
 
     @hookimpl(trylast=True)
@@ -132,14 +131,14 @@ class CheckpointingPlugin:
         return [AUTO] * n if budget_bytes is not None else [FRAMEWORK] * n
 
     @hookimpl
-    def sloth_reassert(self, model, config):
-        controller = model.__dict__.get(_CONTROLLER_ATTR)
+    def sloth_reassert(self, model, config, context):
+        controller = context.stash.get(CONTROLLER, None)
         if controller is not None:
             controller.apply(None)
 
     @hookimpl
-    def sloth_unpatch_model(self, model):
-        controller = model.__dict__.pop(_CONTROLLER_ATTR, None)
+    def sloth_unpatch_model(self, model, context):
+        controller = context.stash.pop(CONTROLLER, None)
         if controller is not None:
             controller.close()
             controller.replay_framework_request()
@@ -147,11 +146,11 @@ class CheckpointingPlugin:
 
 def get_checkpoint_controller(model) -> Optional["CheckpointController"]:
     """The controller of a patched model (PEFT / DDP wrappers are peeled off), or None."""
-    from ..manager import resolve_causal_lm
     try:
-        return resolve_causal_lm(model).__dict__.get(_CONTROLLER_ATTR)
+        stash = model_stash(resolve_causal_lm(model))
     except TypeError:
         return None
+    return stash.get(CONTROLLER, None) if stash is not None else None
 
 
 class CudaMemory:
@@ -588,6 +587,7 @@ class CheckpointController:
             self.report.notes[self._note_index] = text
 
 
+CONTROLLER = StashKey[CheckpointController]()   # the checkpointing plugin's slot in the model's Stash
 ENGINE_DETAIL = "checkpointed by the training engine: run plainly inside its checkpoint"
 _TORCH_CHECKPOINT_FORWARD = ("torch.utils.checkpoint", "_checkpoint_hook.__init__.<locals>.pack_hook")
 _TORCH_CHECKPOINT_RECOMPUTE = ("torch.utils.checkpoint", "_recomputation_hook.__init__.<locals>.pack_hook")

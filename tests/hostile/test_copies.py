@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import sloth_plugins as sloth  # noqa: E402
-from sloth_plugins.manager import resolve_causal_lm  # noqa: E402
+from sloth_plugins.models import resolve_causal_lm  # noqa: E402
 from sloth_plugins.plugins.checkpointing import get_checkpoint_controller  # noqa: E402
 from sloth_plugins.testing import tiny_model  # noqa: E402
 
