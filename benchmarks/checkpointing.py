@@ -74,7 +74,7 @@ def sloth_config(row: str, stack: str):
 
 def run_row(model, lora_init: Dict[str, torch.Tensor], row: str, batch: int, seq: int, args, device) -> dict:
     import sloth_plugins as sloth
-    from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+    from sloth_plugins import get_checkpoint_controller
 
     with torch.no_grad():
         for name, p in model.named_parameters():

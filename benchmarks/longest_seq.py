@@ -143,7 +143,7 @@ def worker(a) -> None:
         except ImportError:
             pass
     if spec["base"] == "sloth":
-        from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+        from sloth_plugins import get_checkpoint_controller
         controller = get_checkpoint_controller(model)
     vocab = json.loads((Path(a.dir) / "config.json").read_text())["vocab_size"]
     memory = W.PeakMemory(device)

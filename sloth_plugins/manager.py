@@ -156,7 +156,7 @@ def _repatch_copies(lm: torch.nn.Module):
     state = _state(lm)
     if state is None:
         return None
-    from .plugins.checkpointing import get_checkpoint_controller
+    from .checkpointing import get_checkpoint_controller
     controller = get_checkpoint_controller(lm)
     return functools.partial(_patch_copy, state.config, controller.framework_request if controller else None)
 

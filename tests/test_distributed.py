@@ -464,7 +464,7 @@ def _engine_ac_run(engine, mode, steps=2, wrapped=None, n_layers=4):
                                                                              checkpoint_wrapper)
 
     import sloth_plugins as sloth
-    from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+    from sloth_plugins.checkpointing import get_checkpoint_controller
     from sloth_plugins.testing import tiny_model
 
     model = tiny_model("llama", seed=0, vocab_size=VOCAB, layers=n_layers)
@@ -513,7 +513,7 @@ def _engine_notes(report):
 @pytest.mark.parametrize("mode", ["recompute", "offload", "auto"])
 @pytest.mark.parametrize("engine", ["non_reentrant", "reentrant"])
 def test_engine_activation_checkpointing_is_not_doubled(engine, mode):
-    from sloth_plugins.plugins.checkpointing import ENGINE_DETAIL
+    from sloth_plugins.checkpointing.engines import ENGINE_DETAIL
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -536,8 +536,8 @@ def test_engine_activation_checkpointing_is_not_doubled(engine, mode):
 
 @pytest.mark.parametrize("engine", ["non_reentrant", "reentrant"])
 def test_auto_plans_only_the_layers_an_engine_does_not_checkpoint(engine):
-    from sloth_plugins.checkpoint_plan import KEEP, OFFLOAD, RECOMPUTE
-    from sloth_plugins.plugins.checkpointing import ENGINE_DETAIL
+    from sloth_plugins.checkpointing.plan import KEEP, OFFLOAD, RECOMPUTE
+    from sloth_plugins.checkpointing.engines import ENGINE_DETAIL
 
     wrapped = (0, 2)
     with warnings.catch_warnings():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 
 def builtin_plugins():
+    from ..checkpointing.plugin import CheckpointingPlugin
     from .attention import AttentionPlugin
-    from .checkpointing import CheckpointingPlugin
     from .kernel_patching import KernelPlugin
     from .loss import LossPlugin
     from .padding_free import PaddingFreePlugin
