@@ -16,7 +16,8 @@ arguments added here later never break an existing plugin. The patch-time hooks
 * ``context.stash``: the model's per-model ``Stash``. Keep what you need for one model in your own
   slot, ``context.stash[KEY]`` with ``KEY = sloth_plugins.state.StashKey[YourState]()`` created at
   module level: it lives exactly as long as the patch (``unpatch`` drops it; a copy of a patched
-  model gets a fresh one when it is patched again). Nothing is kept keyed by ``id()``.
+  model gets a fresh one when it is patched again), instead of module-level tables keyed by
+  ``id()`` of a model, config or layer.
 """
 from __future__ import annotations
 

@@ -34,8 +34,6 @@ def _modules() -> Dict[str, str]:
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
             rel = os.path.relpath(dirpath, base)
-            if rel != "." and os.path.join(folder, rel).replace(os.sep, "/") in SOURCE_DIRS.values():
-                continue     # a folder installed as its own package (none nest today)
             parts = [] if rel == "." else rel.split(os.sep)
             for name in filenames:
                 if not name.endswith(".py"):
