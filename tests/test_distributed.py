@@ -530,7 +530,7 @@ def test_engine_activation_checkpointing_is_not_doubled(engine, mode):
     assert len(_engine_notes(report)) == 1 and "every decoder layer" in _engine_notes(report)[0]
     if mode == "auto":
         # nothing seen, nothing planned: no measurement, no plan, and warm-up loops see it settled
-        assert controller.measurements == 0 and controller.plan is None and controller.settled
+        assert controller.meter.measurements == 0 and controller.plan is None and controller.settled
         assert "nothing left to plan" in _engine_notes(report)[0]
 
 
@@ -551,7 +551,7 @@ def test_auto_plans_only_the_layers_an_engine_does_not_checkpoint(engine):
     # tightest plan of those four, as for any four layers: offload, offload, recompute, keep (the
     # last: its activations return at the start of the backward); the engine's layers: 2 always
     assert steps == [[2, 3, 2, 3, 3, 3]] + [[2, 2, 2, 2, 2, 1]] * 2
-    assert controller.engine_layers == set(wrapped) and controller.measurements == 1
+    assert controller.engine_layers == set(wrapped) and controller.meter.measurements == 1
     assert controller.plan.decisions == (OFFLOAD, OFFLOAD, RECOMPUTE, KEEP), "planned for the layers sloth runs"
     assert controller.decisions == (RECOMPUTE, OFFLOAD, RECOMPUTE, OFFLOAD, RECOMPUTE, KEEP)
     assert controller.offloader.parked_count == 2 * 2 and controller.offloader.live_parked() == 0
