@@ -264,7 +264,7 @@ def run_hf(args, rows, vocab):
     trainer = Trainer(model=build_model(args, vocab), args=targs, train_dataset=rows, data_collator=right_pad_collate,
                       callbacks=[callback, Measure()])
     trainer.train()
-    from sloth_plugins.manager import resolve_causal_lm
+    from sloth_plugins.models import resolve_causal_lm
     meter.wrapped = (f"{type(trainer.model_wrapped).__name__}, lm_head weight "
                      f"{type(resolve_causal_lm(trainer.model).lm_head.weight).__name__}")
     return losses, meter, callback.report

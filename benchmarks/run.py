@@ -134,7 +134,7 @@ def worker(job: dict) -> None:
 
     controller = None
     if scn["settle"] and spec.get("sloth") is not None:
-        from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+        from sloth_plugins import get_checkpoint_controller
         controller = get_checkpoint_controller(model)
     gc_time, rows, timed_from, decisions = GcTime(), [], None, None
     for i, s in enumerate(steps):

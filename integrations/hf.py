@@ -92,11 +92,12 @@ def _trl_reads_full_logits(model, args) -> bool:
     if not hasattr(args, "loss_type") or getattr(args, "use_liger_kernel", False) or _trl_has_fused_head():
         return False
     from ..instance_patch import has_instance_override
-    from ..manager import resolve_causal_lm
+    from ..manager import get_state
+    from ..models import resolve_causal_lm
     lm = resolve_causal_lm(model)
-    if has_instance_override(lm) and lm.__dict__.get("_sloth_state") is None:
+    state = get_state(lm)
+    if has_instance_override(lm) and state is None:
         return False   # TRL installed its own chunked head: it does not read logits
-    state = lm.__dict__.get("_sloth_state")
     if state is not None and state.report.count("loss", patched=False):
         return False   # an earlier pass found TRL's head already in charge
     return args.loss_type in ("nll", "dft")

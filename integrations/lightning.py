@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..config import SlothConfig, SlothConfigError
-from ..manager import patch, resolve_causal_lm
+from ..manager import patch
+from ..models import resolve_causal_lm
 from ..report import PatchReport
 
 logger = logging.getLogger("sloth_plugins")

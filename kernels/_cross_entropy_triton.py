@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import Divisor, auto_chunk_size, first_order_only
+from ._loss_common import Divisor, auto_chunk_size, first_order_only
 
 # Vocab elements a program handles per step; tests lower it to exercise the ragged last block.
 _MAX_BLOCK = 4096

@@ -25,24 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._dispatch import use_triton
-
-Divisor = Union[float, int, torch.Tensor, None]
-
-_MIN_CHUNK = 64
-
-
-def auto_chunk_size(n_tokens: int, vocab: int, device: torch.device, *, bytes_per_logit: int = 4,
-                    max_bytes: int = 256 * 2**20) -> int:
-    """Tokens per chunk so that one chunk of logits (fp32 by default) stays small next to free memory."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        budget = min(max_bytes, free // 16)
-    else:
-        budget = min(max_bytes, 64 * 2**20)
-    chunk = max(_MIN_CHUNK, budget // (vocab * bytes_per_logit))
-    chunk = (chunk // _MIN_CHUNK) * _MIN_CHUNK
-    return int(max(1, min(chunk, n_tokens)))
-
+from ._loss_common import Divisor, auto_chunk_size, first_order_only
 
 def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every label is a class index in [0, vocab) or ``ignore_index``; otherwise an error, as
@@ -63,14 +46,6 @@ def _softcap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     if cap is None:
         return logits
     return torch.tanh(logits / cap) * cap
-
-
-def first_order_only() -> None:
-    """Raise in a fused loss's backward when it runs for ``create_graph=True`` (grad mode on)."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("sloth_plugins fused linear cross-entropy: create_graph=True (double backward) is not "
-                           "supported: its gradients are computed in the forward. Use SlothConfig(loss='off', "
-                           "kernels=False, gradient_checkpointing='off') for higher-order gradients")
 
 
 def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:

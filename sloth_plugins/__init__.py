@@ -16,7 +16,8 @@ from .report import PatchReport
 __version__ = "0.1.0"
 
 __all__ = ["Architecture", "PatchReport", "SlothCallback", "SlothConfig", "SlothConfigError", "SlothStrategy",
-           "SlothUnsupported", "get_plugin_manager", "get_state", "hookimpl", "patch", "unpatch"]
+           "SlothUnsupported", "get_checkpoint_controller", "get_plugin_manager", "get_state", "hookimpl", "patch",
+           "unpatch"]
 
 
 def __getattr__(name):
@@ -27,4 +28,7 @@ def __getattr__(name):
     if name == "SlothStrategy":
         from .integrations.lightning import SlothStrategy
         return SlothStrategy
+    if name == "get_checkpoint_controller":   # loaded with the checkpointing package, on first use
+        from .checkpointing import get_checkpoint_controller
+        return get_checkpoint_controller
     raise AttributeError(f"module 'sloth_plugins' has no attribute {name!r}")

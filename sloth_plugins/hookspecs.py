@@ -1,8 +1,23 @@
 """The extension API: every hook sloth_plugins calls, and what it expects back.
 
 Plugins implement these with ``@sloth_plugins.hookimpl`` and register through the
-``sloth_plugins`` entry-point group (or ``get_plugin_manager().register(obj)``). The three
-built-in plugins (kernels, loss, gradient checkpointing) are ordinary implementations.
+``sloth_plugins`` entry-point group (or ``get_plugin_manager().register(obj)``). The built-in
+plugins (kernels, loss, gradient checkpointing, attention, padding-free) are ordinary
+implementations.
+
+An implementation may take any subset of a spec's arguments (pluggy passes those it names), so
+arguments added here later never break an existing plugin. The patch-time hooks
+(``sloth_patch_model``, ``sloth_reassert``, ``sloth_unpatch_model``) receive ``context``, a
+``sloth_plugins.state.PatchContext``, as pytest hands ``config`` to its plugins:
+
+* ``context.hook``: the hook relay, to call other hooks (``context.hook.sloth_checkpoint_plan(...)``);
+  plugins never import the plugin manager.
+* ``context.config``: the SlothConfig.
+* ``context.stash``: the model's per-model ``Stash``. Keep what you need for one model in your own
+  slot, ``context.stash[KEY]`` with ``KEY = sloth_plugins.state.StashKey[YourState]()`` created at
+  module level: it lives exactly as long as the patch (``unpatch`` drops it; a copy of a patched
+  model gets a fresh one when it is patched again), instead of module-level tables keyed by
+  ``id()`` of a model, config or layer.
 """
 from __future__ import annotations
 
@@ -22,26 +37,31 @@ def sloth_architectures():
 
 
 @hookspec
-def sloth_patch_model(model, config, report, arch, patcher):
+def sloth_patch_model(model, config, report, arch, patcher, context):
     """Patch the modules this plugin owns.
 
     model: the transformers CausalLM (PEFT wrappers already peeled off).
     config: the SlothConfig. report: the PatchReport to record into (``report.patched`` /
     ``report.fallback`` with a one-line reason). arch: the ``Architecture`` entry or None for
     an unknown family (only generic patches apply then). patcher: the ``InstancePatcher`` to
-    make every change through, so ``unpatch`` can undo it exactly.
+    make every change through, so ``unpatch`` can undo it exactly. context: the PatchContext
+    (hook relay, config, the model's Stash; see the module docstring).
     Raise ``SlothUnsupported`` for a fall back that ``config.strict`` must turn into an error.
     """
 
 
 @hookspec
-def sloth_reassert(model, config):
+def sloth_reassert(model, config, context):
     """``patch`` was called again with the same config: re-apply state a framework may have reset."""
 
 
 @hookspec
-def sloth_unpatch_model(model):
-    """Release any state the plugin keeps outside the InstancePatcher (buffers, streams)."""
+def sloth_unpatch_model(model, context):
+    """Release any state the plugin keeps outside the InstancePatcher (buffers, streams).
+
+    Called after the patcher restored every attribute; ``context.stash`` is the model's stash,
+    already detached from the model (it is dropped after this hook).
+    """
 
 
 @hookspec(firstresult=True)

@@ -10,9 +10,9 @@ Copies: the patched forwards are closures over the original modules, so a plain
 per-model state holds locks no pickler takes). The first patch on a ``torch.nn.Module``
 therefore also sets ``__deepcopy__`` and ``__reduce_ex__`` on that instance (``copy`` and both
 picklers look these up on the instance): they copy the module as it was before the patches,
-without sloth's per-model ``_sloth_*`` attributes. The object ``patch`` was applied to can have
-an ``after_copy`` callback, which patches its deep or unpickled copy again. ``restore()``
-removes the two hooks like every other attribute.
+without sloth's per-model state (its one Stash attribute, see ``state.without_state``). The
+object ``patch`` was applied to can have an ``after_copy`` callback, which patches its deep or
+unpickled copy again. ``restore()`` removes the two hooks like every other attribute.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .state import without_state
 
 _MISSING = object()
 _CLEAN_ONLY = object()     # a deepcopy memo key: build the unpatched copy and do not patch it again
@@ -93,7 +95,7 @@ class InstancePatcher:
         """``obj``'s state (from ``__getstate__``) as it was before our patches."""
         if not isinstance(state, dict):
             return state
-        state = {k: v for k, v in state.items() if not k.startswith("_sloth_")}
+        state = without_state(state)
         chains: Dict[str, list] = {}
         for o, name, previous, ours in self._records:
             if o is obj:

@@ -14,12 +14,13 @@ from . import hookspecs
 from .architectures import BUILTIN_ARCHITECTURES, ArchitectureTable
 from .config import SlothConfig, SlothUnsupported
 from .instance_patch import InstancePatcher
+from .models import resolve_causal_lm
 from .report import PatchReport
+from .state import PatchContext, Stash, StashKey, attach_stash, detach_stash, model_stash
 
 logger = logging.getLogger("sloth_plugins")
 
 ENTRY_POINT_GROUP = "sloth_plugins"
-_STATE_ATTR = "_sloth_state"
 _manager: Optional[pluggy.PluginManager] = None
 
 
@@ -40,10 +41,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
         for name, plugin in builtin_plugins():
             pm.register(plugin, name=name)
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        # Registered last (with a trylast hook): it wraps the decoder forward whatever plugin,
-        # built-in or from an entry point, may have left there.
-        from .plugins.padding_free import PaddingFreePlugin
-        pm.register(PaddingFreePlugin(), name="sloth.padding_free")
         _manager = pm
     return _manager
 
@@ -66,41 +63,27 @@ class SlothState:
     structure: tuple = ()     # _structure(lm) when patched
 
 
+STATE = StashKey[SlothState]()   # the manager's own slot in each patched model's Stash
+
+
 def _structure(lm: torch.nn.Module) -> tuple:
     """The module tree patch() saw: PEFT wrapping the model (LoRA layers in place of its Linears)
     or adding an adapter changes it, and then the patches must be decided again."""
     return tuple((name, id(module)) for name, module in lm.named_modules())
 
 
-def resolve_causal_lm(model: Any) -> torch.nn.Module:
-    """Peel PEFT / DDP wrappers off to the transformers CausalLM, or raise a clear TypeError."""
-    inner = model
-    for _ in range(8):
-        if hasattr(inner, "get_base_model") and callable(inner.get_base_model) and inner is not inner.get_base_model():
-            inner = inner.get_base_model()          # peft.PeftModel
-        elif isinstance(inner, torch.nn.parallel.DistributedDataParallel):
-            inner = inner.module
-        else:
-            break
-    try:
-        from transformers import PreTrainedModel
-    except ImportError as exc:  # pragma: no cover - transformers is an optional extra
-        raise ImportError("sloth_plugins.patch needs transformers: pip install 'sloth_plugins[hf]'") from exc
-    if not isinstance(inner, PreTrainedModel):
-        raise TypeError(f"sloth_plugins.patch expects a transformers causal LM (e.g. LlamaForCausalLM) or a PEFT "
-                        f"model wrapping one; got {type(model).__name__}")
-    if inner.get_output_embeddings() is None:
-        raise TypeError(f"{type(inner).__name__} has no language-model head (get_output_embeddings() is None): "
-                        f"sloth_plugins patches causal LMs; load the model with AutoModelForCausalLM")
-    return inner
-
-
 def get_state(model: Any) -> Optional[SlothState]:
+    """The config, report and patcher of a patched model (PEFT / DDP wrappers peeled off), or None."""
     try:
         inner = resolve_causal_lm(model)
     except TypeError:
         return None
-    return inner.__dict__.get(_STATE_ATTR)
+    return _state(inner)
+
+
+def _state(lm: torch.nn.Module) -> Optional[SlothState]:
+    stash = model_stash(lm)
+    return stash.get(STATE, None) if stash is not None else None
 
 
 def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> PatchReport:
@@ -124,10 +107,11 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
     elif options:
         config = config.replace(**options)
     lm = resolve_causal_lm(model)
-    state: Optional[SlothState] = lm.__dict__.get(_STATE_ATTR)
+    state = _state(lm)
     if state is not None and state.config == config and state.structure == _structure(lm):
         # Re-assert without re-patching: frameworks may have wrapped our forwards since (accelerate).
-        get_plugin_manager().hook.sloth_reassert(model=lm, config=config)
+        hook = get_plugin_manager().hook
+        hook.sloth_reassert(model=lm, config=config, context=PatchContext(hook, config, model_stash(lm)))
         return state.report
     if state is not None:
         unpatch(lm)
@@ -149,8 +133,11 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
         report.note(message)
 
     patcher = InstancePatcher()
+    stash = Stash()
+    context = PatchContext(pm.hook, config, stash)
     try:
-        pm.hook.sloth_patch_model(model=lm, config=config, report=report, arch=arch, patcher=patcher)
+        pm.hook.sloth_patch_model(model=lm, config=config, report=report, arch=arch, patcher=patcher,
+                                  context=context)
     except BaseException:
         patcher.restore()
         raise
@@ -158,17 +145,18 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
         patcher.restore()
         raise SlothUnsupported("strict=True and some modules fell back:\n" + str(report))
     patcher.after_copy(lm, _repatch_copies)
-    lm.__dict__[_STATE_ATTR] = SlothState(config=config, report=report, patcher=patcher, structure=_structure(lm))
+    stash[STATE] = SlothState(config=config, report=report, patcher=patcher, structure=_structure(lm))
+    attach_stash(lm, stash)
     logger.info("%s", report)
     return report
 
 
 def _repatch_copies(lm: torch.nn.Module):
     """For a deep copy or pickle of the patched ``lm``: what patches the (unpatched) copy as ``lm`` is."""
-    state: Optional[SlothState] = lm.__dict__.get(_STATE_ATTR)
+    state = _state(lm)
     if state is None:
         return None
-    from .plugins.checkpointing import get_checkpoint_controller
+    from .checkpointing import get_checkpoint_controller
     controller = get_checkpoint_controller(lm)
     return functools.partial(_patch_copy, state.config, controller.framework_request if controller else None)
 
@@ -189,9 +177,11 @@ def _patch_copy(config: SlothConfig, framework_request, copy: torch.nn.Module) -
 def unpatch(model: Any) -> bool:
     """Undo every patch on ``model`` exactly. Returns False when it was not patched."""
     lm = resolve_causal_lm(model)
-    state: Optional[SlothState] = lm.__dict__.pop(_STATE_ATTR, None)
+    stash = detach_stash(lm)
+    state = stash.get(STATE, None) if stash is not None else None
     if state is None:
         return False
     state.patcher.restore()
-    get_plugin_manager().hook.sloth_unpatch_model(model=lm)
+    hook = get_plugin_manager().hook
+    hook.sloth_unpatch_model(model=lm, context=PatchContext(hook, state.config, stash))
     return True

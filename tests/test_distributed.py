@@ -308,7 +308,7 @@ def _fsdp_case(engine, own_unit, head, checkpointing, rank, world, device):
     from peft import LoraConfig, get_peft_model
 
     import sloth_plugins as sloth
-    from sloth_plugins.manager import resolve_causal_lm
+    from sloth_plugins.models import resolve_causal_lm
     from sloth_plugins.testing import tiny_model
 
     model = tiny_model("llama", seed=0, vocab_size=VOCAB).to(device)
@@ -464,7 +464,7 @@ def _engine_ac_run(engine, mode, steps=2, wrapped=None, n_layers=4):
                                                                              checkpoint_wrapper)
 
     import sloth_plugins as sloth
-    from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+    from sloth_plugins.checkpointing import get_checkpoint_controller
     from sloth_plugins.testing import tiny_model
 
     model = tiny_model("llama", seed=0, vocab_size=VOCAB, layers=n_layers)
@@ -513,7 +513,7 @@ def _engine_notes(report):
 @pytest.mark.parametrize("mode", ["recompute", "offload", "auto"])
 @pytest.mark.parametrize("engine", ["non_reentrant", "reentrant"])
 def test_engine_activation_checkpointing_is_not_doubled(engine, mode):
-    from sloth_plugins.plugins.checkpointing import ENGINE_DETAIL
+    from sloth_plugins.checkpointing.engines import ENGINE_DETAIL
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -530,14 +530,14 @@ def test_engine_activation_checkpointing_is_not_doubled(engine, mode):
     assert len(_engine_notes(report)) == 1 and "every decoder layer" in _engine_notes(report)[0]
     if mode == "auto":
         # nothing seen, nothing planned: no measurement, no plan, and warm-up loops see it settled
-        assert controller.measurements == 0 and controller.plan is None and controller.settled
+        assert controller.meter.measurements == 0 and controller.plan is None and controller.settled
         assert "nothing left to plan" in _engine_notes(report)[0]
 
 
 @pytest.mark.parametrize("engine", ["non_reentrant", "reentrant"])
 def test_auto_plans_only_the_layers_an_engine_does_not_checkpoint(engine):
-    from sloth_plugins.checkpoint_plan import KEEP, OFFLOAD, RECOMPUTE
-    from sloth_plugins.plugins.checkpointing import ENGINE_DETAIL
+    from sloth_plugins.checkpointing.plan import KEEP, OFFLOAD, RECOMPUTE
+    from sloth_plugins.checkpointing.engines import ENGINE_DETAIL
 
     wrapped = (0, 2)
     with warnings.catch_warnings():
@@ -551,7 +551,7 @@ def test_auto_plans_only_the_layers_an_engine_does_not_checkpoint(engine):
     # tightest plan of those four, as for any four layers: offload, offload, recompute, keep (the
     # last: its activations return at the start of the backward); the engine's layers: 2 always
     assert steps == [[2, 3, 2, 3, 3, 3]] + [[2, 2, 2, 2, 2, 1]] * 2
-    assert controller.engine_layers == set(wrapped) and controller.measurements == 1
+    assert controller.engine_layers == set(wrapped) and controller.meter.measurements == 1
     assert controller.plan.decisions == (OFFLOAD, OFFLOAD, RECOMPUTE, KEEP), "planned for the layers sloth runs"
     assert controller.decisions == (RECOMPUTE, OFFLOAD, RECOMPUTE, OFFLOAD, RECOMPUTE, KEEP)
     assert controller.offloader.parked_count == 2 * 2 and controller.offloader.live_parked() == 0

@@ -19,7 +19,7 @@ import torch
 
 import sloth_plugins as sloth
 from sloth_plugins.integrations.collators import PaddingFreeCollator
-from sloth_plugins.manager import resolve_causal_lm
+from sloth_plugins.models import resolve_causal_lm
 from sloth_plugins.testing import MicroLossRecorder, right_pad_collate, tiny_model
 
 VOCAB = 384

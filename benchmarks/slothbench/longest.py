@@ -73,7 +73,7 @@ def search(model, optimizer, spec: dict, p: dict, vocab: int, device, dtype, mem
         except ImportError:
             pass
     elif spec.get("sloth") is not None:
-        from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+        from sloth_plugins import get_checkpoint_controller
         controller = get_checkpoint_controller(model)
     auto = controller is not None and controller.auto
     use_autocast = dtype in (torch.bfloat16, torch.float16)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -37,6 +36,7 @@ from ..hookspecs import hookimpl
 from ..instance_patch import InstancePatcher
 from ..kernels.attention import Segments, find_segments, packed_attention, triton_supports
 from ..report import PatchReport
+from ..state import StashKey
 from ._modules import decoder_layers, find_decoder, get_path
 
 IMPLEMENTATION = "sloth"
@@ -51,16 +51,16 @@ class _State:
     decisions: Dict[tuple, bool] = field(default_factory=dict)
 
 
-# id(config) -> (weak reference to that config, state). Nothing is stored on the config itself:
-# transformers serialises a config's attributes when it saves a checkpoint.
-_STATES: Dict[int, Tuple[Any, _State]] = {}
+# Where sloth_attention finds the model's state: an attribute, set through the InstancePatcher, on
+# each attention module of the patched model (the function gets the module, never the model).
+# Nothing is stored on the config itself: transformers serialises a config's attributes when it
+# saves a checkpoint. The state itself is the attention plugin's slot in the model's Stash.
+_MODULE_ATTR = "_sloth_attention"
+STATE = StashKey[_State]()
 
 
-def _state_for(config) -> Optional[_State]:
-    entry = _STATES.get(id(config))
-    if entry is None or entry[0]() is not config:
-        return None
-    return entry[1]
+def _state_for(module) -> Optional[_State]:
+    return getattr(module, _MODULE_ATTR, None)
 
 
 class DeferredMask:
@@ -100,7 +100,7 @@ def sloth_mask(**kwargs) -> DeferredMask:
 
 def sloth_attention(module, query, key, value, attention_mask, **kwargs):
     """The "sloth" entry of transformers' AttentionInterface (same signature as sdpa's)."""
-    state = _state_for(getattr(module, "config", None))
+    state = _state_for(module)
     if state is not None and _kernel_may_take(module, query, key, attention_mask, kwargs):
         segments = _segments(query, attention_mask, kwargs)
         if state.mode == "sloth" or (segments.packed and _auto_prefers_kernel(state, module, query, key, value,
@@ -265,6 +265,12 @@ def _attention_configs(model, arch) -> list:
     return list(configs.values())
 
 
+def _attention_modules(model, arch) -> list:
+    """The attention module of every decoder layer (what the attention function is called with)."""
+    modules = (get_path(layer, arch.attention) for _, layer in decoder_layers(model, arch.layers))
+    return [m for m in modules if isinstance(m, torch.nn.Module)]
+
+
 def _kernel_device(device: torch.device) -> bool:
     """Where attention='auto' may install the kernel (tests widen it to the interpreter)."""
     return device.type == "cuda"
@@ -289,7 +295,7 @@ def _why_not(model, arch, original: Optional[str]) -> Optional[str]:
 
 class AttentionPlugin:
     @hookimpl
-    def sloth_patch_model(self, model, config, report: PatchReport, arch, patcher: InstancePatcher):
+    def sloth_patch_model(self, model, config, report: PatchReport, arch, patcher: InstancePatcher, context):
         mode = config.attention
         original = getattr(model.config, "_attn_implementation", None)
         packed = (f" Padding-free batches are kept apart by the model's {original} attention: transformers reads "
@@ -312,10 +318,11 @@ class AttentionPlugin:
         if getattr(model.config, "attention_dropout", 0.0):
             report.note("attention: attention_dropout > 0, so training calls keep the model's attention")
         _register()
-        state = _State(mode=mode, original=original, report=report)
+        state = context.stash[STATE] = _State(mode=mode, original=original, report=report)
         for cfg in _attention_configs(model, arch):
             patcher.set(cfg, _CONFIG_ATTR, IMPLEMENTATION)
-            _STATES[id(cfg)] = (weakref.ref(cfg), state)
+        for module in _attention_modules(model, arch):
+            patcher.set(module, _MODULE_ATTR, state)
         if mode == "sloth":
             impl = "Triton varlen kernel" if device.type == "cuda" else "torch reference (Triton is CUDA-only)"
             detail = f"sloth {impl}; calls it cannot take go to the model's {original}"
@@ -323,10 +330,3 @@ class AttentionPlugin:
             detail = (f"auto: packed batches take the sloth kernel where a one-time measurement per shape beats the "
                       f"model's {original}; other calls keep {original}")
         report.patched("attention", "", detail)
-
-    @hookimpl
-    def sloth_unpatch_model(self, model):
-        for key, (ref, _) in list(_STATES.items()):
-            cfg = ref()
-            if cfg is None or getattr(cfg, "_attn_implementation", None) != IMPLEMENTATION:
-                _STATES.pop(key, None)

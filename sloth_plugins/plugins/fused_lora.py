@@ -206,27 +206,26 @@ class ExtractedLora:
         return LoraProjection(self.weight, self.A, self.B, self.scale, self.bias, self.quant)
 
 
-def extract_lora(layer) -> ExtractedLora:
+def extract_lora(layer, cache: Optional["weakref.WeakKeyDictionary"] = None) -> ExtractedLora:
     """Tensors of a supported LoRA layer (or a plain nn.Linear / bnb Linear4bit, without LoRA).
 
     The support checks and the wrapping of bitsandbytes' quant state run again only when one of
     the objects they depend on is not the one seen last time (see :func:`_identity`); a changed
-    adapter, a merge, a disabled adapter or swapped parameters all show up there.
+    adapter, a merge, a disabled adapter or swapped parameters all show up there. ``cache``: the
+    patched model's (its slot in the model's Stash, see ``new_cache``); calls from outside a patched
+    model share one default cache.
     """
-    entry = _extracted.get(id(layer))
-    if entry is not None and entry[0]() is not layer:
-        entry = None
+    cache = _default_cache if cache is None else cache
+    entry = cache.get(layer)
     if entry is not None and _in_backward():
         # a checkpoint recomputing its forward inside backward must compute what that forward did
-        return _current(entry[3])
+        return _current(entry[2])
     key = _identity(layer)
-    if entry is not None and key is not None and tuple(map(id, key)) == entry[2]:
-        return _current(entry[3])
+    if entry is not None and key is not None and tuple(map(id, key)) == entry[1]:
+        return _current(entry[2])
     ex = _extract(layer)
     if key is not None:
-        ident = id(layer)
-        ref = weakref.ref(layer, lambda _r, ident=ident, cache=_extracted: cache.pop(ident, None))
-        _extracted[ident] = (ref, key, tuple(map(id, key)), ex)   # the key keeps its objects (and ids) alive
+        cache[layer] = (key, tuple(map(id, key)), ex)   # the key keeps its objects (and ids) alive
     return ex
 
 
@@ -237,7 +236,12 @@ def _current(ex: ExtractedLora) -> ExtractedLora:
     return ExtractedLora(ex.base.weight.data, ex.bias, ex.A, ex.B, ex.scale, ex.quant, ex.base)
 
 
-_extracted: dict = {}   # id(layer) -> (weakref to it, _identity(layer), its objects' ids, ExtractedLora)
+def new_cache() -> "weakref.WeakKeyDictionary":
+    """An extraction cache: layer (weakly held) -> (_identity(layer), its objects' ids, ExtractedLora)."""
+    return weakref.WeakKeyDictionary()
+
+
+_default_cache = new_cache()   # for calls from outside a patched model
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
@@ -336,31 +340,31 @@ def _prepared(exs: list, x: torch.Tensor):
 
 # ----------------------------------------------------------------------------- forwards
 
-def fused_linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
+def fused_linear_forward(layer, x: torch.Tensor, cache=None) -> torch.Tensor:
     """``layer(x)`` for a supported LoRA layer (or plain base layer), through the fused kernel."""
-    projs, xc, ld, od = _prepared([extract_lora(layer)], x)
+    projs, xc, ld, od = _prepared([extract_lora(layer, cache)], x)
     return lora_projections(xc, projs, ld)[0].to(od)
 
 
-def fused_o_forward(o_proj_layer, x: torch.Tensor) -> torch.Tensor:
-    return fused_linear_forward(o_proj_layer, x)
+def fused_o_forward(o_proj_layer, x: torch.Tensor, cache=None) -> torch.Tensor:
+    return fused_linear_forward(o_proj_layer, x, cache)
 
 
 def fused_qkv_forward(attn_module, x: torch.Tensor, q_name: str = "q_proj", k_name: str = "k_proj",
-                      v_name: str = "v_proj") -> tuple:
+                      v_name: str = "v_proj", cache=None) -> tuple:
     """(q, k, v) = the three projections of x, each ``[..., out]``, sharing one saved x and one dx."""
-    exs = [extract_lora(getattr(attn_module, n)) for n in (q_name, k_name, v_name)]
+    exs = [extract_lora(getattr(attn_module, n), cache) for n in (q_name, k_name, v_name)]
     projs, xc, ld, od = _prepared(exs, x)
     return tuple(o.to(od) for o in lora_projections(xc, projs, ld))
 
 
 def fused_mlp_forward(mlp_module, x: torch.Tensor, activation: str, gate_name: str = "gate_proj",
-                      up_name: Optional[str] = "up_proj", down_name: str = "down_proj") -> torch.Tensor:
+                      up_name: Optional[str] = "up_proj", down_name: str = "down_proj", cache=None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``. ``up_name=None``: ``gate_name`` is a fused gate_up projection
     (Phi-3's ``gate_up_proj``, halves [gate | up])."""
     gated_activation_spec(activation)   # ValueError for an unknown name
     names = mlp_projection_names(gate_name, up_name, down_name)
-    exs = [extract_lora(getattr(mlp_module, n)) for n in names]
+    exs = [extract_lora(getattr(mlp_module, n), cache) for n in names]
     projs, xc, ld, od = _prepared(exs, x)
     up = projs[1] if up_name else None
     return lora_gated_mlp(xc, projs[0], up, projs[-1], activation, ld).to(od)

@@ -6,14 +6,25 @@ adapter was disabled or merged after patching.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import MutableMapping, Optional
 
 import torch
 
 from ..instance_patch import InstancePatcher, has_instance_override
 from ..report import PatchReport
+from ..state import Stash, StashKey
 from . import fused_lora
 from ._modules import get_path
+
+EXTRACTION_CACHE = StashKey[MutableMapping]()   # the model's fused_lora.extract_lora cache
+
+
+def lora_cache(stash: Stash):
+    """The patched model's extraction cache (created on first use)."""
+    cache = stash.get(EXTRACTION_CACHE, None)
+    if cache is None:
+        cache = stash[EXTRACTION_CACHE] = fused_lora.new_cache()
+    return cache
 
 
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -31,7 +42,8 @@ def _has_lora(*modules) -> bool:
     return any(fused_lora._is_lora_layer(m) for m in modules if m is not None)
 
 
-def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher: InstancePatcher) -> bool:
+def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher: InstancePatcher,
+                       cache=None) -> bool:
     """True when the whole gated MLP now runs through one fused LoRA autograd function."""
     gate_name, up_name, down_name = arch.mlp_projections()
     names = fused_lora.mlp_projection_names(gate_name, up_name, down_name)
@@ -51,7 +63,7 @@ def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher:
             return original(x)
         try:
             return fused_lora.fused_mlp_forward(self, x, kind, gate_name=gate_name, up_name=up_name,
-                                                down_name=down_name)
+                                                down_name=down_name, cache=cache)
         except fused_lora.UnsupportedLoraLayer:
             return original(x)
 
@@ -60,10 +72,12 @@ def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher:
     return True
 
 
-def patch_lora_projections(attn, path: str, arch, config, report: PatchReport, patcher: InstancePatcher) -> None:
+def patch_lora_projections(attn, path: str, arch, config, report: PatchReport, patcher: InstancePatcher,
+                           cache=None) -> None:
     separate_qkv = arch.q_proj and arch.k_proj and arch.v_proj
     fused_qkv = bool(separate_qkv and config.kernel_enabled("lora_qkv")
-                     and _try_patch_qkv_together(attn, path, (arch.q_proj, arch.k_proj, arch.v_proj), report, patcher))
+                     and _try_patch_qkv_together(attn, path, (arch.q_proj, arch.k_proj, arch.v_proj), report, patcher,
+                                                 cache))
     groups = [] if fused_qkv else [("lora_qkv", n) for n in (arch.q_proj, arch.k_proj, arch.v_proj, arch.qkv_proj) if n]
     groups.append(("lora_o", arch.o_proj))
     for kind, name in groups:
@@ -75,11 +89,12 @@ def patch_lora_projections(attn, path: str, arch, config, report: PatchReport, p
             report.fallback(kind, reason if not ok else "forward already replaced by another library",
                             f"{path}.{name}")
             continue
-        _bind_fused_linear(layer, patcher)
+        _bind_fused_linear(layer, patcher, cache=cache)
         report.patched(kind, f"{path}.{name}", "fused LoRA linear")
 
 
-def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, patcher: InstancePatcher) -> bool:
+def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, patcher: InstancePatcher,
+                            cache=None) -> bool:
     """q, k and v in one autograd function (one saved x, one dx, one down-projection matmul).
 
     The attention forward is the model's own: around it, q, k and v of its ``hidden_states`` are
@@ -95,7 +110,7 @@ def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, 
         return False
     ready = {}   # projection name -> (hidden_states, its version, that projection's output)
     for name, layer in zip(names, layers):
-        _bind_fused_linear(layer, patcher, ready, name)
+        _bind_fused_linear(layer, patcher, ready, name, cache)
     original = attn.forward
 
     def forward(self, *args, **kwargs):
@@ -103,7 +118,7 @@ def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, 
         if ready or not isinstance(x, torch.Tensor) or x.is_inference() or _hooked(self, names):
             return original(*args, **kwargs)                # (no version counter on an inference tensor)
         try:
-            outs = fused_lora.fused_qkv_forward(self, x, *names)
+            outs = fused_lora.fused_qkv_forward(self, x, *names, cache=cache)
         except fused_lora.UnsupportedLoraLayer:
             return original(*args, **kwargs)
         version = x._version
@@ -118,7 +133,8 @@ def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, 
     return True
 
 
-def _bind_fused_linear(layer, patcher: InstancePatcher, ready: Optional[dict] = None, name: str = "") -> None:
+def _bind_fused_linear(layer, patcher: InstancePatcher, ready: Optional[dict] = None, name: str = "",
+                       cache=None) -> None:
     original = layer.forward
 
     def forward(self, x, *args, **kwargs):
@@ -129,7 +145,7 @@ def _bind_fused_linear(layer, patcher: InstancePatcher, ready: Optional[dict] = 
         if args or kwargs:          # e.g. adapter_names= for mixed-adapter batches: PEFT's own path
             return original(x, *args, **kwargs)
         try:
-            return fused_lora.fused_linear_forward(self, x)
+            return fused_lora.fused_linear_forward(self, x, cache)
         except fused_lora.UnsupportedLoraLayer:
             return original(x)
 

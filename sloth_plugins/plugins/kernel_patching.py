@@ -18,7 +18,7 @@ from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import apply_rope, gated_activation, rms_norm
 from ..report import PatchReport
 from ._modules import decoder_layers, get_path, rebind_global
-from .fused_lora_patching import patch_lora_projections, try_patch_lora_mlp
+from .fused_lora_patching import lora_cache, patch_lora_projections, try_patch_lora_mlp
 
 _ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 
@@ -26,9 +26,10 @@ _ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 class KernelPlugin:
     @hookimpl
     def sloth_patch_model(self, model, config, report: PatchReport, arch: Optional[Architecture],
-                          patcher: InstancePatcher):
+                          patcher: InstancePatcher, context):
         if arch is None or not config.enabled_kernels:
             return
+        cache = lora_cache(context.stash)
         for layer_path, layer in decoder_layers(model, arch.layers):
             if config.kernel_enabled("rms_norm"):
                 for name in arch.norms:
@@ -40,10 +41,10 @@ class KernelPlugin:
             if config.kernel_enabled("rope") and attn is not None:
                 _patch_rope(attn, f"{layer_path}.{arch.attention}", report, patcher)
             if attn is not None and (config.kernel_enabled("lora_qkv") or config.kernel_enabled("lora_o")):
-                patch_lora_projections(attn, f"{layer_path}.{arch.attention}", arch, config, report, patcher)
+                patch_lora_projections(attn, f"{layer_path}.{arch.attention}", arch, config, report, patcher, cache)
             mlp = get_path(layer, arch.mlp)
             if mlp is not None:
-                _patch_mlp(mlp, f"{layer_path}.{arch.mlp}", model.config, arch, config, report, patcher)
+                _patch_mlp(mlp, f"{layer_path}.{arch.mlp}", model.config, arch, config, report, patcher, cache)
         if config.kernel_enabled("rms_norm"):
             _patch_norm(get_path(model, arch.final_norm), arch.final_norm, arch, report, patcher)
 
@@ -121,9 +122,9 @@ def _rebuilt_attention_forward(cls_forward, original):
 
 
 def _patch_mlp(mlp, path: str, model_config, arch: Architecture, config, report: PatchReport,
-               patcher: InstancePatcher) -> None:
+               patcher: InstancePatcher, cache=None) -> None:
     kind = arch.activation(model_config)
-    if config.kernel_enabled("lora_mlp") and try_patch_lora_mlp(mlp, path, kind, arch, report, patcher):
+    if config.kernel_enabled("lora_mlp") and try_patch_lora_mlp(mlp, path, kind, arch, report, patcher, cache):
         return
     if not config.kernel_enabled("mlp"):
         return

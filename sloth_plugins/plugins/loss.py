@@ -56,7 +56,7 @@ _VERIFIED = "; generic family: verified equal to the model's own loss on the fir
 class LossPlugin:
     @hookimpl
     def sloth_patch_model(self, model, config, report: PatchReport, arch: Optional[Architecture],
-                          patcher: InstancePatcher):
+                          patcher: InstancePatcher, context):
         if config.loss == "off":
             return
         reason = (_unsupported_reason(model, arch) or _foreign_forward_reason(model)
@@ -69,7 +69,7 @@ class LossPlugin:
         impl = "fused linear CE" if _fused_head(head) else "chunked CE (module head)"
         detail = f"{impl}, chunk={config.loss_chunk_size or 'auto'}" + (f", softcap={softcap:g}" if softcap else "")
         entry = report.patched("loss", "", detail + (_PENDING if arch is None else ""))
-        _patch_forward(model, config, softcap, patcher, entry, verify=arch is None)
+        _patch_forward(model, config, softcap, patcher, entry, verify=arch is None, hook=context.hook)
 
     @hookimpl(trylast=True)
     def sloth_causal_lm_loss(self, hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
@@ -241,17 +241,16 @@ def _foreign_forward_reason(model) -> Optional[str]:
     return f"the model's forward was already replaced by {owner}; sloth leaves that loss in charge"
 
 
-def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool) -> None:
+def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool, hook) -> None:
     """Bind the fast forward. ``entry`` is the report's loss line, revised when a training call shows
-    that the fast loss does not run (or, with ``verify``, that it differs from the model's own)."""
+    that the fast loss does not run (or, with ``verify``, that it differs from the model's own).
+    ``hook``: the hook relay the loss is asked through (``sloth_causal_lm_loss``)."""
     original = model.forward
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
     if var_kw is None:
         raise TypeError(f"{type(model).__name__}.forward takes no **kwargs; the Trainer could not pass "
                         f"num_items_in_batch and sloth_plugins cannot patch its loss safely")
-    from ..manager import get_plugin_manager
-    hook = get_plugin_manager().hook
     warned = set()
     state = {"verify": verify, "mismatch": False}
 

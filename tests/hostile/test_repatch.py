@@ -10,7 +10,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import sloth_plugins as sloth  # noqa: E402
-from sloth_plugins.manager import resolve_causal_lm  # noqa: E402
+from sloth_plugins.models import resolve_causal_lm  # noqa: E402
 from sloth_plugins.testing import tiny_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]

@@ -1,6 +1,6 @@
 """Checkpointed layers' inputs parked in host memory between their forward and their backward.
 
-``ActivationOffloader.park`` is called by ``layer_checkpoint`` for the layer's inputs. Where that
+``ActivationOffloader.park`` is called by ``layer_node`` for the layer's inputs. Where that
 is not usable (torch.distributed, torch.compile, trainable tensors among the layer's bound
 arguments) the plugin uses torch's checkpoint instead, and
 ``ActivationOffloader.hooks(generation, index)`` is a ``saved_tensors_hooks`` context put around a

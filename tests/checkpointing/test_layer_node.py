@@ -1,7 +1,7 @@
-"""The one-node layer checkpoint (``sloth_plugins.layer_checkpoint``) against plain autograd.
+"""The one-node layer checkpoint (``sloth_plugins.checkpointing.layer_node``) against plain autograd.
 
 Exact in fp32 and under CPU bf16 autocast: the recompute runs the same ops on the same inputs.
-The model-level parity of every checkpointing mode is in ``test_checkpointing.py``.
+The model-level parity of every checkpointing mode is in ``test_modes.py``.
 """
 import functools
 import os
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sloth_plugins as sloth
-from sloth_plugins import layer_checkpoint
-from sloth_plugins.checkpoint_offload import ActivationOffloader
-from sloth_plugins.plugins.checkpointing import get_checkpoint_controller
+from sloth_plugins.checkpointing import get_checkpoint_controller
+from sloth_plugins.checkpointing import layer_node
+from sloth_plugins.checkpointing.offload import ActivationOffloader
 from sloth_plugins.testing import tiny_model
 
 
@@ -36,7 +36,7 @@ def _run(block, x, gate, checkpointed, offloader=None, seed=3):
     torch.manual_seed(seed)
     if checkpointed:
         key = (1, 0) if offloader is not None else None
-        y, none, label = layer_checkpoint.checkpoint_layer(block, (x, gate, 0.5), _params(block), offloader, key)
+        y, none, label = layer_node.checkpoint_layer(block, (x, gate, 0.5), _params(block), offloader, key)
     else:
         y, none, label = block(x, gate, 0.5)
     assert none is None and label == "label"
@@ -89,7 +89,7 @@ def test_recompute_runs_under_the_forwards_autocast():
         x, gate = _inputs(True, False)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if checkpointed:
-                y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
+                y = layer_node.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
             else:
                 y = block(x, gate, 1.0)[0]
         assert y.dtype == torch.bfloat16
@@ -104,7 +104,7 @@ def test_prefetch_by_key_before_the_backward():
     block = _Block()
     offloader = ActivationOffloader(min_bytes=0)
     x, _ = _inputs(True, False)
-    y = layer_checkpoint.checkpoint_layer(block, (x, None, 1.0), _params(block), offloader, ("gen", 7))[0]
+    y = layer_node.checkpoint_layer(block, (x, None, 1.0), _params(block), offloader, ("gen", 7))[0]
     assert offloader.prefetch("gen", 7)
     y.sum().backward()
     assert offloader.prefetched == 1 and offloader.fetched_on_demand == 0 and x.grad is not None
@@ -119,11 +119,11 @@ def test_autograd_grad_and_backward_inputs_match_plain_autograd(x_grad):
         x, gate = _inputs(x_grad, True)
         torch.manual_seed(3)
         args = (x, gate, 1.0)
-        y = layer_checkpoint.checkpoint_layer(block, args, _params(block))[0] if checkpointed else block(*args)[0]
+        y = layer_node.checkpoint_layer(block, args, _params(block))[0] if checkpointed else block(*args)[0]
         grads = torch.autograd.grad(y.square().sum(), wanted + [gate])
         assert all(p.grad is None for p in block.parameters())         # autograd.grad leaves .grad alone
         torch.manual_seed(3)
-        y = layer_checkpoint.checkpoint_layer(block, args, _params(block))[0] if checkpointed else block(*args)[0]
+        y = layer_node.checkpoint_layer(block, args, _params(block))[0] if checkpointed else block(*args)[0]
         y.square().sum().backward(inputs=[block.up.weight, gate])
         assert block.down.weight.grad is None and (x.grad is None)
         results.append((*grads, block.up.weight.grad.clone(), gate.grad))
@@ -135,7 +135,7 @@ def test_autograd_grad_and_backward_inputs_match_plain_autograd(x_grad):
 def test_create_graph_raises_a_clear_error():
     block = _Block()
     x, gate = _inputs(True, False)
-    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
+    y = layer_node.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
     with pytest.raises(RuntimeError, match="create_graph=True.*gradient_checkpointing='off'"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
 
@@ -144,13 +144,13 @@ def test_a_layer_with_nothing_to_differentiate_is_not_checkpointed():
     block = _Block()
     block.requires_grad_(False)
     x, gate = _inputs(False, False)
-    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
+    y = layer_node.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0]
     assert y.grad_fn is None and not y.requires_grad
 
 
 def test_layer_parameters_follow_flags_and_new_parameters():
     block = _Block()
-    listed = layer_checkpoint.LayerParameters(block)
+    listed = layer_node.LayerParameters(block)
 
     def trainable():
         return [id(p) for p in listed.trainable()]
@@ -169,7 +169,7 @@ def test_layer_parameters_follow_flags_and_new_parameters():
 def test_a_second_backward_through_the_layer_raises_a_clear_error():
     block = _Block()
     x, gate = _inputs(True, False)
-    loss = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0].sum()
+    loss = layer_node.checkpoint_layer(block, (x, gate, 1.0), _params(block))[0].sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
@@ -177,14 +177,14 @@ def test_a_second_backward_through_the_layer_raises_a_clear_error():
 
 def test_usable_only_where_it_is_exact():
     block = _Block()
-    assert layer_checkpoint.usable(functools.partial(block, scale=1.0), {})
-    assert not layer_checkpoint.usable(block, {"scale": 1.0})
+    assert layer_node.usable(functools.partial(block, scale=1.0), {})
+    assert not layer_node.usable(block, {"scale": 1.0})
     trainable = torch.ones(4, 16, requires_grad=True)
-    assert not layer_checkpoint.usable(functools.partial(block, gate=trainable), {})
-    assert not layer_checkpoint.usable(functools.partial(block, gate=(trainable, None)), {})
-    assert not layer_checkpoint.usable(functools.partial(block, gate={"gate": trainable}), {})
-    assert not layer_checkpoint.usable(functools.partial(block, torch.ones(4, 8, requires_grad=True)), {})
-    assert layer_checkpoint.usable(functools.partial(block, gate=trainable.detach()), {})
+    assert not layer_node.usable(functools.partial(block, gate=trainable), {})
+    assert not layer_node.usable(functools.partial(block, gate=(trainable, None)), {})
+    assert not layer_node.usable(functools.partial(block, gate={"gate": trainable}), {})
+    assert not layer_node.usable(functools.partial(block, torch.ones(4, 8, requires_grad=True)), {})
+    assert layer_node.usable(functools.partial(block, gate=trainable.detach()), {})
 
 
 def _layer_nodes(model, ids) -> int:
@@ -246,8 +246,8 @@ def test_a_trainable_tensor_the_layer_does_not_own_gets_its_gradient_and_reroute
     shared.grad = x.grad = None
     block.zero_grad(set_to_none=True)
 
-    watch = layer_checkpoint.LayerParameters(block)
-    y = layer_checkpoint.checkpoint_layer(block, (x, gate, 1.0), watch.trainable(), watch=watch)[0]
+    watch = layer_node.LayerParameters(block)
+    y = layer_node.checkpoint_layer(block, (x, gate, 1.0), watch.trainable(), watch=watch)[0]
     with pytest.warns(UserWarning, match="neither its arguments nor its own parameters"):
         y.square().sum().backward()
     assert watch.foreign

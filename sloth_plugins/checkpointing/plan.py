@@ -1,4 +1,5 @@
-"""The gradient-checkpointing memory plan: pure functions from per-layer numbers to decisions.
+"""The gradient-checkpointing memory plan: pure functions from per-layer numbers to decisions,
+and ``AutoPlanner``, the plan phase of ``auto`` (budget, plan cache, the plan in force).
 
 Memory model (bytes on the device, one training step):
 
@@ -22,11 +23,16 @@ calibrated by measuring one step.
 """
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 KEEP, RECOMPUTE, OFFLOAD = "keep", "recompute", "offload"
 DECISIONS = (KEEP, RECOMPUTE, OFFLOAD)
+# what a ``sloth_checkpoint_plan`` hook may answer per layer (see hookspecs)
+FRAMEWORK, AUTO = "framework", "auto"
+PLAN_DECISIONS = (KEEP, RECOMPUTE, OFFLOAD, FRAMEWORK, AUTO)
 GiB = float(2 ** 30)
 
 
@@ -148,3 +154,54 @@ def _check(layers: Sequence[LayerMemory], decisions: Sequence[str]) -> None:
     bad = sorted(set(decisions) - set(DECISIONS))
     if bad:
         raise ValueError(f"unknown checkpoint decision(s) {bad}; valid: {', '.join(DECISIONS)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# auto's plan phase
+
+_MAX_VERIFICATIONS = 4        # steps whose peak auto measures to check a new plan (each resets CUDA peak stats)
+_MAX_PLANS = 64               # plans cached per (tokens, base bytes)
+
+
+class AutoPlanner:
+    """The budget ``auto`` plans against, the plans made for it (per token count and base memory)
+    and the plan in force."""
+
+    def __init__(self, budget_bytes: Optional[int]):
+        self.budget_bytes = budget_bytes
+        self.plan: Optional[CheckpointPlan] = None
+        self._plans: "OrderedDict[tuple, CheckpointPlan]" = OrderedDict()
+        self._verified: set = set()
+        self._warned_over_budget = False
+
+    def forget(self) -> None:
+        """The numbers the cached plans were made from changed."""
+        self._plans.clear()
+
+    def set_budget(self, budget_bytes: int) -> None:
+        self.budget_bytes = int(budget_bytes)
+        self._plans.clear()
+        self._warned_over_budget = False
+
+    def plan_for(self, tokens: Optional[int], model: MemoryModel,
+                 layers: Callable[[], Sequence[LayerMemory]]) -> CheckpointPlan:
+        """The plan for ``tokens`` under ``model``; ``layers()`` gives the planned layers' numbers."""
+        key = (tokens, model.base_bytes)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_layers(layers(), self.budget_bytes, model)
+            self._plans[key] = plan
+            while len(self._plans) > _MAX_PLANS:
+                self._plans.popitem(last=False)
+        if not plan.fits and not self._warned_over_budget:
+            self._warned_over_budget = True
+            warnings.warn(f"sloth_plugins gradient_checkpointing='auto': {plan.summary()}", RuntimeWarning,
+                          stacklevel=3)
+        return plan
+
+    def should_verify(self, plan: CheckpointPlan) -> bool:
+        """Whether to measure the peak of a step under ``plan`` (each new plan, a few times in all)."""
+        if plan.decisions in self._verified or len(self._verified) >= _MAX_VERIFICATIONS:
+            return False
+        self._verified.add(plan.decisions)
+        return True

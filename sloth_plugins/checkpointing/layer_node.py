@@ -35,7 +35,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Tuple
 import torch
 from torch.utils._pytree import tree_flatten
 
-from .checkpoint_offload import ActivationOffloader, ParkedTensor
+from .offload import ActivationOffloader, ParkedTensor
 
 _registrations = 0          # modules and parameters registered into a watched layer so far
 _watched: dict = {}         # id -> weakref of the modules of those layers (no hashing: a module may be unhashable)

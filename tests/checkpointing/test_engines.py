@@ -1,0 +1,178 @@
+"""An engine's own checkpoint around the layers (``checkpointing.engines``): detected on the installed
+torch, layers run plainly inside it."""
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import sloth_plugins as sloth
+from sloth_plugins.checkpointing import get_checkpoint_controller
+from sloth_plugins.checkpointing.engines import engine_checkpoint_phase
+from sloth_plugins.checkpointing.offload import ActivationOffloader
+
+# this folder's helpers.py, loaded by conftest.py
+from checkpointing_helpers import _assert_identical, _gpu_model, _model, _steps
+
+
+# ---------------------------------------------------------------------------------------------
+# an engine's own checkpoint around the layers (FSDP / accelerate / Lightning activation
+# checkpointing): detected on the installed torch, layers run plainly inside it
+# ---------------------------------------------------------------------------------------------
+
+def _phases(wrap, device="cpu"):
+    """(grad enabled, engine_checkpoint_phase()) at each call of a function run through ``wrap``."""
+    seen = []
+
+    def layer(x):
+        seen.append((torch.is_grad_enabled(), engine_checkpoint_phase()))
+        return x.sin().cos() * x
+
+    x = torch.randn(8, device=device, requires_grad=True)
+    wrap(layer, x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    return seen
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _composable(fn, x):
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+    return composable_checkpoint(_Fn(fn))(x)
+
+
+def _wrapper(impl_name):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    return lambda fn, x: checkpoint_wrapper(_Fn(fn), checkpoint_impl=getattr(CheckpointImpl, impl_name))(x)
+
+
+ENGINE_PHASES = {
+    "plain": (lambda fn, x: fn(x), [(True, None)]),
+    "non_reentrant": (lambda fn, x: checkpoint(fn, x, use_reentrant=False), [(True, "forward"), (True, "recompute")]),
+    # the reentrant forward runs under no_grad, which run_layer runs plainly without asking
+    "reentrant": (lambda fn, x: checkpoint(fn, x, use_reentrant=True), [(False, None), (True, "recompute")]),
+    "checkpoint_wrapper": (_wrapper("NO_REENTRANT"), [(True, "forward"), (True, "recompute")]),
+    "checkpoint_wrapper_reentrant": (_wrapper("REENTRANT"), [(False, None), (True, "recompute")]),
+    "composable_checkpoint": (_composable, [(True, "forward"), (True, "recompute")]),
+    # saved-tensors hooks that are not a checkpoint (ours, save_on_cpu) are no engine checkpoint
+    "save_on_cpu": (lambda fn, x: _under(torch.autograd.graph.save_on_cpu(), fn, x), [(True, None)]),
+    "offloader_hooks": (lambda fn, x: _under(ActivationOffloader().hooks(0, 0), fn, x), [(True, None)]),
+}
+
+
+def _under(context, fn, x):
+    with context:
+        return fn(x)
+
+
+@pytest.mark.parametrize("case", list(ENGINE_PHASES))
+def test_engine_checkpoint_detection_works_on_the_installed_torch(case):
+    # If this fails after a torch upgrade, engine_checkpoint_phase() reads torch internals that
+    # changed: sloth would checkpoint (and offload, and probe) inside engines' checkpoints again.
+    wrap, expected = ENGINE_PHASES[case]
+    assert _phases(wrap) == expected, f"torch {torch.__version__}"
+    assert engine_checkpoint_phase() is None
+
+
+def test_engine_checkpoint_detection_degrades_to_never_without_the_private_api(monkeypatch):
+    # torch < 2.8 has no _top_saved_tensors_default_hooks: both phases must then answer None, or a
+    # plain forward and a checkpointed recompute under a non-reentrant engine would disagree
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    for case in ("non_reentrant", "reentrant", "composable_checkpoint"):
+        wrap, expected = ENGINE_PHASES[case]
+        assert _phases(wrap) == [(grad, None) for grad, _ in expected], case
+    # and training under an engine is then what it was before: checkpointed twice, still exact
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    def engine(model):
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+        return model
+
+    ref = _steps(engine(_model()))
+    model = _model()
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing="offload"))
+    _assert_identical(_steps(engine(model)), ref)
+    controller = get_checkpoint_controller(model)
+    assert not controller.engine_layers and controller.offloader.parked_count > 0
+
+
+@pytest.mark.parametrize("mode", ["recompute", "auto"])
+def test_a_non_reentrant_checkpoint_around_the_whole_model_counts_as_an_engine(mode):
+    # any non-reentrant torch checkpoint around our layers counts, not only FSDP's wrapper
+    ref_model, model = _model(), _model()
+    options = dict(memory_budget_gb=1e-9) if mode == "auto" else {}
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing=mode, **options))
+
+    def whole(m):
+        inner = m.model.forward
+        m.model.forward = lambda *a, **k: checkpoint(inner, *a, use_reentrant=False, **k)
+        return m
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _assert_identical(_steps(whole(model)), _steps(whole(ref_model)))
+    controller = get_checkpoint_controller(model)
+    assert controller.engine_layers == {0, 1, 2, 3} and controller.offloader.parked_count == 0
+    assert controller.generation == 0, "no forward of ours began: nothing measured, nothing planned"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["offload", "auto"])
+@pytest.mark.parametrize("impl", ["NO_REENTRANT", "REENTRANT"])
+def test_gpu_engine_checkpointing_is_detected_and_not_doubled(impl, mode):
+    """The GPU image's torch (2.11) answers as the CPU one; CUDA tensors, their autograd thread,
+    the offloader's streams: one recompute per layer, nothing parked, the engine's own numbers."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    for case in ("plain", "non_reentrant", "reentrant", "composable_checkpoint"):
+        wrap, expected = ENGINE_PHASES[case]
+        assert _phases(wrap, "cuda") == expected, (case, torch.__version__)
+
+    def run(patched):
+        model = _gpu_model(layers=4)
+        model.enable_input_require_grads()          # a reentrant checkpoint needs an input that requires grad
+        if patched:
+            options = dict(memory_budget_gb=1e-9) if mode == "auto" else {}
+            sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing=mode, **options))
+        layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
+                                       checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(
+                                           m, checkpoint_impl=getattr(CheckpointImpl, impl)))
+        calls = []
+        for layer in layers:
+            layer.mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+        torch.manual_seed(1)
+        out = []
+        for _ in range(2):
+            ids = torch.randint(0, 32000, (2, 512), device="cuda")
+            calls.clear()
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss   # no KV cache across recomputes
+            loss.backward()
+            grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+            out.append((loss.item(), grads, len(calls) / len(layers)))
+            model.zero_grad(set_to_none=True)
+        return out, get_checkpoint_controller(model)
+
+    ref, _ = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got, controller = run(True)
+    assert controller.engine_layers == {0, 1, 2, 3} and controller.offloader.parked_count == 0
+    for (loss, grads, calls), (ref_loss, ref_grads, ref_calls) in zip(got, ref):
+        assert (calls, ref_calls) == (2, 2), "the forward and one recompute per layer"
+        assert loss == pytest.approx(ref_loss, rel=1e-3)
+        assert grads.keys() == ref_grads.keys() and grads
+        for name, g in ref_grads.items():
+            err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert torch.isfinite(grads[name]).all() and err < 1e-2, f"{name}: relative error {err:.3g}"
