@@ -26,8 +26,6 @@ writes <out>/attention.json and attention.png.
 """
 from __future__ import annotations
 
-import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path)
-
 import argparse
 import os
 import sys
@@ -35,6 +33,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
+
+import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path)
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")       # before the kernels are imported

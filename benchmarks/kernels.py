@@ -19,8 +19,6 @@ backward alone (retain_graph) requires. Liger's RMSNorm runs as its Llama patch 
 """
 from __future__ import annotations
 
-import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path)
-
 import argparse
 import time
 import traceback
@@ -28,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path)
 import torch
 import torch.nn.functional as F
 
@@ -205,7 +204,7 @@ def measure(case: Case, impl: str, fn, ref, device, args) -> dict:
     backward = lambda: torch.autograd.grad(graph, diff, gouts, retain_graph=True)
     row["bwd_ms"] = C.bench_ms(backward, device, **kw)
     row["bwd_peak_mib"] = _mib(C.peak_extra_bytes(backward, device))
-    del graph
+    graph = None  # release the retained graph (the lambda above reads it)
     return row
 
 

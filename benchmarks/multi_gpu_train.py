@@ -73,9 +73,8 @@ def _dtype(name):
 def build_model(args, vocab_size: int):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from slothbench.models import build_config, lora_targets
+    from transformers import AutoModelForCausalLM, LlamaConfig
     special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if args.shape == "small":
         try:

@@ -11,11 +11,10 @@ Prints a table, writes <out>/nf4.json and nf4.png.
 """
 from __future__ import annotations
 
-import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path)
-
 import argparse
 from pathlib import Path
 
+import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path)
 import torch
 
 from sloth_plugins.kernels.nf4 import QuantState4bit, dequantize_4bit, dequantize_4bit_reference

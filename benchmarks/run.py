@@ -27,8 +27,6 @@ scenario, the Pareto front marked.
 """
 from __future__ import annotations
 
-import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path, registers slothbench)
-
 import argparse
 import json
 import os
@@ -42,6 +40,7 @@ from collections import deque
 from pathlib import Path
 from typing import List, Optional
 
+import _common as C  # noqa: I001  (first: keeps benchmarks/ off sys.path, registers slothbench)
 from slothbench import data as D
 from slothbench import models as M
 from slothbench import plot as P

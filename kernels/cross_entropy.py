@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from ._dispatch import use_triton
 from ._loss_common import Divisor, auto_chunk_size, first_order_only
 
+
 def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every label is a class index in [0, vocab) or ``ignore_index``; otherwise an error, as
     ``F.cross_entropy`` gives (on CUDA a device-side assert: checked without a host sync)."""

@@ -118,7 +118,8 @@ def _model_config(model_ref: str):
         if not model_type:
             raise DoctorError(f"{path} has no model_type: not a transformers model config")
         if model_type not in CONFIG_MAPPING:
-            raise DoctorError(f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}")
+            raise DoctorError(f"{path}: model_type {model_type!r} is unknown to transformers "
+                              f"{transformers.__version__}")
         try:
             return AutoConfig.from_pretrained(model_ref, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - a broken config is the user's input, reported in one line
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"sloth_plugins {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     doctor_parser = sub.add_parser("doctor", help="print machine capabilities and, for a model, the patch report")
-    doctor_parser.add_argument("model", nargs="?", help="local model folder (config.json) or a model_type such as llama")
+    doctor_parser.add_argument("model", nargs="?",
+                               help="local model folder (config.json) or a model_type such as llama")
     doctor_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                                help="SlothConfig option for the report, e.g. --set gradient_checkpointing=recompute, "
                                     "--set kernels=rms_norm,rope, --set memory_budget_gb=40")

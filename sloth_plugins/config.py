@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
 from .kernels.names import KERNEL_NAMES  # defined once, beside the kernels
+
 LOSS_MODES = ("chunked", "off")
 CHECKPOINTING_MODES = ("auto", "offload", "recompute", "off")
 ATTENTION_MODES = ("auto", "sloth", "sdpa")
@@ -125,7 +126,7 @@ def _parse_kernels(value: Any) -> Tuple[str, ...]:
         names = tuple(value)
     except TypeError:
         raise SlothConfigError(f"kernels must be true, false, a list of {', '.join(KERNEL_NAMES)} or a dict of "
-                               f"name: true/false; got {value!r}")
+                               f"name: true/false; got {value!r}") from None
     _check_kernel_names(names)
     return names
 

@@ -31,6 +31,10 @@ run_env() {
   # -P: never put the repo root (our kernels/ folder) on sys.path
   "$venv/bin/python" -P -c "import torch, transformers, peft, trl; print('[$env] torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
+  if [ "$env" = latest ]; then
+    echo "=== [$env] ruff (pyproject.toml [tool.ruff])"
+    "$venv/bin/ruff" check .
+  fi
   echo "=== [$env] pytest (installed in $((SECONDS - t0)) s)"
   # never `python -m pytest`: it puts the repo root (our kernels/ folder) on sys.path
   "$venv/bin/pytest" -m "not gpu" -q -p no:randomly tests

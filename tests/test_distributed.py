@@ -459,9 +459,11 @@ def _engine_ac_run(engine, mode, steps=2, wrapped=None, n_layers=4):
     """Steps of a tiny Llama whose decoder layers ``wrapped`` (default: all) an engine checkpoints,
     patched by sloth in ``mode`` first (None: the engine alone). Returns, per step, the forward
     calls of each layer's MLP, the losses, the gradients and the controller (None unpatched)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
-                                                                             apply_activation_checkpointing,
-                                                                             checkpoint_wrapper)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
 
     import sloth_plugins as sloth
     from sloth_plugins.checkpointing import get_checkpoint_controller
@@ -536,8 +538,8 @@ def test_engine_activation_checkpointing_is_not_doubled(engine, mode):
 
 @pytest.mark.parametrize("engine", ["non_reentrant", "reentrant"])
 def test_auto_plans_only_the_layers_an_engine_does_not_checkpoint(engine):
-    from sloth_plugins.checkpointing.plan import KEEP, OFFLOAD, RECOMPUTE
     from sloth_plugins.checkpointing.engines import ENGINE_DETAIL
+    from sloth_plugins.checkpointing.plan import KEEP, OFFLOAD, RECOMPUTE
 
     wrapped = (0, 2)
     with warnings.catch_warnings():

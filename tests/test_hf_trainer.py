@@ -11,8 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import sloth_plugins as sloth
-from sloth_plugins.testing import (MicroLossRecorder, format_example, load_instructions, tiny_model,
-                                   train_tokenizer)
+from sloth_plugins.testing import MicroLossRecorder, format_example, load_instructions, tiny_model, train_tokenizer
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

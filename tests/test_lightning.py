@@ -8,8 +8,13 @@ import torch
 
 L = pytest.importorskip("lightning")
 from lightning.pytorch.plugins.precision import FSDPPrecision  # noqa: E402
-from lightning.pytorch.strategies import (DDPStrategy, FSDPStrategy, ModelParallelStrategy,  # noqa: E402
-                                          SingleDeviceStrategy, StrategyRegistry)
+from lightning.pytorch.strategies import (  # noqa: E402
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    StrategyRegistry,
+)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import sloth_plugins as sloth  # noqa: E402

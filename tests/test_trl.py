@@ -6,8 +6,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 import sloth_plugins as sloth
-from sloth_plugins.testing import (MicroLossRecorder, format_example, load_instructions, tiny_model,
-                                   train_tokenizer)
+from sloth_plugins.testing import MicroLossRecorder, format_example, load_instructions, tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,7 @@ def padded_batch(samples: List[List[int]], pad_id: int) -> dict:
 
 def packed_batch(samples: List[List[int]], unsloth: bool) -> dict:
     import torch
+
     from sloth_plugins.integrations.collators import PaddingFreeCollator
     batch = PaddingFreeCollator()([{"input_ids": s} for s in samples])
     if unsloth:                         # Unsloth's padding-free contract: lengths, not cu_seq_lens

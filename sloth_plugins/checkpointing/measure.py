@@ -154,7 +154,8 @@ class MemoryMeter:
             out = function(*args, **kwargs)
         saved_bytes = sum(_storage_bytes(t) for t in held.values())
         input_saved = hidden_key is not None and hidden_key in held
-        del out, held
+        del out
+        held.clear()      # the closure keeps the dict: empty it to release the tensors
         if window is not None:
             window.resume()
         input_bytes = hidden.numel() * hidden.element_size() if hidden is not None else 0

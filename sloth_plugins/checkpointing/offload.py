@@ -104,7 +104,7 @@ class HostBufferPool:
 
     def _take_free(self, nbytes: int) -> Optional[torch.Tensor]:
         best = None
-        for key, (buffer, event) in self._free.items():
+        for key, (buffer, _event) in self._free.items():
             if buffer.numel() >= nbytes and (best is None or buffer.numel() < self._free[best][0].numel()):
                 best = key
         if best is None:

@@ -6,7 +6,6 @@ from sloth_plugins.checkpointing import get_checkpoint_controller
 from sloth_plugins.checkpointing.plan import KEEP, OFFLOAD, RECOMPUTE, activation_peaks, plan_layers, predict_peak
 from sloth_plugins.testing import tiny_model
 
-
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 384
 GiB = 2 ** 30

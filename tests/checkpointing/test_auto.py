@@ -5,16 +5,30 @@ import warnings
 import pytest
 import torch
 
+# this folder's helpers.py, loaded by conftest.py
+from checkpointing_helpers import (
+    VARIANTS,
+    VOCAB,
+    GiB,
+    _assert_identical,
+    _measured_layers,
+    _model,
+    _replan_under_pressure,
+    _steps,
+)
+
 import sloth_plugins as sloth
 from sloth_plugins.checkpointing import get_checkpoint_controller
-from sloth_plugins.checkpointing.plan import (KEEP, OFFLOAD, RECOMPUTE, MemoryModel, activation_peaks, plan_layers,
-                                              predict_peak)
+from sloth_plugins.checkpointing.plan import (
+    KEEP,
+    OFFLOAD,
+    RECOMPUTE,
+    MemoryModel,
+    activation_peaks,
+    plan_layers,
+    predict_peak,
+)
 from sloth_plugins.testing import tiny_model
-
-# this folder's helpers.py, loaded by conftest.py
-from checkpointing_helpers import (GiB, VARIANTS, VOCAB, _assert_identical, _measured_layers, _model,
-                                   _replan_under_pressure, _steps)
-
 
 # ---------------------------------------------------------------------------------------------
 # auto: measuring, re-measuring, the report

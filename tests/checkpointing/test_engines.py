@@ -4,16 +4,15 @@ import warnings
 
 import pytest
 import torch
+
+# this folder's helpers.py, loaded by conftest.py
+from checkpointing_helpers import _assert_identical, _gpu_model, _model, _steps
 from torch.utils.checkpoint import checkpoint
 
 import sloth_plugins as sloth
 from sloth_plugins.checkpointing import get_checkpoint_controller
 from sloth_plugins.checkpointing.engines import engine_checkpoint_phase
 from sloth_plugins.checkpointing.offload import ActivationOffloader
-
-# this folder's helpers.py, loaded by conftest.py
-from checkpointing_helpers import _assert_identical, _gpu_model, _model, _steps
-
 
 # ---------------------------------------------------------------------------------------------
 # an engine's own checkpoint around the layers (FSDP / accelerate / Lightning activation
@@ -130,9 +129,11 @@ def test_a_non_reentrant_checkpoint_around_the_whole_model_counts_as_an_engine(m
 def test_gpu_engine_checkpointing_is_detected_and_not_doubled(impl, mode):
     """The GPU image's torch (2.11) answers as the CPU one; CUDA tensors, their autograd thread,
     the offloader's streams: one recompute per layer, nothing parked, the engine's own numbers."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
-                                                                             apply_activation_checkpointing,
-                                                                             checkpoint_wrapper)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     for case in ("plain", "non_reentrant", "reentrant", "composable_checkpoint"):

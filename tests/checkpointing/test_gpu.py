@@ -7,13 +7,13 @@ import warnings
 import pytest
 import torch
 
+# this folder's helpers.py, loaded by conftest.py
+from checkpointing_helpers import GiB, _gpu_model, _replan_under_pressure
+
 import sloth_plugins as sloth
 from sloth_plugins.checkpointing import get_checkpoint_controller
 from sloth_plugins.checkpointing.offload import HostBufferPool
 from sloth_plugins.checkpointing.plan import KEEP
-
-# this folder's helpers.py, loaded by conftest.py
-from checkpointing_helpers import GiB, _gpu_model, _replan_under_pressure
 
 
 def _gpu_steps(model, steps, shape=(4, 1024), optimizer=None, seed=1, after_step=None):

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import sloth_plugins as sloth
-from sloth_plugins.checkpointing import get_checkpoint_controller
-from sloth_plugins.checkpointing import layer_node
+from sloth_plugins.checkpointing import get_checkpoint_controller, layer_node
 from sloth_plugins.checkpointing.offload import ActivationOffloader
 from sloth_plugins.testing import tiny_model
 

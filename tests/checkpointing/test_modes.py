@@ -7,15 +7,13 @@ import warnings
 import pytest
 import torch
 
+# this folder's helpers.py, loaded by conftest.py
+from checkpointing_helpers import VARIANTS, VOCAB, GiB, _assert_identical, _measured_layers, _model, _steps
+
 import sloth_plugins as sloth
 from sloth_plugins.checkpointing import get_checkpoint_controller
 from sloth_plugins.checkpointing.controller import LayerCheckpointer
 from sloth_plugins.checkpointing.plan import KEEP, OFFLOAD, RECOMPUTE, predict_peak
-
-# this folder's helpers.py, loaded by conftest.py
-from checkpointing_helpers import (GiB, VARIANTS, VOCAB, _assert_identical,
-                                   _measured_layers, _model, _steps)
-
 
 MODES = ["off", "recompute", "offload", "auto-framework", "auto-keep", "auto-partial", "auto-offload"]
 

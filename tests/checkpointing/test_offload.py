@@ -4,15 +4,14 @@ import warnings
 
 import pytest
 import torch
+
+# this folder's helpers.py, loaded by conftest.py
+from checkpointing_helpers import VARIANTS, _assert_identical, _model, _steps
 from torch.utils.checkpoint import checkpoint
 
 import sloth_plugins as sloth
 from sloth_plugins.checkpointing import get_checkpoint_controller
 from sloth_plugins.checkpointing.offload import ActivationOffloader, HostBufferPool
-
-# this folder's helpers.py, loaded by conftest.py
-from checkpointing_helpers import VARIANTS, _assert_identical, _model, _steps
-
 
 # ---------------------------------------------------------------------------------------------
 # the offloader and its pool

@@ -2,9 +2,16 @@
 import pytest
 import torch
 
-from sloth_plugins.checkpointing.plan import (KEEP, OFFLOAD, RECOMPUTE, LayerMemory, MemoryModel, activation_peaks,
-                                              plan_layers, predict_peak)
-
+from sloth_plugins.checkpointing.plan import (
+    KEEP,
+    OFFLOAD,
+    RECOMPUTE,
+    LayerMemory,
+    MemoryModel,
+    activation_peaks,
+    plan_layers,
+    predict_peak,
+)
 
 # ---------------------------------------------------------------------------------------------
 # the plan, from given numbers

@@ -11,7 +11,6 @@ from sloth_plugins.cli import main
 from sloth_plugins.config import KERNEL_NAMES
 from sloth_plugins.testing import tiny_model
 
-
 # ---- SlothConfig ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

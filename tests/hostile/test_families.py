@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import sloth_plugins as sloth
-from sloth_plugins.testing import FAMILIES, UNKNOWN_FAMILIES as UNKNOWN, probe_model, with_lora
+from sloth_plugins.testing import FAMILIES, probe_model, with_lora
+from sloth_plugins.testing import UNKNOWN_FAMILIES as UNKNOWN
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

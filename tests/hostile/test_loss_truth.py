@@ -7,9 +7,20 @@ import warnings
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BertConfig, BertLMHeadModel, GPT2Config, MixtralConfig,
-                          OlmoeConfig, OPTConfig, Qwen2MoeConfig, RobertaConfig, RobertaForCausalLM, Trainer,
-                          TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertLMHeadModel,
+    GPT2Config,
+    MixtralConfig,
+    OlmoeConfig,
+    OPTConfig,
+    Qwen2MoeConfig,
+    RobertaConfig,
+    RobertaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 import sloth_plugins as sloth
 from sloth_plugins.testing import tiny_model

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sloth_plugins.kernels import cross_entropy as ce
 from sloth_plugins.kernels import _cross_entropy_triton as ce_triton
+from sloth_plugins.kernels import cross_entropy as ce
 
 IGNORE = -100
 

@@ -18,8 +18,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 from unittest import mock  # noqa: E402
 
 from sloth_plugins.kernels import nf4  # noqa: E402
-from sloth_plugins.kernels.nf4 import (  # noqa: E402
-    QuantState4bit, dequant_buffer, dequantize_4bit, dequantize_4bit_reference)
+from sloth_plugins.kernels.nf4 import QuantState4bit, dequant_buffer, dequantize_4bit, dequantize_4bit_reference  # noqa: E402
 
 
 def dequantize_4bit_triton(packed, state, dtype, **kwargs):
