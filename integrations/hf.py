@@ -26,9 +26,7 @@ logger = logging.getLogger("sloth_plugins")
 
 class SlothCallback(TrainerCallback):
     def __init__(self, config: Optional[SlothConfig] = None, *, verbose: bool = True, **options: Any):
-        if config is not None and options:
-            config = config.replace(**options)
-        self.config = config if config is not None else SlothConfig(**options)
+        self.config = SlothConfig.resolve(config, "SlothCallback(config)", **options)
         self.verbose = verbose
         self.report: Optional[PatchReport] = None
         self._printed = False

@@ -89,11 +89,7 @@ def _check_arguments(kind: str, given, strategy_args: Sequence[str], wrapper: Op
 
 
 def _make_config(config: Optional[SlothConfig], options: Dict[str, Any]) -> SlothConfig:
-    if config is not None and not isinstance(config, SlothConfig):
-        raise SlothConfigError(f"config must be a SlothConfig, got {type(config).__name__}")
-    if config is None:
-        return SlothConfig(**options)
-    return config.replace(**options) if options else config
+    return SlothConfig.resolve(config, "SlothStrategy(config)", **options)
 
 
 def find_hf_models(root: torch.nn.Module, model_attr: Union[str, Sequence[str], None] = None

@@ -76,6 +76,21 @@ class SlothConfig:
     def from_dict(cls, options: Optional[Mapping[str, Any]] = None) -> "SlothConfig":
         return cls(**dict(options or {}))
 
+    @classmethod
+    def resolve(cls, config: Any = None, where: str = "config", **options: Any) -> "SlothConfig":
+        """The one way every entry point (``patch``, the adapters) turns what a user passed into a
+        SlothConfig: a SlothConfig, a dict of its keys (as read from YAML or JSON) or None, with
+        keyword ``options`` overriding. Anything else is a TypeError that says what to pass."""
+        if isinstance(config, Mapping):
+            config = cls.from_dict(config)
+        elif config is not None and not isinstance(config, SlothConfig):
+            raise TypeError(f"{where}: config must be a SlothConfig(...) (or a dict of its keys), or leave it out "
+                            f"and pass keyword options, e.g. gradient_checkpointing='recompute'; got "
+                            f"{type(config).__name__} {repr(config)[:80]}")
+        if config is None:
+            return cls(**options)
+        return config.replace(**options) if options else config
+
     def replace(self, **changes: Any) -> "SlothConfig":
         return SlothConfig(**{**self.to_dict(), **changes})
 

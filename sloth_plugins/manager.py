@@ -95,17 +95,7 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
     old patches are undone first and the model patched afresh. ``config`` may also be a dict of
     SlothConfig keys (as read from YAML or JSON); keyword options override its values.
     """
-    from collections.abc import Mapping
-    if isinstance(config, Mapping):
-        config = SlothConfig.from_dict(config)
-    elif config is not None and not isinstance(config, SlothConfig):
-        raise TypeError(f"sloth_plugins.patch(model, config): config must be a SlothConfig(...) (or a dict of its "
-                        f"keys), or leave it out and pass keyword options, e.g. patch(model, "
-                        f"gradient_checkpointing='recompute'); got {type(config).__name__} {repr(config)[:80]}")
-    if config is None:
-        config = SlothConfig(**options)
-    elif options:
-        config = config.replace(**options)
+    config = SlothConfig.resolve(config, "sloth_plugins.patch(model, config)", **options)
     lm = resolve_causal_lm(model)
     state = _state(lm)
     if state is not None and state.config == config and state.structure == _structure(lm):
