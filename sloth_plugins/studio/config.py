@@ -79,3 +79,21 @@ def check_run_config(config: Dict[str, Any]) -> Dict[str, Any]:
     except SlothConfigError as exc:
         raise ValueError(f"sloth: {exc}") from None
     return full
+
+
+def sft_config_kwargs(training: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``SFTConfig`` arguments that decide the training (the worker and the exported script share
+    them; output, saving and device are each one's own)."""
+    t = training
+    return dict(max_steps=t["max_steps"], num_train_epochs=t["num_train_epochs"], learning_rate=t["learning_rate"],
+                lr_scheduler_type=t["lr_scheduler_type"], warmup_steps=t["warmup_steps"],
+                per_device_train_batch_size=t["per_device_train_batch_size"],
+                gradient_accumulation_steps=t["gradient_accumulation_steps"], max_length=t["max_length"],
+                packing=t["packing"], padding_free=t["padding_free"], seed=t["seed"],
+                bf16=t["precision"] == "bf16", fp16=t["precision"] == "fp16", dataset_text_field="text",
+                logging_steps=t["logging_steps"], report_to=t["report_to"] or "none")
+
+
+def lora_config_kwargs(lora: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                target_modules=lora["target_modules"], task_type="CAUSAL_LM")

@@ -80,6 +80,7 @@ def build_trainer(run_dir: str, config: dict):
     from ..config import SlothConfig
     from ..integrations.hf import SlothCallback
     from . import datasets as studio_datasets
+    from .config import lora_config_kwargs, sft_config_kwargs
 
     train = config["training"]
     tokenizer = AutoTokenizer.from_pretrained(config["model"])
@@ -88,8 +89,10 @@ def build_trainer(run_dir: str, config: dict):
     rows = studio_datasets.load_rows(os.path.join(run_dir, config["dataset"]["file"]))
     texts = studio_datasets.to_texts(rows, config["dataset"]["mapping"], tokenizer)
     dataset = Dataset.from_dict({"text": texts})
+    with open(os.path.join(run_dir, "data", "train_text.jsonl"), "w") as f:   # the strings trained on
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
 
-    bf16, fp16 = train["precision"] == "bf16", train["precision"] == "fp16"
+    bf16 = train["precision"] == "bf16"
     model_kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     if config["method"] == "qlora":
         from transformers import BitsAndBytesConfig
@@ -100,19 +103,10 @@ def build_trainer(run_dir: str, config: dict):
     peft_config = None
     if config["method"] in ("lora", "qlora"):
         from peft import LoraConfig
-        lora = config["lora"]
-        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM")
-    args = SFTConfig(
-        output_dir=os.path.join(run_dir, "checkpoints"), max_steps=train["max_steps"],
-        num_train_epochs=train["num_train_epochs"], learning_rate=train["learning_rate"],
-        lr_scheduler_type=train["lr_scheduler_type"], warmup_steps=train["warmup_steps"],
-        per_device_train_batch_size=train["per_device_train_batch_size"],
-        gradient_accumulation_steps=train["gradient_accumulation_steps"], max_length=train["max_length"],
-        packing=train["packing"], padding_free=train["padding_free"], seed=train["seed"], bf16=bf16, fp16=fp16,
-        use_cpu=not torch.cuda.is_available(), dataset_text_field="text", logging_steps=train["logging_steps"],
-        save_strategy="steps", save_steps=train["save_steps"], report_to=train["report_to"] or "none",
-        include_num_input_tokens_seen=True, disable_tqdm=True)
+        peft_config = LoraConfig(**lora_config_kwargs(config["lora"]))
+    args = SFTConfig(output_dir=os.path.join(run_dir, "checkpoints"), use_cpu=not torch.cuda.is_available(),
+                     save_strategy="steps", save_steps=train["save_steps"], include_num_input_tokens_seen=True,
+                     disable_tqdm=True, **sft_config_kwargs(train))
     sloth = SlothCallback(SlothConfig(**config["sloth"]), verbose=False)
     stop = StopFileCallback(os.path.join(run_dir, "STOP"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
