@@ -58,9 +58,9 @@ def _read_jsonl(path: str) -> List[Dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}: line {lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
+                raise DatasetError(f"{path}: line {lineno}, column {exc.pos + 1}: invalid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise DatasetError(f"{path}: line {lineno}, column 1: expected a JSON object, got "
                                    f"{type(row).__name__}")
