@@ -19,7 +19,8 @@ setup() {
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q -c tests/constraints-cpu.txt torch==2.13.0
   case $env in
-    latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev]" ;;
+    # studio: Gradio for sloth studio's tests (tests/studio; without it the app tests skip)
+    latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev,studio]" ;;
     axolotl) "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[axolotl,lightning,dev]" ;;
   esac
 }

@@ -159,7 +159,7 @@ def build_app(manager: RunManager, model: str = ""):
         check_btn.click(on_check, [dataset_path] + inputs, [rendered, histogram, data_msg])
 
         def on_report(*values):
-            from ..cli import DoctorError, patch_report
+            from ..doctor import DoctorError, patch_report
             try:
                 config = form(values)
                 return str(patch_report(config["model"], SlothConfig(**config["sloth"])))

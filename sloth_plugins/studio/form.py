@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from ..cli import parse_value
+from ..doctor import parse_value
 from ..config import SlothConfig
 from .config import LORA, TRAINING, check_run_config
 from .datasets import FORMATS
