@@ -10,8 +10,9 @@ from .doctor import (DoctorError, doctor, machine_info, machine_report, parse_se
 
 
 def studio(args: argparse.Namespace) -> int:
-    import importlib.util
-    if importlib.util.find_spec("gradio") is None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
         print("sloth studio: the web app needs Gradio: pip install 'sloth_plugins[studio]'", file=sys.stderr)
         return 2
     from .studio.app import launch

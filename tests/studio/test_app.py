@@ -88,3 +88,4 @@ def test_app_loads_data_starts_a_run_and_shows_it_finish(tmp_path, model_dir):
         assert (tmp_path / "runs" / run_id / "adapter" / "adapter_config.json").is_file()
     finally:
         app.close()
+
