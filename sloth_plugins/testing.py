@@ -145,3 +145,20 @@ class MicroLossRecorder:
         loss = super().training_step(*args, **kwargs)
         self.micro_losses.append(loss.item())
         return loss
+
+
+def save_tiny_model_folder(path: str, family: str = "llama", seed: int = 0) -> str:
+    """A tiny model and its tokenizer (trained on the shipped instructions, with a chat template)
+    saved as a local model folder: what ``from_pretrained(path)`` and ``sloth studio`` load."""
+    tokenizer = train_tokenizer(format_example(r) for r in load_instructions())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# A minimal chat template for the tiny tokenizer (role headers, the eos token after each turn).
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

@@ -19,9 +19,21 @@ setup() {
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q -c tests/constraints-cpu.txt torch==2.13.0
   case $env in
-    latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev]" ;;
+    # studio + selenium + Chromium: sloth studio's tests (tests/studio; without them the app/browser tests skip)
+    latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev,studio]" "selenium>=4.20"
+             browser ;;
     axolotl) "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[axolotl,lightning,dev]" ;;
   esac
+}
+
+# tests/studio/test_browser.py drives headless Chromium (Debian's package); without it that test skips.
+browser() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || echo "=== chromium not installed: the browser test skips"
+  else
+    echo "=== no chromium (apt-get install chromium chromium-driver): the browser test skips"
+  fi
 }
 
 run_env() {

@@ -1,0 +1,251 @@
+"""The studio's Gradio UI. Gradio, because it is the web UI Hugging Face users already know
+(Spaces, model demos), it serves from one Python process with no build step, and it has the
+file upload, tables, plots and polling timer this app needs.
+
+Bound to 127.0.0.1 by default; another address needs ``--auth user:pass``. Uploads land in
+``<runs dir>/.uploads`` (Gradio's temp dir is pointed there), and a run copies its dataset into
+its own folder: uploaded files never leave the runs folder.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from ..config import SlothConfig
+from .config import LORA, SLOTH_MEANINGS, TRAINING, default_run_config
+from .datasets import FORMATS, DatasetError, columns, guess_mapping, length_stats, load_rows, to_texts
+from .form import MAPPING_FIELDS, SLOTH_TEXT_KEYS, config_to_fields, field_names, fields_to_config
+from .runs import RunManager, StudioError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+CHOICES = {"sloth.loss": ("chunked", "off"), "sloth.gradient_checkpointing": ("auto", "offload", "recompute", "off"),
+           "sloth.attention": ("auto", "sloth", "sdpa"), "method": ("lora", "qlora", "full"),
+           "training.precision": ("fp32", "bf16", "fp16"), "mapping.format": tuple(FORMATS)}
+
+
+def parse_auth(auth: Optional[str]) -> Optional[Tuple[str, str]]:
+    if auth is None:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise StudioError("--auth takes USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def check_bind(host: str, auth: Optional[str]) -> Optional[Tuple[str, str]]:
+    """The (user, password) to require; listening beyond this machine without one is refused."""
+    credentials = parse_auth(auth)
+    if host not in LOCAL_HOSTS and credentials is None:
+        raise StudioError(f"--host {host} makes the studio reachable from other machines (it starts training "
+                          f"processes and reads local folders): give --auth USER:PASSWORD too")
+    return credentials
+
+
+def _component(gr, name: str, value: Any):
+    section, _, key = name.rpartition(".")
+    info = {"sloth": SLOTH_MEANINGS.get(key), "training": TRAINING.get(key, (None, None))[1]}.get(section)
+    label = key.replace("_", " ")
+    if name in CHOICES:
+        return gr.Dropdown(list(CHOICES[name]), value=value, label=label, info=info)
+    if section == "sloth" and key in SLOTH_TEXT_KEYS:
+        return gr.Textbox(value=value, label=label, info=info, placeholder="empty: default")
+    if isinstance(value, bool):
+        return gr.Checkbox(value=value, label=label, info=info)
+    if isinstance(value, (int, float)):
+        return gr.Number(value=value, label=label, info=info)
+    return gr.Textbox(value=value if value is not None else "", label=label, info=info)
+
+
+def build_app(manager: RunManager, model: str = ""):
+    import gradio as gr
+    import pandas as pd
+
+    names = field_names()
+    defaults = config_to_fields({**default_run_config(model), "model": model})
+    comps: Dict[str, Any] = {}
+
+    with gr.Blocks(title="sloth studio") as app:
+        gr.Markdown("# sloth studio\nTrain a causal LM with TRL `SFTTrainer` + `SlothCallback`; each run is a "
+                    f"subprocess with its own folder in `{manager.runs_dir}`.")
+        dataset_path = gr.State("")
+        with gr.Tab("Dataset"):
+            with gr.Row():
+                upload = gr.File(label="upload JSONL / JSON / CSV / Parquet", file_types=[".jsonl", ".json", ".csv",
+                                                                                           ".parquet"])
+                local = gr.Textbox(label="or a local file / saved `datasets` folder", elem_id="local-dataset")
+            load_btn = gr.Button("Load", elem_id="load-dataset")
+            data_msg = gr.Markdown(elem_id="dataset-message")
+            preview = gr.Dataframe(label="first rows", interactive=False)
+            with gr.Row():
+                comps["mapping.format"] = _component(gr, "mapping.format", defaults["mapping.format"])
+                for field in MAPPING_FIELDS:
+                    comps[f"mapping.{field}"] = gr.Dropdown([""], value="", label=field, allow_custom_value=True)
+            check_btn = gr.Button("Render and measure")
+            rendered = gr.Textbox(label="first row as training text", lines=6)
+            histogram = gr.BarPlot(x="tokens", y="rows", label="token lengths")
+        with gr.Tab("Model"):
+            comps["name"] = gr.Textbox(label="run name")
+            comps["model"] = gr.Textbox(value=model, label="model folder (or hub id where a network exists)",
+                                        elem_id="model-folder")
+            comps["method"] = _component(gr, "method", defaults["method"])
+            with gr.Row():
+                for key in LORA:
+                    comps[f"lora.{key}"] = _component(gr, f"lora.{key}", defaults[f"lora.{key}"])
+        with gr.Tab("Plugin options"):
+            for key in SlothConfig().to_dict():
+                comps[f"sloth.{key}"] = _component(gr, f"sloth.{key}", defaults[f"sloth.{key}"])
+            report_btn = gr.Button("PatchReport for this model")
+            report_preview = gr.Textbox(label="what the run would get patched", lines=12)
+        with gr.Tab("Training"):
+            for key in TRAINING:
+                comps[f"training.{key}"] = _component(gr, f"training.{key}", defaults[f"training.{key}"])
+        with gr.Tab("Runs"):
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary", elem_id="start-run")
+                stop_btn = gr.Button("Stop", elem_id="stop-run")
+                resume_btn = gr.Button("Resume")
+            run_pick = gr.Dropdown(label="run", choices=[], allow_custom_value=True, elem_id="run-pick")
+            run_msg = gr.Markdown(elem_id="run-status")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="loss", label="loss", elem_id="loss-plot")
+                lr_plot = gr.LinePlot(x="step", y="learning_rate", label="learning rate")
+            with gr.Row():
+                tps_plot = gr.LinePlot(x="step", y="tokens_per_s", label="tokens/s")
+                mem_plot = gr.LinePlot(x="step", y="peak_memory_gb", label="peak memory (GiB)")
+            log_tail = gr.Textbox(label="log", lines=12, max_lines=12, autoscroll=True)
+            patch_text = gr.Textbox(label="PatchReport", lines=10)
+            with gr.Row():
+                export_btn = gr.Button("Export as code")
+            script_code = gr.Code(language="python", label="the same run as a Python script")
+            yaml_code = gr.Code(language="yaml", label="the same run for Axolotl")
+            timer = gr.Timer(1.0)
+
+        inputs = [comps[n] for n in names]
+
+        def form(values) -> Dict[str, Any]:
+            return fields_to_config(dict(zip(names, values)))
+
+        def on_load(file, path):
+            path = file if file else (path or "").strip()
+            if not path:
+                return "", "Upload a file or give a path.", None, *[gr.update()] * (1 + len(MAPPING_FIELDS))
+            try:
+                rows = load_rows(path)
+            except DatasetError as exc:
+                return "", f"**Cannot use this dataset:** {exc}", None, *[gr.update()] * (1 + len(MAPPING_FIELDS))
+            cols = columns(rows)
+            guess = guess_mapping(cols)
+            updates = [gr.update(value=guess["format"])]
+            updates += [gr.update(choices=[""] + cols, value=guess.get(f) or "") for f in MAPPING_FIELDS]
+            frame = pd.DataFrame([{c: str(r.get(c))[:200] for c in cols} for r in rows[:5]])
+            return path, f"{len(rows)} rows, columns: {', '.join(cols)}", frame, *updates
+
+        load_btn.click(on_load, [upload, local], [dataset_path, data_msg, preview, comps["mapping.format"]]
+                       + [comps[f"mapping.{f}"] for f in MAPPING_FIELDS])
+
+        def on_check(path, *values):
+            try:
+                config = form(values)
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(config["model"])
+                texts = to_texts(load_rows(path), config["dataset"]["mapping"], tokenizer)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                return str(exc), None, f"**Cannot map:** {exc}"
+            stats = length_stats(texts, tokenizer, config["training"]["max_length"])
+            bars = pd.DataFrame({"tokens": [str(e) for e in stats["edges"][:-1]], "rows": stats["counts"]})
+            return texts[0], bars, (f"{len(texts)} rows, mean {stats['mean']:.0f} tokens, max {stats['max']}; "
+                                    f"**{stats['cut']}** rows longer than max_length {stats['max_length']} are cut")
+
+        check_btn.click(on_check, [dataset_path] + inputs, [rendered, histogram, data_msg])
+
+        def on_report(*values):
+            from ..doctor import DoctorError, patch_report
+            try:
+                config = form(values)
+                return str(patch_report(config["model"], SlothConfig(**config["sloth"])))
+            except (DoctorError, ValueError) as exc:
+                return f"cannot build the report: {exc}"
+
+        report_btn.click(on_report, inputs, report_preview)
+
+        def run_choices(selected=None):
+            runs = manager.list()
+            choices = [(f"{r['name']} ({r['state']})", r["id"]) for r in runs]
+            return gr.update(choices=choices, value=selected or (runs[0]["id"] if runs else None))
+
+        def on_start(path, *values):
+            try:
+                if not path:
+                    raise StudioError("load a dataset first (Dataset tab)")
+                run_id = manager.create(form(values), path)
+                manager.start(run_id)
+            except (StudioError, ValueError) as exc:
+                return run_choices(), f"**Not started:** {exc}"
+            return run_choices(run_id), f"run {run_id} started"
+
+        start_btn.click(on_start, [dataset_path] + inputs, [run_pick, run_msg])
+
+        def on_stop(run_id):
+            try:
+                manager.stop(run_id)
+                return f"run {run_id}: stopping (saving a checkpoint and the adapter)"
+            except StudioError as exc:
+                return f"**{exc}**"
+
+        stop_btn.click(on_stop, run_pick, run_msg)
+
+        def on_resume(run_id):
+            try:
+                manager.start(run_id, resume=True)
+                return f"run {run_id}: resumed from its last checkpoint"
+            except StudioError as exc:
+                return f"**{exc}**"
+
+        resume_btn.click(on_resume, run_pick, run_msg)
+
+        def on_tick(run_id):
+            if not run_id:
+                return [gr.update()] * 7
+            try:
+                status = manager.status(run_id)
+            except StudioError:
+                return [gr.update()] * 7
+            frame = pd.DataFrame(manager.metrics(run_id) or [], columns=["step", "loss", "learning_rate",
+                                                                         "tokens_per_s", "peak_memory_gb"])
+            steps = f", step {int(frame['step'].iloc[-1])}" if len(frame) else ""
+            text = f"run {run_id}: **{status['state']}**{steps}" + (f" — {status['error']}" if status.get("error")
+                                                                      else "")
+            return text, frame, frame, frame, frame, manager.log_tail(run_id), manager.patch_report(run_id)
+
+        timer.tick(on_tick, run_pick, [run_msg, loss_plot, lr_plot, tps_plot, mem_plot, log_tail, patch_text])
+
+        def on_export(run_id):
+            from .export import axolotl_yaml, python_script
+            try:
+                config = manager.config(run_id)
+                run_dir = manager.run_dir(run_id)
+            except StudioError as exc:
+                return f"# {exc}", ""
+            return (python_script(config, os.path.join(run_dir, config["dataset"]["file"])),
+                    axolotl_yaml(config, os.path.join(run_dir, "data", "train_text.jsonl")))
+
+        export_btn.click(on_export, run_pick, [script_code, yaml_code])
+        app.load(lambda: run_choices(), None, run_pick)
+    return app
+
+
+def launch(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, auth: Optional[str] = None,
+           model: str = "", block: bool = True):
+    credentials = check_bind(host, auth)
+    manager = RunManager(runs_dir)
+    uploads = os.path.join(manager.runs_dir, ".uploads")
+    try:
+        os.makedirs(uploads, exist_ok=True)
+    except OSError as exc:
+        raise StudioError(f"cannot write to the runs dir {manager.runs_dir}: {exc.strerror or exc}") from None
+    os.environ["GRADIO_TEMP_DIR"] = uploads   # uploads stay inside the runs folder
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    app = build_app(manager, model=model)
+    app.launch(server_name=host, server_port=port, auth=credentials, prevent_thread_lock=not block,
+               allowed_paths=[manager.runs_dir], quiet=not block)
+    return app
