@@ -149,6 +149,27 @@ def test_averaged_model():
     torch.testing.assert_close(logits, outputs(reference("llama", averaged.module), ids, labels)[2], **TOL)
 
 
+def _plain_model_pickles() -> bool:
+    """Whether an unpatched model pickles at all here: with HF's ``kernels`` package installed (the
+    Axolotl environment), transformers attaches hub-kernel modules of a local class that no pickler
+    can name, with or without sloth."""
+    try:
+        pickle.dumps(tiny_model("llama"))
+    except (AttributeError, pickle.PicklingError):
+        return False
+    return True
+
+
+PICKLES = _plain_model_pickles()
+needs_pickle = pytest.mark.skipif(not PICKLES, reason="an unpatched model does not pickle in this environment "
+                                                      "(hub-kernel modules of a local class)")
+
+
+def _pickled(model):
+    """The pickle round trip where models pickle here (see PICKLES), else a deep copy."""
+    return pickle.loads(pickle.dumps(model)) if PICKLES else copy.deepcopy(model)
+
+
 def _torch_roundtrip(model):
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -163,6 +184,7 @@ def _pickle_roundtrip(model):
 @pytest.mark.parametrize("family,mode,roundtrip", [
     ("llama", "auto", _pickle_roundtrip), ("llama", "auto", _torch_roundtrip), ("gemma2", "recompute", _pickle_roundtrip),
     ("phi3", "offload", _torch_roundtrip), ("qwen3", "off", _pickle_roundtrip)])
+@needs_pickle
 def test_pickle_roundtrip_gives_a_patched_model(family, mode, roundtrip):
     model = patched(family, mode)
     ids, labels = batch(model.config.vocab_size)
@@ -208,7 +230,7 @@ def test_unpatch_after_copying_leaves_both_models_exact():
     sloth.patch(model)
     resolve_causal_lm(model)._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=CHECKPOINT)
     dup = copy.deepcopy(model)
-    loaded = pickle.loads(pickle.dumps(model))
+    loaded = _pickled(model)
     shallow = copy.copy(resolve_causal_lm(model))
     assert sloth.get_state(shallow) is None and "forward" not in shallow.__dict__
     assert shallow.model is resolve_causal_lm(model).model
@@ -236,7 +258,7 @@ def test_copies_of_a_patched_config():
     model = tiny_model("llama")
     original = model.config._attn_implementation
     sloth.patch(model, attention="sloth", gradient_checkpointing="off")
-    for dup in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+    for dup in (copy.deepcopy(model), _pickled(model)):
         assert dup.config is not model.config and dup.config._attn_implementation == "sloth"
         assert f"model's {original}" in str(sloth.get_state(dup).report)
         sloth.unpatch(dup)
