@@ -148,13 +148,17 @@ class SlothCallback(TrainerCallback):
 
 def _refuse_clashes(model, args, config: SlothConfig) -> None:
     """Other options that patch the modules sloth patches: one error naming both (never two patches on one)."""
-    ours = [name for name, on in (("kernels", bool(config.enabled_kernels)), ("loss", config.loss != "off")) if on]
+    # TRL's SFTTrainer turns Liger's fused loss off (its own fused LM head computes the loss)
+    liger_loss = not hasattr(args, "loss_type")
+    ours = [name for name, on in (("kernels", bool(config.enabled_kernels)),
+                                  ("loss", liger_loss and config.loss != "off")) if on]
     if getattr(args, "use_liger_kernel", False) and ours:
+        liger = "RMSNorm, RoPE, the gated MLP" + (" and the loss" if liger_loss else "")
+        fix = "kernels=False, loss='off'" if liger_loss else "kernels=False"
         raise SlothConfigError(
-            f"{type(args).__name__}(use_liger_kernel=True) and SlothCallback both patch the model "
-            f"(Liger replaces RMSNorm, RoPE, the gated MLP and the loss at train(); sloth's {' and '.join(ours)} "
-            f"patch the same modules): set use_liger_kernel=False, or SlothCallback(kernels=False, loss='off') "
-            f"to keep Liger's kernels and only sloth's gradient checkpointing")
+            f"{type(args).__name__}(use_liger_kernel=True) and SlothCallback both patch the model (Liger replaces "
+            f"{liger} when training starts, where sloth's {' and '.join(ours)} are): set use_liger_kernel=False, "
+            f"or SlothCallback({fix}) to keep Liger's and use sloth for the rest (gradient checkpointing)")
     patched_by = _unsloth_patched(model)
     if patched_by:
         raise SlothConfigError(

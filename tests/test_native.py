@@ -160,3 +160,42 @@ def test_lightning_strategy_takes_the_alias():
     from sloth_plugins.integrations.lightning import SlothStrategy
     assert SlothStrategy(activation_checkpointing="off").sloth_config.gradient_checkpointing == "off"
     assert SlothStrategy("ddp", activation_checkpointing="off").sloth_config.gradient_checkpointing == "off"
+
+
+# ---- 3. no silent clashes -------------------------------------------------------------------------------------
+def test_liger_in_training_arguments_is_refused_naming_both(tokenizer, dataset, tmp_path):
+    with pytest.raises(sloth.SlothConfigError, match=r"TrainingArguments\(use_liger_kernel=True\) and SlothCallback"):
+        _trainer(tokenizer, dataset, _args(tmp_path, use_liger_kernel=True), sloth.SlothCallback(verbose=False))
+    # sloth's checkpointing alone patches nothing Liger patches
+    callback = sloth.SlothCallback(verbose=False, kernels=False, loss="off")
+    _trainer(tokenizer, dataset, _args(tmp_path, use_liger_kernel=True), callback)
+    assert callback.report.count("gradient_checkpointing") > 0
+
+
+def test_liger_in_sft_config_is_refused_naming_both(tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    ds = Dataset.from_dict({"text": [format_example(r) for r in load_instructions(limit=8)]})
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, report_to=[], use_cpu=True, max_length=32,
+                     dataset_text_field="text", use_liger_kernel=True)
+    with pytest.raises(sloth.SlothConfigError, match=r"SFTConfig\(use_liger_kernel=True\) and SlothCallback"):
+        SFTTrainer(model=_model(tokenizer), args=args, train_dataset=ds, processing_class=tokenizer,
+                   callbacks=[sloth.SlothCallback(verbose=False)])
+    # TRL turns Liger's loss off: only sloth's kernels clash
+    SFTTrainer(model=_model(tokenizer), args=args, train_dataset=ds, processing_class=tokenizer,
+               callbacks=[sloth.SlothCallback(verbose=False, kernels=False)])
+
+
+def test_a_model_unsloth_patched_is_refused(tokenizer, dataset, tmp_path):
+    # Unsloth's FastLanguageModel rebinds the classes' forwards to functions of its own modules;
+    # a class whose forward lives in a module named unsloth.* is what the callback sees then.
+    model = _model(tokenizer)
+    layer_class = type(model.model.layers[0])
+
+    def forward(self, *args, **kwargs):
+        return layer_class.forward(self, *args, **kwargs)
+    forward.__module__ = "unsloth.models.llama"
+    for layer in model.model.layers:
+        layer.__class__ = type(layer_class.__name__, (layer_class,), {"forward": forward})
+    with pytest.raises(sloth.SlothConfigError, match="already patched by Unsloth"):
+        _trainer(tokenizer, dataset, _args(tmp_path), sloth.SlothCallback(verbose=False), model=model)
