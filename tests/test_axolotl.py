@@ -262,6 +262,20 @@ def test_invalid_values_are_rejected_clearly(model_dir, tmp_path, extra, message
         validated(base_config(model_dir, str(tmp_path), **extra))
 
 
+def test_unquoted_off_in_a_yaml_file_is_read_by_axolotls_loader_as_off(model_dir, tmp_path):
+    """``sloth_loss: off`` as the README and the conflict messages write it: YAML reads false."""
+    import yaml
+    from axolotl.cli.config import load_cfg
+    raw = base_config(model_dir, str(tmp_path))
+    del raw["sloth_loss"]
+    path = tmp_path / "sloth.yml"
+    path.write_text(yaml.safe_dump(raw) + "sloth_loss: off\nsloth_gradient_checkpointing: off\n")
+    reset_plugin_manager()
+    cfg = load_cfg(str(path))
+    assert cfg.sloth_loss == "off" and cfg.sloth_gradient_checkpointing == "off"
+    assert sloth_config_from(cfg) == sloth.SlothConfig(loss="off", gradient_checkpointing="off")
+
+
 def test_unset_axolotl_lora_kernels_are_taken_over_only_for_modules_sloth_patches(model_dir, tmp_path):
     raw = base_config(model_dir, str(tmp_path))
     for key in AXOLOTL_LORA_KERNELS:
