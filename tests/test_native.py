@@ -231,3 +231,15 @@ def test_output_without_logits_still_answers_like_a_missing_field(tokenizer):
     out = model(input_ids=ids, labels=ids)
     assert getattr(out, "logits", None) is None and not hasattr(out, "logits")
     assert list(out.keys()) == ["loss"] and out.to_tuple() == (out.loss,) and out[0] is out.loss
+
+
+def test_lightning_strategy_names_resolve_after_the_documented_import():
+    pytest.importorskip("lightning")
+    import subprocess
+    import sys
+    code = ("import sloth_plugins, lightning.pytorch.strategies as s; r = s.StrategyRegistry; "
+            "before = 'sloth' in r; import sloth_plugins.integrations.lightning; "
+            "print(before, all(n in r for n in ('sloth', 'sloth_ddp', 'sloth_fsdp', 'sloth_fsdp2')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    # a plain `import sloth_plugins` imports no framework (README: the exact import to register them)
+    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
