@@ -15,7 +15,8 @@ Metrics: each training log (``on_log``, so every ``report_to`` tracker receives 
 padding included, per second of wall time), ``sloth/peak_memory_gib`` (CUDA
 ``max_memory_allocated``; absent off CUDA), ``sloth/checkpoint_{kept,recomputed,offloaded}_layers``
 (the checkpointing plan of the last training forward; absent with checkpointing off) and, on the
-first log and whenever it changed, ``sloth/patch_report`` (the PatchReport as text). The Trainer
+first log and whenever it changed, ``sloth/patch_report`` (the PatchReport as text); the numbers also
+go into ``trainer.state.log_history`` (``trainer_state.json``). The Trainer
 places its reporting callbacks before the user's and hands each the same dict in turn, so the
 callback moves itself to the front of the Trainer's callback list.
 
@@ -106,19 +107,22 @@ class SlothCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or self.report is None:
             return          # eval logs and the final summary: no training interval to measure
-        now = time.perf_counter()
+        now, metrics = time.perf_counter(), {}
         if now > self._since:
-            logs["sloth/tokens_per_s"] = self._tokens / (now - self._since)
+            metrics["sloth/tokens_per_s"] = self._tokens / (now - self._since)
         self._tokens, self._since = 0, now
         device = next(model.parameters()).device if model is not None else None
         if device is not None and device.type == "cuda":
-            logs["sloth/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
+            metrics["sloth/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
         from ..checkpointing import get_checkpoint_controller
         controller = get_checkpoint_controller(model) if model is not None else None
         if controller is not None:
             counts = Counter(controller.decisions)
             for decision, key in (("keep", "kept"), ("recompute", "recomputed"), ("offload", "offloaded")):
-                logs[f"sloth/checkpoint_{key}_layers"] = counts[decision]
+                metrics[f"sloth/checkpoint_{key}_layers"] = counts[decision]
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)   # the Trainer recorded this log before on_log: trainer_state.json
         text = str(self.report)
         if text != self._logged_report:
             logs["sloth/patch_report"] = self._logged_report = text

@@ -544,6 +544,10 @@ _register_imported_namespaces()
 
 
 def __getattr__(name: str):
+    # the metrics callbacks, by name, so that a pickled Trainer (ddp_spawn) finds them
+    for package in NAMESPACES.values():
+        if name == f"_SlothMetrics_{package.replace('.', '_')}":
+            return _metrics_callback_class(package)
     # PLSloth*Strategy for pytorch_lightning users who import the classes by name
     for namespace, prefix in (("lightning", ""), ("pytorch_lightning", "PL")):
         for kind, class_name in _CLASS_NAMES.items():

@@ -192,6 +192,20 @@ def test_hooks_called_again_leave_one_patch_and_one_report(lora_runs):
     assert open(path).read() == written
 
 
+def test_metrics_reach_axolotls_tensorboard(model_dir, tmp_path, monkeypatch):
+    """Through Axolotl's own callback path (add_callbacks_post_trainer): the Trainer's trackers get sloth's keys."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    run = run_training(base_config(model_dir, str(tmp_path), max_steps=2, use_tensorboard=True,
+                                   gradient_checkpointing=True, sloth_gradient_checkpointing="recompute"))
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.value > 0 for e in acc.Scalars("train/sloth/tokens_per_s")] == [True, True]
+    assert [e.value for e in acc.Scalars("train/sloth/checkpoint_recomputed_layers")] == [2, 2]
+    assert "train/sloth/patch_report/text_summary" in acc.Tags()["tensors"]
+    assert all("sloth/tokens_per_s" in h for h in run.trainer.state.log_history if "loss" in h)
+
+
 def test_a_module_someone_else_patched_is_left_alone(model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

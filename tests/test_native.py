@@ -141,6 +141,9 @@ def test_lightning_metrics_reach_the_csv_logger(tokenizer, tmp_path):
     assert "sloth/peak_memory_gib" not in rows[0]      # CPU: no CUDA peak to report
     with open(f"{folder}/hparams.yaml") as f:
         assert yaml.safe_load(f)["sloth/patch_report"] == str(strategy.sloth_report)
+    import pickle
+    callback = next(c for c in trainer.callbacks if type(c).__name__.startswith("_SlothMetrics"))
+    assert pickle.loads(pickle.dumps(type(callback))) is type(callback)   # by name: ddp_spawn pickles the Trainer
 
 
 # ---- 6. names agree ---------------------------------------------------------------------------------------------
