@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import threading
 import warnings
 from typing import Optional
 
@@ -413,9 +414,12 @@ NO_LOGITS = ("sloth_plugins' chunked loss computed this training step's loss fro
              "chunked loss saves; or loss='off'")
 
 
+_reading = threading.local()   # depth of transformers' own field reads in this thread
+
+
 def _get_logits(self):
     value = self.__dict__.get("logits")
-    if value is None and not self.__dict__.get("_sloth_reading_fields"):
+    if value is None and not getattr(_reading, "depth", 0):
         raise LogitsNotComputed(NO_LOGITS)
     return value
 
@@ -427,11 +431,11 @@ def _set_logits(self, value):
 def _reading_fields(method):
     """``method`` of transformers' ModelOutput, which reads every field: a missing logits is None there."""
     def wrapper(self, *args, **kwargs):
-        self.__dict__["_sloth_reading_fields"] = True
+        _reading.depth = getattr(_reading, "depth", 0) + 1
         try:
             return getattr(super(_output_class(), self), method)(*args, **kwargs)
         finally:
-            del self.__dict__["_sloth_reading_fields"]
+            _reading.depth -= 1
     return wrapper
 
 
