@@ -65,6 +65,12 @@ class SlothArgs(BaseModel):
                                  f"(SlothPlugin); valid keys: {', '.join(KEYS)}")
         return data
 
+    @field_validator("sloth_loss", "sloth_gradient_checkpointing", mode="before")
+    @classmethod
+    def false_is_off(cls, value):
+        # YAML reads an unquoted ``off`` (as the README and the conflict messages write it) as false
+        return "off" if value is False else value
+
     @field_validator("sloth_kernels")
     @classmethod
     def check_kernel_names(cls, value):

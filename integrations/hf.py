@@ -9,19 +9,38 @@ The callback patches the Trainer's model when the Trainer finishes ``__init__`` 
 wrapping, optimizer or dataloader) and re-asserts the patch when training begins, after the
 Trainer has called ``gradient_checkpointing_enable()``. ``patch`` is idempotent, so the
 second call leaves the same state a single one would.
+
+Metrics: each training log (``on_log``, so every ``report_to`` tracker receives them) gets
+``sloth/tokens_per_s`` (tokens the model's training forwards received since the previous log,
+padding included, per second of wall time), ``sloth/peak_memory_gib`` (CUDA
+``max_memory_allocated``; absent off CUDA), ``sloth/checkpoint_{kept,recomputed,offloaded}_layers``
+(the checkpointing plan of the last training forward; absent with checkpointing off) and, on the
+first log and whenever it changed, ``sloth/patch_report`` (the PatchReport as text); the numbers also
+go into ``trainer.state.log_history`` (``trainer_state.json``). The Trainer
+places its reporting callbacks before the user's and hands each the same dict in turn, so the
+callback moves itself to the front of the Trainer's callback list.
+
+``verbose=True`` logs the PatchReport once, on the main process, at INFO on the
+``sloth_plugins`` logger, which it makes visible by default (``sloth_plugins.logs.show_info``).
+``callback.report`` is the live report: the checkpointing plan and the loss revise it in place.
 """
 from __future__ import annotations
 
-import logging
+import sys
+import time
+from collections import Counter
 from typing import Any, Optional
 
+import torch
 from transformers import TrainerCallback
 
-from ..config import SlothConfig
+from ..config import SlothConfig, SlothConfigError
+from ..logs import logger, show_info
 from ..manager import patch
+from ..models import resolve_causal_lm
 from ..report import PatchReport
 
-logger = logging.getLogger("sloth_plugins")
+GiB = float(2 ** 30)
 
 
 class SlothCallback(TrainerCallback):
@@ -30,10 +49,15 @@ class SlothCallback(TrainerCallback):
         self.verbose = verbose
         self.report: Optional[PatchReport] = None
         self._printed = False
+        self._logged_report = ""              # the report text last added to the logs
+        self._tokens, self._since, self._hook = 0, 0.0, None
+        if verbose:
+            show_info()
 
     def _patch(self, model, args) -> None:
         if model is None:
             raise RuntimeError("SlothCallback got no model from the Trainer: pass model=... to the Trainer")
+        _refuse_clashes(model, args, self.config)
         config, note = self.config, None
         if _trl_reads_full_logits(model, args) and config.loss != "off":
             config = config.replace(loss="off")
@@ -60,13 +84,103 @@ class SlothCallback(TrainerCallback):
                 self.report.note(text)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._run_before_trackers()
         self._patch(model, args)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._run_before_trackers()      # also when added after the Trainer's __init__ (add_callback)
         self._patch(model, args)
         if self.verbose and not self._printed and state.is_world_process_zero:
-            print(self.report)
+            logger.info("%s", self.report)
             self._printed = True
+        if self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+        self._tokens, self._since = 0, time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or "loss" not in logs or self.report is None:
+            return          # eval logs and the final summary: no training interval to measure
+        now, metrics = time.perf_counter(), {}
+        if now > self._since:
+            metrics["sloth/tokens_per_s"] = self._tokens / (now - self._since)
+        self._tokens, self._since = 0, now
+        device = next(model.parameters()).device if model is not None else None
+        if device is not None and device.type == "cuda":
+            metrics["sloth/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
+        from ..checkpointing import get_checkpoint_controller
+        controller = get_checkpoint_controller(model) if model is not None else None
+        if controller is not None:
+            counts = Counter(controller.decisions)
+            for decision, key in (("keep", "kept"), ("recompute", "recomputed"), ("offload", "offloaded")):
+                metrics[f"sloth/checkpoint_{key}_layers"] = counts[decision]
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)   # the Trainer recorded this log before on_log: trainer_state.json
+        text = str(self.report)
+        if text != self._logged_report:
+            logs["sloth/patch_report"] = self._logged_report = text
+
+    def _count_tokens(self, module, args, kwargs) -> None:
+        if module.training and torch.is_grad_enabled():
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                self._tokens += ids.numel()
+            elif isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+                self._tokens += kwargs["inputs_embeds"].shape[:-1].numel()
+
+    def _run_before_trackers(self) -> None:
+        """Move this callback to the front of the Trainer's callback list, ahead of the reporting
+        callbacks (TensorBoard, W&B, ...) that read each log dict before the user's callbacks see
+        it. No API hands a callback that list: it is the CallbackHandler calling this event."""
+        frame = sys._getframe(1)
+        for _ in range(4):
+            if frame is None:
+                return
+            callbacks = getattr(frame.f_locals.get("self"), "callbacks", None)
+            if isinstance(callbacks, list) and any(c is self for c in callbacks):
+                callbacks[:] = [self] + [c for c in callbacks if c is not self]
+                return
+            frame = frame.f_back
+
+
+def _refuse_clashes(model, args, config: SlothConfig) -> None:
+    """Other options that patch the modules sloth patches: one error naming both (never two patches on one)."""
+    # TRL's SFTTrainer turns Liger's fused loss off (its own fused LM head computes the loss)
+    liger_loss = not hasattr(args, "loss_type")
+    ours = [name for name, on in (("kernels", bool(config.enabled_kernels)),
+                                  ("loss", liger_loss and config.loss != "off")) if on]
+    if getattr(args, "use_liger_kernel", False) and ours:
+        liger = "RMSNorm, RoPE, the gated MLP" + (" and the loss" if liger_loss else "")
+        fix = "kernels=False, loss='off'" if liger_loss else "kernels=False"
+        raise SlothConfigError(
+            f"{type(args).__name__}(use_liger_kernel=True) and SlothCallback both patch the model (Liger replaces "
+            f"{liger} when training starts, where sloth's {' and '.join(ours)} are): set use_liger_kernel=False, "
+            f"or SlothCallback({fix}) to keep Liger's and use sloth for the rest (gradient checkpointing)")
+    patched_by = _unsloth_patched(model)
+    if patched_by:
+        raise SlothConfigError(
+            f"the model is already patched by Unsloth ({patched_by}.forward comes from Unsloth): Unsloth and "
+            f"SlothCallback would both patch it; train it with Unsloth's own trainer, or load the model with "
+            f"plain transformers to use SlothCallback")
+
+
+def _unsloth_patched(model) -> Optional[str]:
+    """The first module class whose forward Unsloth replaced (``FastLanguageModel`` rebinds the
+    classes' forwards to functions of its own modules), or None."""
+    try:
+        lm = resolve_causal_lm(model)
+    except TypeError:
+        return None
+    for cls in dict.fromkeys(type(m) for m in lm.modules()):
+        module = getattr(getattr(cls, "forward", None), "__module__", None) or ""
+        if module.split(".")[0] in ("unsloth", "unsloth_zoo"):
+            return cls.__name__
+    return None
 
 
 def _trl_padding_free(args) -> bool:

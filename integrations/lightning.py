@@ -17,6 +17,12 @@ Lightning ships twice (``lightning.pytorch`` and ``pytorch_lightning``) and each
 accepts strategies of its own namespace. Classes exist for both; ``SlothStrategy`` picks the
 namespace that is imported (``lightning.pytorch`` when both are), or ``namespace=`` says which.
 
+Metrics: the strategy adds a callback that logs, through the LightningModule's loggers
+(``self.log`` on each training step, at ``log_every_n_steps``), ``sloth/tokens_per_s`` (tokens
+the patched models' training forwards received, padding included, per second since the previous
+step), ``sloth/peak_memory_gib`` (CUDA only) and ``sloth/checkpoint_{kept,recomputed,offloaded}_layers``;
+the PatchReport goes once into each logger's hyperparameters as ``sloth/patch_report``.
+
 Padding-free training: ``SlothStrategy(padding_free=True)``; the ``training_step`` keeps calling
 ``self.model(**batch)`` with padded batches, and the patched model packs them into one row.
 """
@@ -26,18 +32,18 @@ import difflib
 import importlib
 import importlib.util
 import inspect
-import logging
 import sys
+import time
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..config import SlothConfig, SlothConfigError
+from ..config import ALIASES, SlothConfig, SlothConfigError
+from ..logs import logger, show_info
 from ..manager import patch
 from ..models import resolve_causal_lm
 from ..report import PatchReport
-
-logger = logging.getLogger("sloth_plugins")
 
 KINDS = ("single", "ddp", "fsdp", "fsdp2")
 REGISTRY_NAMES = {"single": "sloth", "ddp": "sloth_ddp", "fsdp": "sloth_fsdp", "fsdp2": "sloth_fsdp2"}
@@ -50,7 +56,7 @@ _CLASS_NAMES = {"single": "SlothSingleDeviceStrategy", "ddp": "SlothDDPStrategy"
                 "fsdp2": "SlothFSDP2Strategy"}
 _BASES = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPStrategy",
           "fsdp2": "ModelParallelStrategy"}
-_CONFIG_KEYS = tuple(SlothConfig().to_dict())
+_CONFIG_KEYS = (*SlothConfig().to_dict(), *ALIASES)
 
 
 _SLOTH_STRATEGY_ARGS = ("config", "model_attr", "verbose")
@@ -168,6 +174,12 @@ class _SlothStrategyMixin:
         self._sloth_verbose = verbose
         self._sloth_logged = False
         self._sloth_pending = False
+        if verbose:
+            show_info()        # auto's decisions, logged on the sloth_plugins logger
+
+    def _sloth_add_metrics(self, trainer) -> None:
+        if not any(isinstance(c, _SlothMetricsBase) for c in trainer.callbacks):
+            trainer.callbacks.append(_metrics_callback_class(self._sloth_namespace)(self))
 
     @property
     def sloth_report(self) -> Optional[PatchReport]:
@@ -175,6 +187,7 @@ class _SlothStrategyMixin:
         return next(iter(self.sloth_reports.values()), None)
 
     def setup(self, trainer) -> None:
+        self._sloth_add_metrics(trainer)
         self._sloth_pending = True
         if not self._sloth_patch_after_device_move:
             self._sloth_patch_models()
@@ -218,6 +231,57 @@ class _SlothStrategyMixin:
         other = "pytorch_lightning" if self._sloth_namespace == "lightning.pytorch" else "lightning"
         return (f"<{type(self).__name__} for {self._sloth_namespace}.Trainer; with a {NAMESPACES[other]}.Trainer "
                 f"use sloth_plugins.SlothStrategy(..., namespace={other!r})>")
+
+
+class _SlothMetricsBase:
+    """Logs sloth's metrics through the LightningModule (``self.log``); built per namespace."""
+
+    def __init__(self, strategy: _SlothStrategyMixin):
+        self.strategy, self.tokens, self.since, self.hooks = strategy, 0, 0.0, []
+
+    def _count(self, module, args, kwargs) -> None:
+        if module.training and torch.is_grad_enabled():
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                self.tokens += ids.numel()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.hooks = [m.register_forward_pre_hook(self._count, with_kwargs=True)
+                      for _, m in self.strategy._sloth_models]
+        self.tokens, self.since = 0, time.perf_counter()
+        text = "\n".join(str(r) for r in self.strategy.sloth_reports.values())
+        for lightning_logger in trainer.loggers:
+            lightning_logger.log_hyperparams({"sloth/patch_report": text})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        metrics = {"sloth/tokens_per_s": self.tokens / max(now - self.since, 1e-9)}
+        self.tokens, self.since = 0, now
+        device = self.strategy.root_device
+        if device.type == "cuda":
+            metrics["sloth/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        from ..checkpointing import get_checkpoint_controller
+        counts: Counter = Counter()
+        for _, model in self.strategy._sloth_models:
+            controller = get_checkpoint_controller(model)
+            counts.update(controller.decisions if controller is not None else ())
+        if counts:
+            for decision, key in (("keep", "kept"), ("recompute", "recomputed"), ("offload", "offloaded")):
+                metrics[f"sloth/checkpoint_{key}_layers"] = float(counts[decision])
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+
+def _metrics_callback_class(namespace: str) -> type:
+    base = importlib.import_module(namespace + ".callbacks").Callback
+    name = f"_SlothMetrics_{namespace.replace('.', '_')}"
+    if name not in globals():
+        globals()[name] = type(name, (_SlothMetricsBase, base), {"__module__": __name__, "__qualname__": name})
+    return globals()[name]
 
 
 class _SingleDeviceMixin(_SlothStrategyMixin):
@@ -341,6 +405,7 @@ class _FSDP2Mixin(_DDPMixin):
     def setup(self, trainer) -> None:
         ns = self._sloth_namespace
         is_overridden = importlib.import_module(ns + ".utilities.model_helpers").is_overridden
+        self._sloth_add_metrics(trainer)
         if is_overridden("configure_model", self.lightning_module):
             self._sloth_pending = True
             self._sloth_patch_models()
@@ -475,6 +540,10 @@ _register_imported_namespaces()
 
 
 def __getattr__(name: str):
+    # the metrics callbacks, by name, so that a pickled Trainer (ddp_spawn) finds them
+    for package in NAMESPACES.values():
+        if name == f"_SlothMetrics_{package.replace('.', '_')}":
+            return _metrics_callback_class(package)
     # PLSloth*Strategy for pytorch_lightning users who import the classes by name
     for namespace, prefix in (("lightning", ""), ("pytorch_lightning", "PL")):
         for kind, class_name in _CLASS_NAMES.items():

@@ -11,6 +11,8 @@ from .kernels.names import KERNEL_NAMES  # defined once, beside the kernels
 LOSS_MODES = ("chunked", "off")
 CHECKPOINTING_MODES = ("auto", "offload", "recompute", "off")
 ATTENTION_MODES = ("auto", "sloth", "sdpa")
+# Other names of a key: transformers 5 calls gradient checkpointing "activation checkpointing".
+ALIASES = {"activation_checkpointing": "gradient_checkpointing"}
 
 
 class SlothConfigError(ValueError):
@@ -32,7 +34,8 @@ class SlothConfig:
         never materialising the [tokens x vocab] logits; "off" leaves the model's loss alone.
     loss_chunk_size: tokens per chunk; None sizes chunks from free memory.
     return_logits: also return full logits in training (costs the memory the loss saves).
-    gradient_checkpointing: "auto" | "offload" | "recompute" | "off" (see README).
+    gradient_checkpointing: "auto" | "offload" | "recompute" | "off" (see README); also accepted as
+        ``activation_checkpointing`` (transformers 5's name), see ``ALIASES``.
     memory_budget_gb: device memory the "auto" plan may fill; None means 90% of the device.
     strict: raise instead of falling back when something cannot be patched.
     attention: "auto" keeps the model's attention except for packed batches (several samples per
@@ -61,6 +64,7 @@ class SlothConfig:
     enabled_kernels: Tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __init__(self, **options: Any) -> None:
+        options = _resolve_aliases(options)
         valid = [f.name for f in dataclasses.fields(self) if f.init]
         unknown = sorted(set(options) - set(valid))
         if unknown:
@@ -92,7 +96,7 @@ class SlothConfig:
         return config.replace(**options) if options else config
 
     def replace(self, **changes: Any) -> "SlothConfig":
-        return SlothConfig(**{**self.to_dict(), **changes})
+        return SlothConfig(**{**self.to_dict(), **_resolve_aliases(changes)})
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -117,6 +121,19 @@ class SlothConfig:
         for name in ("strict", "return_logits", "padding_free"):
             if not isinstance(getattr(self, name), bool):
                 raise SlothConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+def _resolve_aliases(options: Mapping[str, Any]) -> dict:
+    """``options`` with each alias under its key's name; an alias and its key both given must agree."""
+    out = dict(options)
+    for alias, key in ALIASES.items():
+        if alias in out:
+            value = out.pop(alias)
+            if key in out and out[key] != value:
+                raise SlothConfigError(f"{alias}={value!r} and {key}={out[key]!r} name the same option "
+                                       f"({alias} is an alias of {key}): give one")
+            out[key] = value
+    return out
 
 
 def _choice(key: str, value: Any, allowed: Tuple[str, ...]) -> None:

@@ -137,7 +137,7 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
     patcher.after_copy(lm, _repatch_copies)
     stash[STATE] = SlothState(config=config, report=report, patcher=patcher, structure=_structure(lm))
     attach_stash(lm, stash)
-    logger.info("%s", report)
+    logger.debug("%s", report)   # the adapters announce it (verbose=True)
     return report
 
 

@@ -192,6 +192,22 @@ def test_hooks_called_again_leave_one_patch_and_one_report(lora_runs):
     assert open(path).read() == written
 
 
+def test_metrics_reach_axolotls_tensorboard(model_dir, tmp_path, monkeypatch):
+    """Through Axolotl's own callback path (add_callbacks_post_trainer): the Trainer's trackers get sloth's keys."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    run = run_training(base_config(model_dir, str(tmp_path), max_steps=2, use_tensorboard=True,
+                                   gradient_checkpointing=True, sloth_gradient_checkpointing="recompute"))
+    events = sorted(tmp_path.rglob("events.out.tfevents*"))     # wherever Axolotl points the writer
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.value > 0 for e in acc.Scalars("train/sloth/tokens_per_s")] == [True, True]
+    assert [e.value for e in acc.Scalars("train/sloth/checkpoint_recomputed_layers")] == [2, 2]
+    assert "train/sloth/patch_report/text_summary" in acc.Tags()["tensors"]
+    assert all("sloth/tokens_per_s" in h for h in run.trainer.state.log_history if "loss" in h)
+
+
 def test_a_module_someone_else_patched_is_left_alone(model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -260,6 +276,20 @@ def test_keys_map_onto_sloth_config(model_dir, tmp_path):
 def test_invalid_values_are_rejected_clearly(model_dir, tmp_path, extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         validated(base_config(model_dir, str(tmp_path), **extra))
+
+
+def test_unquoted_off_in_a_yaml_file_is_read_by_axolotls_loader_as_off(model_dir, tmp_path):
+    """``sloth_loss: off`` as the README and the conflict messages write it: YAML reads false."""
+    import yaml
+    from axolotl.cli.config import load_cfg
+    raw = base_config(model_dir, str(tmp_path))
+    del raw["sloth_loss"]
+    path = tmp_path / "sloth.yml"
+    path.write_text(yaml.safe_dump(raw) + "sloth_loss: off\nsloth_gradient_checkpointing: off\n")
+    reset_plugin_manager()
+    cfg = load_cfg(str(path))
+    assert cfg.sloth_loss == "off" and cfg.sloth_gradient_checkpointing == "off"
+    assert sloth_config_from(cfg) == sloth.SlothConfig(loss="off", gradient_checkpointing="off")
 
 
 def test_unset_axolotl_lora_kernels_are_taken_over_only_for_modules_sloth_patches(model_dir, tmp_path):

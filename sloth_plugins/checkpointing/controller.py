@@ -10,13 +10,13 @@ checkpoint runs (``engines``) are run plainly.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..instance_patch import InstancePatcher
+from ..logs import is_rank_zero, logger
 from ..models import resolve_causal_lm
 from ..report import PatchReport
 from ..state import StashKey, model_stash
@@ -25,8 +25,6 @@ from .engines import EngineLayers, engine_checkpoint_phase
 from .measure import MemoryMeter, hidden_states
 from .offload import ActivationOffloader
 from .plan import AUTO, FRAMEWORK, KEEP, OFFLOAD, RECOMPUTE, AutoPlanner, CheckpointPlan, MemoryModel
-
-logger = logging.getLogger("sloth_plugins")
 
 GiB = float(2 ** 30)
 
@@ -292,7 +290,23 @@ class CheckpointController:
             self._entries[i].detail = f"auto: {decision}"
         self.meter.measured_peak_bytes = None
         self._update_note(plan, tokens, device)
-        logger.info("sloth_plugins gradient_checkpointing auto plan: %s", plan.summary())
+        logger.debug("sloth_plugins gradient_checkpointing auto plan: %s", plan.summary())
+        self._announce(plan)
+
+    def _announce(self, plan: CheckpointPlan) -> None:
+        """The decisions a user would not expect, at INFO on rank 0: no recompute although the
+        framework enabled checkpointing, and offloading to host memory."""
+        if not is_rank_zero():
+            return
+        counts = plan.counts()
+        budget = f"{plan.budget_bytes / GiB:.2f} GiB"
+        if counts[KEEP] == len(plan.decisions) and self.framework_enabled():
+            logger.info("sloth_plugins: gradient checkpointing is enabled, but auto keeps all %d layers' activations "
+                        "(no recompute): they fit the %s budget. SlothConfig(gradient_checkpointing='recompute') "
+                        "recomputes regardless; memory_budget_gb sets the budget", len(plan.decisions), budget)
+        if counts[OFFLOAD]:
+            logger.info("sloth_plugins: auto offloads the inputs of %d of %d layers to host memory to stay under the "
+                        "%s budget (%s)", counts[OFFLOAD], len(plan.decisions), budget, plan.summary())
 
     def _update_note(self, plan: CheckpointPlan, tokens: Optional[int], device: torch.device) -> None:
         text = f"gradient_checkpointing auto plan for {tokens} tokens: {plan.summary()}"
