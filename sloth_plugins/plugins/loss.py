@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-import threading
 import warnings
 from typing import Optional
 
@@ -414,12 +413,9 @@ NO_LOGITS = ("sloth_plugins' chunked loss computed this training step's loss fro
              "chunked loss saves; or loss='off'")
 
 
-_reading = threading.local()   # depth of transformers' own field reads in this thread
-
-
 def _get_logits(self):
     value = self.__dict__.get("logits")
-    if value is None and not getattr(_reading, "depth", 0):
+    if value is None and not self.__dict__.get("_sloth_reading_fields"):
         raise LogitsNotComputed(NO_LOGITS)
     return value
 
@@ -431,11 +427,11 @@ def _set_logits(self, value):
 def _reading_fields(method):
     """``method`` of transformers' ModelOutput, which reads every field: a missing logits is None there."""
     def wrapper(self, *args, **kwargs):
-        _reading.depth = getattr(_reading, "depth", 0) + 1
+        self.__dict__["_sloth_reading_fields"] = True
         try:
             return getattr(super(_output_class(), self), method)(*args, **kwargs)
         finally:
-            _reading.depth -= 1
+            del self.__dict__["_sloth_reading_fields"]
     return wrapper
 
 
