@@ -204,38 +204,6 @@ def test_a_model_unsloth_patched_is_refused(tokenizer, dataset, tmp_path):
         _trainer(tokenizer, dataset, _args(tmp_path), sloth.SlothCallback(verbose=False), model=model)
 
 
-# ---- 5. outputs.logits under the chunked loss names the option ------------------------------------------------
-class _AccuracyTrainer(Trainer):
-    """A training step that reads the logits, as users write token-accuracy metrics."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        self.accuracy = (outputs.logits.argmax(-1)[:, :-1] == inputs["labels"][:, 1:]).float().mean().item()
-        return outputs.loss
-
-
-def test_reading_logits_in_a_training_step_names_return_logits(tokenizer, dataset, tmp_path):
-    def trainer(**options):
-        return _AccuracyTrainer(model=_model(tokenizer), args=_args(tmp_path, max_steps=1), train_dataset=dataset,
-                                callbacks=[sloth.SlothCallback(verbose=False, **options)],
-                                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    with pytest.raises(AttributeError, match=r"SlothConfig\(return_logits=True\)"):
-        trainer().train()
-    ok = trainer(return_logits=True)
-    ok.train()
-    assert 0 <= ok.accuracy <= 1
-
-
-def test_output_without_logits_still_answers_like_a_missing_field(tokenizer):
-    model = _model(tokenizer)
-    sloth.patch(model, sloth.SlothConfig())
-    model.train()
-    ids = torch.randint(0, len(tokenizer), (2, 8))
-    out = model(input_ids=ids, labels=ids)
-    assert getattr(out, "logits", None) is None and not hasattr(out, "logits")
-    assert list(out.keys()) == ["loss"] and out.to_tuple() == (out.loss,) and out[0] is out.loss
-
-
 def test_lightning_strategy_names_resolve_after_the_documented_import():
     pytest.importorskip("lightning")
     import subprocess

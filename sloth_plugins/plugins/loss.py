@@ -398,59 +398,8 @@ def _rng_snapshot(model):
     return restore
 
 
-class LogitsNotComputed(AttributeError):
-    """``outputs.logits`` of a training step whose loss sloth computed in chunks (no logits formed).
-
-    An AttributeError, so ``getattr(outputs, "logits", None)`` and ``hasattr`` still answer as
-    for a missing field; ``outputs.logits.argmax()`` names the option instead of failing on None.
-    """
-
-
-NO_LOGITS = ("sloth_plugins' chunked loss computed this training step's loss from the hidden states in chunks and "
-             "never formed the [tokens x vocab] logits, so outputs.logits does not exist. To read logits in "
-             "training, patch with SlothConfig(return_logits=True) (SlothCallback(return_logits=True), "
-             "SlothStrategy(return_logits=True), Axolotl sloth_return_logits: true), which costs the memory the "
-             "chunked loss saves; or loss='off'")
-
-
-def _get_logits(self):
-    value = self.__dict__.get("logits")
-    if value is None and not self.__dict__.get("_sloth_reading_fields"):
-        raise LogitsNotComputed(NO_LOGITS)
-    return value
-
-
-def _set_logits(self, value):
-    self.__dict__["logits"] = value
-
-
-def _reading_fields(method):
-    """``method`` of transformers' ModelOutput, which reads every field: a missing logits is None there."""
-    def wrapper(self, *args, **kwargs):
-        self.__dict__["_sloth_reading_fields"] = True
-        try:
-            return getattr(super(_output_class(), self), method)(*args, **kwargs)
-        finally:
-            del self.__dict__["_sloth_reading_fields"]
-    return wrapper
-
-
-def _output_class():
-    """``CausalLMOutputWithPast`` whose ``logits``, when not computed, raise ``LogitsNotComputed``
-    (built on first use: transformers is imported only then)."""
-    cls = globals().get("SlothCausalLMOutput")
-    if cls is None:
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-        cls = type("SlothCausalLMOutput", (CausalLMOutputWithPast,),
-                   {"logits": property(_get_logits, _set_logits), "__post_init__": _reading_fields("__post_init__"),
-                    "__reduce__": _reading_fields("__reduce__"), "__module__": __name__,
-                    "__doc__": _output_class.__doc__})
-        globals()["SlothCausalLMOutput"] = cls     # importable by name: outputs pickle
-    return cls
-
-
 def _causal_lm_output(loss, decoder_outputs):
-    cls = _output_class()
-    fields = {f.name for f in dataclasses.fields(cls)}
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
     carried = {k: v for k, v in decoder_outputs.items() if k in fields and k not in ("loss", "logits")}
-    return cls(loss=loss, **carried)
+    return CausalLMOutputWithPast(loss=loss, logits=None, **carried)

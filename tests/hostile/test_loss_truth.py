@@ -163,7 +163,7 @@ def test_plain_generic_families_keep_the_fast_path_once_verified(build):
 
     report = _assert_same_training(model, check, steps=3)
     # Verified once: later training calls build no full logits.
-    assert getattr(model(input_ids=_batch()[0], labels=_batch()[1]), "logits", None) is None
+    assert model(input_ids=_batch()[0], labels=_batch()[1]).logits is None
     assert "pending" not in str(report)
 
 
@@ -225,7 +225,7 @@ def test_table_families_keep_todays_path():
     entry = _loss_entry(report)
     assert entry.patched and "verified" not in entry.detail and "pending" not in entry.detail
     ids, labels = _batch()
-    assert getattr(model(input_ids=ids, labels=labels), "logits", None) is None
+    assert model(input_ids=ids, labels=labels).logits is None
 
 
 # ---- 2. the caller computes its own loss ------------------------------------------------------------
