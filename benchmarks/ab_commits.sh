@@ -1,5 +1,8 @@
 #!/bin/bash
-# A/B: afb7072 (.gpu/old) vs HEAD, sloth_offload 8B rows, alternating, one warm machine
+# A/B of two commits on one warm GPU machine: the working tree against an older commit, sloth_offload
+# 8B rows, alternating. Prepare the old tree here first (the device copy has no .git):
+#   rm -rf .gpu/old && mkdir -p .gpu/old && git archive <commit> | tar -x -C .gpu/old
+# then a device call with carry [".gpu"]:  bash benchmarks/ab_commits.sh   (RESULTS.md 2.10)
 source .gpu/setup.sh >/dev/null 2>&1
 R=$PWD
 inst() { (cd "$1" && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1); python3 -c "import sloth_plugins,sys; print('using', sloth_plugins.__file__)"; }
