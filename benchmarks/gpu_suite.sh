@@ -20,7 +20,8 @@
 #   padding-free-8b  run.py --scenario padding-free-8b (~8 min; the budget may skip the last impl)
 #   ckpt-1b          run.py --scenario ckpt-1b: HF with/without checkpointing vs each sloth checkpointing mode
 #   longest-8b       run.py --scenario longest-8b: longest bs-1 sequence within 80 GiB, 4 impls (~10 min)
-#   matrix           run.py --families all --modes bf16,qlora: every family x precision, 4 impls; resumable
+#   matrix           run.py --families all --modes bf16,qlora: every family x precision, 6 impls (HF+PEFT, Liger,
+#                    Unsloth, sloth offload, sloth default, sloth default at HF+PEFT's measured peak); resumable
 #                    (cells already in results/matrix.json are skipped), so run it again until it is complete
 # Extra flags: KERNELS_ARGS="--kernels fused_ce" / RUN_ARGS="--impls hf_peft,sloth --steps 5" (every run.py
 # phase) / ATTN_ARGS="--seqs 4096,16384" / MATRIX_ARGS="--families qwen3-8b,gemma-2-9b".

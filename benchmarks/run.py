@@ -515,8 +515,9 @@ def main(argv=None) -> int:
             if scn["gpus"] > 1 and args.device == "cpu":
                 needs.append(f"{scn['gpus']} CUDA GPUs")
             over = bool(args.time_budget_s) and time.perf_counter() - start > args.time_budget_s
-            if needs or over:
-                why = f"needs {', '.join(needs)}" if needs else "time budget spent"
+            spec, no_budget = S.with_measured_budget(spec, rows, scn["name"])
+            if needs or over or no_budget:
+                why = f"needs {', '.join(needs)}" if needs else ("time budget spent" if over else no_budget)
                 row = {"scenario": scn["name"], "impl": impl, "ok": False, "skipped": why}
                 print(f"  [{impl}] skipped: {why}", flush=True)
             elif scn["gpus"] > 1:

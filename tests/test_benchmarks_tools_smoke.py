@@ -337,3 +337,21 @@ def test_longest_seq_smoke(tmp_path):
         assert all(t["loss"] > 0 for t in r["tries"] if t["status"] == "ok")
     assert results["sloth_auto"]["tries"][0]["steps"] >= 2        # auto: measures, then plans
     assert "longest ok" in out and payload["meta"]["versions"]["torch"]
+
+
+def test_matrix_budget_comes_from_hf_peft_peak_of_the_same_scenario():
+    S = _slothbench("scenarios")
+    spec = {"base": "hf", "sloth": {"gradient_checkpointing": "auto"}, "budget_from": "hf_peft"}
+    rows = [{"scenario": "a", "impl": "hf_peft", "ok": True, "peak_gib": 23.6049},
+            {"scenario": "b", "impl": "hf_peft", "ok": True, "peak_gib": 9.0}]
+    got, why = S.with_measured_budget(spec, rows, "a")
+    assert why is None and got["sloth"] == {"gradient_checkpointing": "auto", "memory_budget_gb": 23.6}
+    assert spec["sloth"] == {"gradient_checkpointing": "auto"}          # the definition is not changed
+    for missing in ([], [{**rows[0], "ok": False}], [{**rows[0], "peak_gib": None}]):
+        got, why = S.with_measured_budget(spec, missing, "a")
+        assert got is None and "hf_peft's measured peak" in why
+    plain = {"base": "hf", "sloth": {}}
+    assert S.with_measured_budget(plain, [], "a") == (plain, None)
+    impls = {s["name"]: s["impls"] for s in S.matrix(["mistral-7b-v0.3"], ["qlora"])}
+    assert impls == {"mistral-7b-v0.3-qlora": ["hf_peft", "liger", "unsloth", "sloth_offload", "sloth",
+                                               "sloth_at_hf_peak"]}

@@ -79,6 +79,8 @@ IMPLS = {
     "sloth_unpad": dict(base="hf", sloth={"padding_free": True}),     # padded in, packed inside the forward
     "sloth_offload": dict(base="hf", sloth={"gradient_checkpointing": "offload"}),
     "sloth_auto": dict(base="hf", sloth={"gradient_checkpointing": "auto"}),
+    # sloth's default `auto` held to HF + PEFT's measured peak in the same scenario (budget_from: run it first)
+    "sloth_at_hf_peak": dict(base="hf", sloth={"gradient_checkpointing": "auto"}, budget_from="hf_peft"),
 }
 NEEDS = {"hf": ["transformers", "peft"], "unsloth": ["unsloth", "peft"]}
 

@@ -13,6 +13,8 @@ from typing import Dict, List
 from .models import FAMILIES, shape_name
 
 E2E_IMPLS = ["hf_peft", "sloth", "liger", "unsloth"]
+# issue 17's matrix: the others, sloth offload (Unsloth's memory), sloth default, sloth default at HF + PEFT's peak
+MATRIX_IMPLS = ["hf_peft", "liger", "unsloth", "sloth_offload", "sloth", "sloth_at_hf_peak"]
 PF_IMPLS = ["hf_peft", "sloth_packed", "unsloth", "unsloth_packed", "sloth", "sloth_unpad", "hf_peft_packed"]
 
 
@@ -78,7 +80,7 @@ NAMED: Dict[str, dict] = {s["name"]: s for s in [
 
 
 def matrix(families: List[str], modes: List[str], data: str = "fixed", grad_ckpt: bool = True,
-           impls: List[str] = E2E_IMPLS, batch: int = 2, seq: int = 2048) -> List[dict]:
+           impls: List[str] = MATRIX_IMPLS, batch: int = 2, seq: int = 2048) -> List[dict]:
     """One scenario per family x mode, all alike: bs ``batch`` x ``seq`` (fixed) or the long-tailed
     set at 12 samples a step in micro-batches of 4 (longtail)."""
     families = FAMILIES if families in (["all"], "all") else [shape_name(f) for f in families]
@@ -91,3 +93,17 @@ def matrix(families: List[str], modes: List[str], data: str = "fixed", grad_ckpt
             shape = fixed(batch, seq) if data == "fixed" else longtail(12, 4, max_len=seq)
             out.append(scenario(name, family, shape, list(impls), mode=mode, grad_ckpt=grad_ckpt))
     return out
+
+
+def with_measured_budget(spec: dict, rows: List[dict], scenario_name: str):
+    """(spec, None) with ``memory_budget_gb`` set to the peak that ``spec["budget_from"]`` measured in
+    this scenario, or (None, why) when that row is missing or has no peak. Specs without
+    ``budget_from`` come back unchanged."""
+    source = spec.get("budget_from")
+    if not source:
+        return spec, None
+    row = next((r for r in rows if (r.get("scenario"), r.get("impl")) == (scenario_name, source)), None)
+    peak = row.get("peak_gib") if row and row.get("ok") else None
+    if not peak:
+        return None, f"needs {source}'s measured peak memory in this scenario (run {source} first, on a GPU)"
+    return {**spec, "sloth": {**(spec.get("sloth") or {}), "memory_budget_gb": round(float(peak), 2)}}, None
