@@ -182,17 +182,25 @@ def write_json(path, payload: dict) -> Path:
     return path
 
 
-def plot_panels(path, panels: List[dict], title: str = "") -> Optional[Path]:
-    """Grouped bar charts side by side. Each panel: {"title", "ylabel", "groups":
-    {group: {series: value or None}}, optional "log": bool, "hline": float}.
-    Writes PNG with matplotlib; without it an SVG (same name, .svg). Returns the path."""
-    path = Path(path)
+def pyplot_for(path: Path):
+    """matplotlib.pyplot on the Agg backend (None without matplotlib), after creating ``path``'s folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
+        return None
+    return plt
+
+
+def plot_panels(path, panels: List[dict], title: str = "") -> Optional[Path]:
+    """Grouped bar charts side by side. Each panel: {"title", "ylabel", "groups":
+    {group: {series: value or None}}, optional "log": bool, "hline": float}.
+    Writes PNG with matplotlib; without it an SVG (same name, .svg). Returns the path."""
+    path = Path(path)
+    plt = pyplot_for(path)
+    if plt is None:
         return _plot_svg(path.with_suffix(".svg"), panels, title)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):

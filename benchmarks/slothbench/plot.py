@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import _common as C  # loaded by whoever imports slothbench
+
 
 def pareto(points: List[tuple]) -> List[tuple]:
     """The (GiB, tok/s, name) points no other point dominates (<= GiB and >= tok/s, one strictly)."""
@@ -32,12 +34,8 @@ def plot(rows: List[dict], path, title: str = "") -> Optional[Path]:
     if not panels:
         return None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = C.pyplot_for(path)
+    if plt is None:
         return _svg(path.with_suffix(".svg"), panels, title)
     cols = min(3, len(panels))
     n_rows = math.ceil(len(panels) / cols)
