@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import __version__
-from .doctor import DoctorError, doctor, machine_info, machine_report, parse_set, parse_value, patch_report  # noqa: F401
+from .doctor import DoctorError, doctor, machine_info, machine_report, parse_set, patch_report  # noqa: F401
 
 
 def studio(args: argparse.Namespace) -> int:
