@@ -34,7 +34,7 @@ from axolotl.utils.logging import get_logger
 from ..config import SlothConfig, SlothConfigError
 from ..manager import get_state, patch
 from ..report import PatchReport
-from .axolotl_args import LORA_KERNEL_OWNERS, PREFIX, conflicts, sloth_config_from
+from .axolotl_args import LORA_KERNEL_OWNERS, conflicts, kernels_option, sloth_config_from
 
 LOG = get_logger("axolotl.integrations.sloth")   # Axolotl's handlers, main process only
 REPORT_FILE = "sloth_report.json"
@@ -57,6 +57,20 @@ def _packing_note(cfg, config: SlothConfig) -> Optional[str]:
     return f"padding_free follows sample_packing: Axolotl packs the rows (position ids restarting per sample) and {how}"
 
 
+def _loss_curve_note(cfg, config: SlothConfig) -> Optional[str]:
+    """Where the plugin's loss curve differs from plain Axolotl's on purpose: packed rows whose
+    attention does not keep the samples apart (``attn_implementation`` unset or one that cannot)."""
+    if not (config.padding_free and cfg.get("sample_packing")) or cfg.get("attn_decontaminates_packing"):
+        return None
+    attention = cfg.get("attn_implementation")
+    which = f"attn_implementation: {attention}" if attention else "no attn_implementation"
+    return (f"sample_packing with {which}: sloth's padding-free forward keeps the packed samples apart (each attends "
+            f"only to itself), which plain Axolotl does not here (its samples in one row attend to each other), so "
+            f"the loss curve differs from the same config without the plugin. Set attn_implementation: sdpa (or "
+            f"flash_attention_2) for the same isolation in both, or sloth_padding_free: false for Axolotl's "
+            f"behaviour")
+
+
 class SlothPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
@@ -73,9 +87,9 @@ class SlothPlugin(BasePlugin):
         # singleton): start each config afresh.
         self.config, self.report, self.taken_over, self._logged = None, None, [], False
         try:
-            value = cfg.get(PREFIX + "kernels")
+            value = kernels_option(cfg)
             kernels = set(SlothConfig(kernels=True if value is None else value).enabled_kernels)
-        except SlothConfigError:
+        except (SlothConfigError, ValueError):
             return  # validation reports the bad value
         for key, owners in LORA_KERNEL_OWNERS.items():
             if kernels & set(owners) and cfg.get(key) is None:
@@ -104,6 +118,9 @@ class SlothPlugin(BasePlugin):
         if not self._logged:
             self._logged = True
             LOG.info("%s", self.report)
+            curve = _loss_curve_note(cfg, self.config)
+            if curve:
+                LOG.info("sloth_plugins: %s", curve)
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         from .hf import SlothCallback
