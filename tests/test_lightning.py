@@ -121,6 +121,14 @@ def test_fsdp1_with_lora_says_fsdp2_is_the_one_that_saves_memory():
         strategy._sloth_patch_models()
 
 
+@pytest.mark.parametrize("kind", ["single", "ddp", "fsdp", "fsdp2"])
+def test_a_misspelt_option_fails_at_construction_for_every_kind(kind):
+    # not later, inside DDPStrategy / ModelParallelStrategy at fit() with a TypeError that lists nothing
+    with pytest.raises(sloth.SlothConfigError, match=r"got unknown argument 'kernal' \(did you mean 'kernels'\?\); "
+                                                     r"sloth options: kernels, loss,.*strategy options: "):
+        SlothStrategy(kind, kernal=True)
+
+
 def test_options_map_onto_sloth_config_and_unknown_ones_are_named():
     strategy = SlothStrategy(kernels=["rms_norm"], loss="off", gradient_checkpointing="recompute")
     assert strategy.sloth_config == sloth.SlothConfig(kernels=["rms_norm"], loss="off",
