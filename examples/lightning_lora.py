@@ -5,7 +5,7 @@
     python examples/lightning_lora.py --strategy ddp --devices 2
 
 Everything is local: the tiny model is built from a config, its tokenizer is trained on the
-instruction set shipped in examples/data/, and --model only reads a folder on disk.
+instruction set shipped with the package (sloth_plugins/data/), and --model only reads a folder on disk.
 """
 import argparse
 import time
