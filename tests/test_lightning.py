@@ -306,3 +306,15 @@ def test_gpu_single_device_parity(batches):
     assert trainer.strategy.root_device.type == "cuda"
     assert trainer.strategy.sloth_report.device.startswith("cuda")
     assert got.losses == pytest.approx(ref.losses, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_the_example_trains_with_fsdp2_on_two_processes(tmp_path):
+    """examples/lightning_lora.py --strategy fsdp2: the sharded strategy to pick with LoRA (two CPU
+    processes over gloo here; run from a folder outside the repo, as the example's users would)."""
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[1] / "examples" / "lightning_lora.py"
+    proc = subprocess.run([sys.executable, str(example), "--strategy", "fsdp2", "--devices", "2", "--steps", "2",
+                           "--batch-size", "4", "--seq-len", "32"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0 and "2 steps in" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
