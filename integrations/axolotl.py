@@ -6,6 +6,9 @@
     sloth_loss: chunked
     sloth_gradient_checkpointing: auto      # auto | offload | recompute | off
     sloth_padding_free: true                # unset: follows sample_packing
+    sloth_rope: false                       # per-kernel switches, as Liger's liger_rope (axolotl_args)
+
+Every key, and which Axolotl option meets which sloth key: ``integrations/README.md``.
 
 Hooks, in Axolotl's order:
 * ``register`` (raw config, before validation): Axolotl auto-enables its own LoRA kernels
@@ -14,7 +17,9 @@ Hooks, in Axolotl's order:
   sloth takes those modules over. Keys the user set explicitly are left alone: validation
   (``axolotl_args``) then refuses a clash, naming the key to change.
 * ``post_model_load``: after the adapter is attached and after Axolotl's own post-load patches,
-  ``sloth_plugins.patch`` the model (idempotent) and log the PatchReport. Modules someone else
+  ``sloth_plugins.patch`` the model (idempotent) and log the PatchReport, and, where
+  ``sample_packing`` without a sample-isolating attention makes the loss curve differ from
+  plain Axolotl's, one line that says so. Modules someone else
   already replaced on the instance fall back (the report says so): never two patches on one.
   With ``sloth_padding_free`` (on by itself with ``sample_packing``), padded batches are trained
   as one packed row; Axolotl's packed batches reach the model as they are, and its mask of

@@ -54,8 +54,9 @@ def _annotation(opt: Option):
 
 
 _FIELDS: Dict[str, Any] = {PREFIX + o.name: (_annotation(o), Field(default=None, description=o.help)) for o in OPTIONS}
-_FIELDS.update({key: (Optional[bool], Field(default=None, description=f"the {name} kernel on/off (refines "
-                                                                      f"sloth_kernels; unset: as sloth_kernels says)"))
+_FIELDS.update({key: (Optional[bool], Field(default=None, description=f"the {name} kernel on/off: with "
+                                                                      f"sloth_kernels true/false/unset it overrides "
+                                                                      f"that default; with a list it must agree"))
                 for key, name in zip(KERNEL_KEYS, KERNEL_NAMES)})
 _SlothFields = create_model("_SlothFields", **_FIELDS)
 

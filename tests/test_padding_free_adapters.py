@@ -541,8 +541,7 @@ def test_axolotl_sample_packing_runs_with_the_plugin(axolotl, axolotl_model_dir,
         def emit(self, record):
             seen.append(record.getMessage())
     plugin_logger = logging.getLogger("axolotl.integrations.sloth")   # the plugin's logger (Axolotl's handlers)
-    handler = Seen(level=logging.INFO)
-    plugin_logger.addHandler(handler)
+    monkeypatch.setattr(plugin_logger, "handlers", [*plugin_logger.handlers, Seen(level=logging.INFO)])
 
     def curve_lines():
         lines = [m for m in seen if "loss curve differs" in m]
@@ -575,4 +574,3 @@ def test_axolotl_sample_packing_runs_with_the_plugin(axolotl, axolotl_model_dir,
     lines = curve_lines()
     assert len(lines) == 1 and "sample_packing with no attn_implementation" in lines[0], lines
     assert "keeps the packed samples apart" in lines[0] and "attn_implementation: sdpa" in lines[0]
-    plugin_logger.removeHandler(handler)
