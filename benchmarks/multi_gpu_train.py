@@ -13,7 +13,7 @@ Frameworks and engines (``--engine single`` runs as one process, the others unde
 
 The model is a random-init Llama built in each process from a seed (nothing read or written on
 disk), LoRA r16 on q,k,v,o,gate,up,down. Data:
-    --data text    the instruction set shipped in examples/data, tokenized by a tokenizer trained
+    --data text    the instruction set shipped with the package (sloth_plugins/data), tokenized by a tokenizer trained
                    here, padded per batch (labels -100 on padding): real text, so the loss moves
     --data random  random token ids, every row exactly --seq long (throughput)
 The global batch is the same whatever the world size: --global-batch rows per step, split over

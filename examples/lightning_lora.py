@@ -3,9 +3,11 @@
     python examples/lightning_lora.py                     # tiny Llama, CPU, ~30 steps, seconds
     python examples/lightning_lora.py --model DIR         # a local causal LM (save_pretrained folder)
     python examples/lightning_lora.py --strategy ddp --devices 2
+    python examples/lightning_lora.py --strategy fsdp2 --devices 2   # FSDP2 (fully_shard): LoRA's frozen base
+                                                                     # weights sharded, 1/devices per GPU
 
 Everything is local: the tiny model is built from a config, its tokenizer is trained on the
-instruction set shipped in examples/data/, and --model only reads a folder on disk.
+instruction set shipped with the package (sloth_plugins/data/), and --model only reads a folder on disk.
 """
 import argparse
 import time
@@ -61,7 +63,9 @@ def dataloader(tokenizer, batch_size, seq_len):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="local model folder (default: a tiny random Llama)")
-    parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp"])
+    parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp2", "fsdp"],
+                        help="fsdp2 (Lightning's ModelParallelStrategy + fully_shard) is the sharded one to pick with "
+                             "LoRA; fsdp is FSDP1")
     parser.add_argument("--devices", default=1, type=int)
     parser.add_argument("--steps", default=30, type=int)
     parser.add_argument("--batch-size", default=8, type=int)

@@ -6,6 +6,9 @@
     sloth_loss: chunked
     sloth_gradient_checkpointing: auto      # auto | offload | recompute | off
     sloth_padding_free: true                # unset: follows sample_packing
+    sloth_rope: false                       # per-kernel switches, as Liger's liger_rope (axolotl_args)
+
+Every key, and which Axolotl option meets which sloth key: ``integrations/README.md``.
 
 Hooks, in Axolotl's order:
 * ``register`` (raw config, before validation): Axolotl auto-enables its own LoRA kernels
@@ -14,7 +17,9 @@ Hooks, in Axolotl's order:
   sloth takes those modules over. Keys the user set explicitly are left alone: validation
   (``axolotl_args``) then refuses a clash, naming the key to change.
 * ``post_model_load``: after the adapter is attached and after Axolotl's own post-load patches,
-  ``sloth_plugins.patch`` the model (idempotent) and log the PatchReport. Modules someone else
+  ``sloth_plugins.patch`` the model (idempotent) and log the PatchReport, and, where
+  ``sample_packing`` without a sample-isolating attention makes the loss curve differ from
+  plain Axolotl's, one line that says so. Modules someone else
   already replaced on the instance fall back (the report says so): never two patches on one.
   With ``sloth_padding_free`` (on by itself with ``sample_packing``), padded batches are trained
   as one packed row; Axolotl's packed batches reach the model as they are, and its mask of
@@ -34,7 +39,7 @@ from axolotl.utils.logging import get_logger
 from ..config import SlothConfig, SlothConfigError
 from ..manager import get_state, patch
 from ..report import PatchReport
-from .axolotl_args import LORA_KERNEL_OWNERS, PREFIX, conflicts, sloth_config_from
+from .axolotl_args import LORA_KERNEL_OWNERS, conflicts, kernels_option, sloth_config_from
 
 LOG = get_logger("axolotl.integrations.sloth")   # Axolotl's handlers, main process only
 REPORT_FILE = "sloth_report.json"
@@ -57,6 +62,20 @@ def _packing_note(cfg, config: SlothConfig) -> Optional[str]:
     return f"padding_free follows sample_packing: Axolotl packs the rows (position ids restarting per sample) and {how}"
 
 
+def _loss_curve_note(cfg, config: SlothConfig) -> Optional[str]:
+    """Where the plugin's loss curve differs from plain Axolotl's on purpose: packed rows whose
+    attention does not keep the samples apart (``attn_implementation`` unset or one that cannot)."""
+    if not (config.padding_free and cfg.get("sample_packing")) or cfg.get("attn_decontaminates_packing"):
+        return None
+    attention = cfg.get("attn_implementation")
+    which = f"attn_implementation: {attention}" if attention else "no attn_implementation"
+    return (f"sample_packing with {which}: sloth's padding-free forward keeps the packed samples apart (each attends "
+            f"only to itself), which plain Axolotl does not here (its samples in one row attend to each other), so "
+            f"the loss curve differs from the same config without the plugin. Set attn_implementation: sdpa (or "
+            f"flash_attention_2) for the same isolation in both, or sloth_padding_free: false for Axolotl's "
+            f"behaviour")
+
+
 class SlothPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
@@ -73,9 +92,9 @@ class SlothPlugin(BasePlugin):
         # singleton): start each config afresh.
         self.config, self.report, self.taken_over, self._logged = None, None, [], False
         try:
-            value = cfg.get(PREFIX + "kernels")
+            value = kernels_option(cfg)
             kernels = set(SlothConfig(kernels=True if value is None else value).enabled_kernels)
-        except SlothConfigError:
+        except (SlothConfigError, ValueError):
             return  # validation reports the bad value
         for key, owners in LORA_KERNEL_OWNERS.items():
             if kernels & set(owners) and cfg.get(key) is None:
@@ -104,6 +123,9 @@ class SlothPlugin(BasePlugin):
         if not self._logged:
             self._logged = True
             LOG.info("%s", self.report)
+            curve = _loss_curve_note(cfg, self.config)
+            if curve:
+                LOG.info("sloth_plugins: %s", curve)
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         from .hf import SlothCallback

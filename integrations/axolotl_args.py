@@ -18,16 +18,19 @@ batches under context parallelism, which splits rows across ranks before the mod
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Dict, List, Literal, Optional, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from ..config import KERNEL_NAMES, SlothConfig, SlothConfigError
+from ..config import KERNEL_NAMES, OPTIONS, Option, SlothConfig, SlothConfigError
 
 PREFIX = "sloth_"
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SlothConfig) if f.init)
-KEYS = tuple(PREFIX + name for name in CONFIG_FIELDS)
+CONFIG_FIELDS = tuple(o.name for o in OPTIONS)
+CONFIG_KEYS = tuple(PREFIX + name for name in CONFIG_FIELDS)
+# Per-kernel booleans, as Axolotl's Liger plugin has them (liger_rope, liger_rms_norm, ...):
+# sloth_rms_norm: false is sloth_kernels: {rms_norm: false}.
+KERNEL_KEYS = tuple(PREFIX + name for name in KERNEL_NAMES)
+KEYS = CONFIG_KEYS + KERNEL_KEYS
 
 # Which sloth kernels patch the modules each Axolotl LoRA kernel option patches.
 LORA_KERNEL_OWNERS = {
@@ -37,23 +40,30 @@ LORA_KERNEL_OWNERS = {
 }
 
 
-class SlothArgs(BaseModel):
-    """``sloth_*`` keys of an Axolotl config (``plugins: [sloth_plugins.integrations.axolotl.SlothPlugin]``)."""
+_PYTHON_TYPES = {"bool": bool, "positive_int": int, "positive_number": float}
 
-    sloth_kernels: Union[bool, Dict[str, bool], List[str], str, None] = Field(
-        default=None, json_schema_extra={"description": f"true (all), false, a list of {', '.join(KERNEL_NAMES)}, or "
-                                                        f"a map of name: true/false applied to all on"})
-    sloth_loss: Optional[Literal["chunked", "off"]] = Field(
-        default=None, json_schema_extra={"description": "chunked: causal-LM loss without full logits; off: model's"})
-    sloth_loss_chunk_size: Optional[int] = Field(default=None, gt=0)
-    sloth_return_logits: Optional[bool] = None
-    sloth_gradient_checkpointing: Optional[Literal["auto", "offload", "recompute", "off"]] = None
-    sloth_memory_budget_gb: Optional[float] = Field(default=None, gt=0)
-    sloth_strict: Optional[bool] = None
-    sloth_attention: Optional[Literal["auto", "sloth", "sdpa"]] = None
-    sloth_padding_free: Optional[bool] = Field(
-        default=None, json_schema_extra={"description": "train padded batches as one packed row; unset: follows "
-                                                        "sample_packing"})
+
+def _annotation(opt: Option):
+    """The pydantic type of an Option's Axolotl key, from its kind (the values are checked by
+    ``Option.check``, the config's own validation, not restated here)."""
+    if opt.kind == "kernels":
+        return Union[bool, Dict[str, bool], List[str], str, None]
+    if opt.kind == "choice":
+        return Optional[Literal[opt.choices]]
+    return Optional[_PYTHON_TYPES[opt.kind]]
+
+
+_FIELDS: Dict[str, Any] = {PREFIX + o.name: (_annotation(o), Field(default=None, description=o.help)) for o in OPTIONS}
+_FIELDS.update({key: (Optional[bool], Field(default=None, description=f"the {name} kernel on/off: with "
+                                                                      f"sloth_kernels true/false/unset it overrides "
+                                                                      f"that default; with a list it must agree"))
+                for key, name in zip(KERNEL_KEYS, KERNEL_NAMES)})
+_SlothFields = create_model("_SlothFields", **_FIELDS)
+
+
+class SlothArgs(_SlothFields):
+    """``sloth_*`` keys of an Axolotl config (``plugins: [sloth_plugins.integrations.axolotl.SlothPlugin]``):
+    one per SlothConfig option (``config.OPTIONS``) and one boolean per kernel."""
 
     @model_validator(mode="before")
     @classmethod
@@ -65,19 +75,20 @@ class SlothArgs(BaseModel):
                                  f"(SlothPlugin); valid keys: {', '.join(KEYS)}")
         return data
 
-    @field_validator("sloth_loss", "sloth_gradient_checkpointing", mode="before")
+    @field_validator(*(PREFIX + o.name for o in OPTIONS if o.kind == "choice" and "off" in o.choices), mode="before")
     @classmethod
     def false_is_off(cls, value):
         # YAML reads an unquoted ``off`` (as the README and the conflict messages write it) as false
         return "off" if value is False else value
 
-    @field_validator("sloth_kernels")
+    @field_validator(*CONFIG_KEYS)
     @classmethod
-    def check_kernel_names(cls, value):
-        try:
-            SlothConfig(kernels=value)
-        except SlothConfigError as exc:
-            raise ValueError(f"sloth_kernels: {exc}") from None
+    def check_value(cls, value, info):
+        if value is not None:
+            try:
+                OPTIONS[CONFIG_KEYS.index(info.field_name)].check(value)
+            except SlothConfigError as exc:
+                raise ValueError(f"{info.field_name}: {exc}") from None
         return value
 
     @model_validator(mode="after")
@@ -88,16 +99,49 @@ class SlothArgs(BaseModel):
         return self
 
 
+def _getter(cfg: Any) -> Callable[[str], Any]:
+    return (lambda key: cfg.get(key)) if isinstance(cfg, Mapping) else (lambda key: getattr(cfg, key, None))
+
+
+def kernels_option(cfg: Any) -> Any:
+    """The SlothConfig ``kernels`` value of an Axolotl config: ``sloth_kernels`` with the per-kernel
+    booleans. ``sloth_kernels`` true / false / unset is the default of each kernel whose boolean is
+    unset (``sloth_kernels: false`` + ``sloth_rms_norm: true`` is RMSNorm alone); a list or map
+    names kernels itself, and a boolean that contradicts it is refused (two answers to one question)."""
+    get = _getter(cfg)
+    value = get(PREFIX + "kernels")
+    switches = {name: get(key) for key, name in zip(KERNEL_KEYS, KERNEL_NAMES) if get(key) is not None}
+    if not switches:
+        return value
+    bad = [k for k, v in switches.items() if not isinstance(v, bool)]
+    if bad:
+        raise ValueError(f"SlothPlugin: {', '.join(PREFIX + k for k in bad)} must be true or false")
+    if value is None or isinstance(value, bool):
+        default = value is not False
+        return [name for name in KERNEL_NAMES if switches.get(name, default)]
+    try:
+        enabled = set(SlothConfig(kernels=value).enabled_kernels)
+    except SlothConfigError as exc:
+        raise ValueError(f"SlothPlugin: sloth_kernels: {exc}") from None
+    contradictions = [f"{PREFIX}{k}: {str(on).lower()}" for k, on in switches.items() if on != (k in enabled)]
+    if contradictions:
+        raise ValueError(f"SlothPlugin: {', '.join(contradictions)} contradict{'s' if len(contradictions) == 1 else ''}"
+                         f" sloth_kernels: {value!r}: give each kernel's choice once (sloth_kernels as a list, or "
+                         f"sloth_kernels: true/false with per-kernel booleans)")
+    return value
+
+
 def sloth_config_from(cfg: Any) -> SlothConfig:
     """The SlothConfig of an Axolotl config (a validated DictDefault or the merged pydantic model)."""
-    def get(key):
-        return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-
+    get = _getter(cfg)
     options = {}
     for name in CONFIG_FIELDS:
         value = get(PREFIX + name)
         if value is not None:
             options[name] = value
+    kernels = kernels_option(cfg)
+    if kernels is not None:
+        options["kernels"] = kernels
     if "padding_free" not in options and _truthy(get("sample_packing")):
         options["padding_free"] = True   # Axolotl's batches are packed: say so, and read them as packed
     try:

@@ -15,8 +15,9 @@ Metrics: each training log (``on_log``, so every ``report_to`` tracker receives 
 padding included, per second of wall time), ``sloth/peak_memory_gib`` (CUDA
 ``max_memory_allocated``; absent off CUDA), ``sloth/checkpoint_{kept,recomputed,offloaded}_layers``
 (the checkpointing plan of the last training forward; absent with checkpointing off) and, on the
-first log and whenever it changed, ``sloth/patch_report`` (the PatchReport as text); the numbers also
-go into ``trainer.state.log_history`` (``trainer_state.json``). The Trainer
+first log and whenever it changed, ``sloth/patch_report`` (the PatchReport as text); all of them also
+go into ``trainer.state.log_history`` (``trainer_state.json``), so the report in force at each log
+is reachable from the trainer. The Trainer
 places its reporting callbacks before the user's and hands each the same dict in turn, so the
 callback moves itself to the front of the Trainer's callback list.
 
@@ -118,12 +119,12 @@ class SlothCallback(TrainerCallback):
             counts = Counter(controller.decisions)
             for decision, key in (("keep", "kept"), ("recompute", "recomputed"), ("offload", "offloaded")):
                 metrics[f"sloth/checkpoint_{key}_layers"] = counts[decision]
+        text = str(self.report)
+        if text != self._logged_report:
+            metrics["sloth/patch_report"] = self._logged_report = text
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)   # the Trainer recorded this log before on_log: trainer_state.json
-        text = str(self.report)
-        if text != self._logged_report:
-            logs["sloth/patch_report"] = self._logged_report = text
 
     def _count_tokens(self, module, args, kwargs) -> None:
         if module.training and torch.is_grad_enabled():

@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from . import __version__
-from .doctor import DoctorError, doctor, machine_info, machine_report, parse_set, parse_value, patch_report  # noqa: F401
+from .config import OPTIONS
+from .doctor import DoctorError, doctor, machine_info, machine_report, parse_set, patch_report  # noqa: F401
 
 
 def studio(args: argparse.Namespace) -> int:
@@ -32,8 +33,10 @@ def main(argv=None) -> int:
     doctor_parser.add_argument("model", nargs="?",
                                help="local model folder (config.json) or a model_type such as llama")
     doctor_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                               help="SlothConfig option for the report, e.g. --set gradient_checkpointing=recompute, "
-                                    "--set kernels=rms_norm,rope, --set memory_budget_gb=40")
+                               help=f"SlothConfig option for the report, typed by its key "
+                                    f"({', '.join(o.name for o in OPTIONS)}), e.g. "
+                                    f"--set gradient_checkpointing=recompute, --set kernels=rms_norm,rope, "
+                                    f"--set memory_budget_gb=40")
     doctor_parser.add_argument("--json", action="store_true", help="print the machine info and report as JSON")
     studio_parser = sub.add_parser("studio", help="a local web app to train with the plugin (the [studio] extra)")
     studio_parser.add_argument("--port", type=int, default=7860)

@@ -15,6 +15,92 @@ ATTENTION_MODES = ("auto", "sloth", "sdpa")
 ALIASES = {"activation_checkpointing": "gradient_checkpointing"}
 
 
+@dataclass(frozen=True)
+class Option:
+    """One SlothConfig key: its kind of value and what it means. ``OPTIONS`` below is the one
+    definition every front end reads: SlothConfig's validation, ``sloth doctor --set`` (types
+    from the kind), the Axolotl ``sloth_*`` pydantic args (annotations and descriptions).
+
+    kind: "kernels" (see SlothConfig), "choice" (one of ``choices``), "bool", "positive_int" or
+    "positive_number" (both also None: ``nullable``)."""
+    name: str
+    kind: str
+    help: str
+    choices: Tuple[str, ...] = ()
+
+    @property
+    def nullable(self) -> bool:
+        return self.kind in ("kernels", "positive_int", "positive_number")
+
+    def check(self, value: Any) -> None:
+        """SlothConfigError naming the key when ``value`` is not one this option takes."""
+        if self.kind == "kernels":
+            _parse_kernels(value)
+        elif self.kind == "choice":
+            if value not in self.choices:
+                raise SlothConfigError(f"{self.name} must be one of {', '.join(self.choices)}; got {value!r}")
+        elif self.kind == "bool":
+            if not isinstance(value, bool):
+                raise SlothConfigError(f"{self.name} must be true or false, got {value!r}")
+        elif value is not None:
+            ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+                  and math.isfinite(value) and value > 0)
+            if self.kind == "positive_int" and not (ok and isinstance(value, int)):
+                raise SlothConfigError(f"{self.name} must be a positive int or None, got {value!r}")
+            if not ok:
+                raise SlothConfigError(f"{self.name} must be a positive number or None, got {value!r}")
+
+    def parse(self, text: str) -> Any:
+        """The value of ``text`` as typed on a command line (``--set name=text``), by this option's kind."""
+        text = text.strip()
+        low = text.lower()
+        if self.nullable and low in ("none", "null", ""):
+            return None
+        if self.kind == "bool" or (self.kind == "kernels" and low in ("true", "false")):
+            if low not in ("true", "false"):
+                raise SlothConfigError(f"{self.name} takes true or false, got {text!r}")
+            return low == "true"
+        if self.kind == "kernels":
+            return [item.strip() for item in text.split(",") if item.strip()]
+        if self.kind in ("positive_int", "positive_number"):
+            cast = int if self.kind == "positive_int" else float
+            try:
+                return cast(text)
+            except ValueError:
+                what = "a whole number" if cast is int else "a number"
+                raise SlothConfigError(f"{self.name} takes {what} (or none), got {text!r}") from None
+        return text
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("kernels", "kernels", f"Triton kernels: true (all), false (none), a list of {', '.join(KERNEL_NAMES)}, "
+                                 f"or a map of name: true/false applied to all on"),
+    Option("loss", "choice", "chunked: the causal-LM loss from the final hidden states in token chunks, never the "
+                             "full logits; off: the model's own loss", LOSS_MODES),
+    Option("loss_chunk_size", "positive_int", "tokens per loss chunk; none sizes chunks from free memory"),
+    Option("return_logits", "bool", "also return full logits in training (costs the memory the chunked loss saves)"),
+    Option("gradient_checkpointing", "choice", "auto (measure the first step, then keep / recompute / offload each "
+                                               "layer within the budget) | offload | recompute | off",
+           CHECKPOINTING_MODES),
+    Option("memory_budget_gb", "positive_number", "device memory the auto plan may fill; none means 90% of the "
+                                                  "device"),
+    Option("strict", "bool", "raise instead of falling back when something cannot be patched"),
+    Option("attention", "choice", "auto | sloth (the varlen kernel for packed batches) | sdpa (leave the model's "
+                                  "attention alone)", ATTENTION_MODES),
+    Option("padding_free", "bool", "train padded batches as one packed row of the real tokens (same loss, no "
+                                   "padding compute)"),
+)
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def option(name: str) -> Option:
+    """The Option of a key (an alias gives its key's); SlothConfigError naming the valid keys otherwise."""
+    name = ALIASES.get(name, name)
+    if name not in OPTIONS_BY_NAME:
+        raise SlothConfigError(f"unknown SlothConfig key {name!r}; valid keys: {', '.join(OPTIONS_BY_NAME)}")
+    return OPTIONS_BY_NAME[name]
+
+
 class SlothConfigError(ValueError):
     """A configuration value or key that sloth_plugins does not accept."""
 
@@ -105,22 +191,9 @@ class SlothConfig:
         return name in self.enabled_kernels
 
     def _validate(self) -> None:
+        for opt in OPTIONS:
+            opt.check(getattr(self, opt.name))
         object.__setattr__(self, "enabled_kernels", _parse_kernels(self.kernels))
-        _choice("loss", self.loss, LOSS_MODES)
-        _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING_MODES)
-        _choice("attention", self.attention, ATTENTION_MODES)
-        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int)
-                                                 or isinstance(self.loss_chunk_size, bool)
-                                                 or self.loss_chunk_size <= 0):
-            raise SlothConfigError(f"loss_chunk_size must be a positive int or None, got {self.loss_chunk_size!r}")
-        if self.memory_budget_gb is not None and (isinstance(self.memory_budget_gb, bool)
-                                                  or not isinstance(self.memory_budget_gb, (int, float))
-                                                  or not math.isfinite(self.memory_budget_gb)
-                                                  or self.memory_budget_gb <= 0):
-            raise SlothConfigError(f"memory_budget_gb must be a positive number or None, got {self.memory_budget_gb!r}")
-        for name in ("strict", "return_logits", "padding_free"):
-            if not isinstance(getattr(self, name), bool):
-                raise SlothConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 def _resolve_aliases(options: Mapping[str, Any]) -> dict:

@@ -9,7 +9,7 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Dict, List
 
-from .config import SlothConfig, SlothConfigError, SlothUnsupported
+from .config import SlothConfig, SlothConfigError, SlothUnsupported, option
 
 _PACKAGES = ("torch", "triton", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "lightning",
              "axolotl", "pluggy")
@@ -72,31 +72,18 @@ def machine_report(info: Dict[str, Any] = None) -> str:
     return "\n".join(lines)
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: true/false, none/null, an int, a float, a comma-separated list, else the string."""
-    text = text.strip()
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if "," in text:
-        return [parse_value(item) for item in text.split(",") if item.strip()]
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_set(items: List[str]) -> Dict[str, Any]:
+    """``--set KEY=VALUE`` items as SlothConfig options, each value typed by its key's ``Option``
+    (config.OPTIONS: the one definition the config's validation and the Axolotl args read too)."""
     options = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise DoctorError(f"--set takes KEY=VALUE, e.g. --set gradient_checkpointing=recompute; got {item!r}")
-        options[key.strip()] = parse_value(value)
+        try:
+            options[key.strip()] = option(key.strip()).parse(value)
+        except SlothConfigError as exc:
+            raise DoctorError(f"--set {item}: {exc}") from None
     return options
 
 

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import pluggy
 
-PROJECT = "sloth"
+# One name for the whole extension surface: the distribution, the import name, the entry-point
+# group third-party plugins register under, and the pluggy project (``@sloth_plugins.hookimpl``).
+PROJECT = "sloth_plugins"
+LEGACY_PROJECT = "sloth"   # the pluggy project's name before 0.1.1: its hookimpl markers still load
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

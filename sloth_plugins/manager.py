@@ -20,8 +20,26 @@ from .state import PatchContext, Stash, StashKey, attach_stash, detach_stash, mo
 
 logger = logging.getLogger("sloth_plugins")
 
-ENTRY_POINT_GROUP = "sloth_plugins"
+ENTRY_POINT_GROUP = hookspecs.PROJECT      # the same name as the pluggy project
 _manager: Optional[pluggy.PluginManager] = None
+
+
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager that also reads hookimpls marked for the project's old name,
+    ``pluggy.HookimplMarker("sloth")``, with a DeprecationWarning naming ``sloth_plugins.hookimpl``."""
+
+    def parse_hookimpl_opts(self, plugin, name):
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is not None or not name.startswith("sloth_"):
+            return opts
+        method = getattr(plugin, name, None)
+        legacy = getattr(method, hookspecs.LEGACY_PROJECT + "_impl", None) if callable(method) else None
+        if not isinstance(legacy, dict):
+            return None
+        warnings.warn(f"{name} of {getattr(plugin, '__name__', type(plugin).__name__)} is marked with "
+                      f"pluggy.HookimplMarker({hookspecs.LEGACY_PROJECT!r}); use @sloth_plugins.hookimpl "
+                      f"(the project is now named {hookspecs.PROJECT!r})", DeprecationWarning, stacklevel=2)
+        return dict(legacy)
 
 
 class _BuiltinArchitectures:
@@ -35,7 +53,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
     global _manager
     if _manager is None:
         from .plugins import builtin_plugins
-        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm = _PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
         pm.register(_BuiltinArchitectures(), name="sloth.architectures")
         for name, plugin in builtin_plugins():

@@ -13,16 +13,16 @@ import torch
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 # Causal LMs without an architecture entry: what the generic paths must get right.
 UNKNOWN_FAMILIES = ("gpt2", "opt", "custom")
-DATA_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "examples", "data", "tiny_instructions.jsonl")
+# package data (pyproject: tool.setuptools.package-data), so it is there in a wheel install too
+DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_instructions.jsonl")
 PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
 
 
 def load_instructions(path: Optional[str] = None, limit: Optional[int] = None) -> List[dict]:
-    """The instruction set shipped in the repo (examples/data/tiny_instructions.jsonl)."""
+    """The instruction set shipped with the package (sloth_plugins/data/tiny_instructions.jsonl)."""
     path = path or DATA_FILE
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run from a checkout of the repo (the data ships there)")
+        raise FileNotFoundError(f"{path} not found")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return rows[:limit] if limit else rows

@@ -262,17 +262,22 @@ def test_keys_map_onto_sloth_config(model_dir, tmp_path):
         kernels=["rms_norm", "rope"], loss="off", gradient_checkpointing="recompute", memory_budget_gb=40,
         loss_chunk_size=2048, strict=True)
     assert sloth_config_from(validated(base_config(model_dir, str(tmp_path)))) == sloth.SlothConfig()
-    assert set(KEYS) == {"sloth_" + k for k in sloth.SlothConfig().to_dict()}
+    assert set(KEYS) == ({"sloth_" + k for k in sloth.SlothConfig().to_dict()}
+                         | {"sloth_" + k for k in sloth.SlothConfig().enabled_kernels})
+    # per-kernel booleans, as the Liger plugin's liger_rope / liger_rms_norm
+    cfg = validated(base_config(model_dir, str(tmp_path), sloth_kernels=None, sloth_rope=False, sloth_mlp=False))
+    assert set(sloth_config_from(cfg).enabled_kernels) == {"rms_norm", "lora_mlp", "lora_qkv", "lora_o"}
 
 
 @pytest.mark.parametrize("extra, message", [
     (dict(sloth_loss="fused"), "sloth_loss\n  Input should be 'chunked' or 'off'"),
     (dict(sloth_kernels=["rms_norm", "flash"]), "sloth_kernels: unknown kernel name(s) 'flash'; valid: rms_norm, rope"),
     (dict(sloth_gradient_checkpointing="sometimes"), "sloth_gradient_checkpointing\n  Input should be 'auto'"),
-    (dict(sloth_memory_budget_gb=-1), "sloth_memory_budget_gb\n  Input should be greater than 0"),
-    (dict(sloth_loss_chunk_size=0), "sloth_loss_chunk_size\n  Input should be greater than 0"),
+    (dict(sloth_memory_budget_gb=-1), "sloth_memory_budget_gb: memory_budget_gb must be a positive number"),
+    (dict(sloth_loss_chunk_size=0), "sloth_loss_chunk_size: loss_chunk_size must be a positive int"),
+    (dict(sloth_kernels=["rms_norm"], sloth_rope=True), "sloth_rope: true contradicts sloth_kernels: ['rms_norm']"),
     (dict(sloth_kernal=False), "unknown key sloth_kernal (SlothPlugin); valid keys: sloth_kernels, sloth_loss"),
-], ids=["loss", "kernel-name", "checkpointing", "budget", "chunk", "unknown-key"])
+], ids=["loss", "kernel-name", "checkpointing", "budget", "chunk", "per-kernel-contradiction", "unknown-key"])
 def test_invalid_values_are_rejected_clearly(model_dir, tmp_path, extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         validated(base_config(model_dir, str(tmp_path), **extra))
@@ -303,6 +308,14 @@ def test_unset_axolotl_lora_kernels_are_taken_over_only_for_modules_sloth_patche
     cfg = validated({**raw, "sloth_kernels": ["rms_norm"], "sloth_loss": "chunked"})
     assert (cfg.lora_mlp_kernel, cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (True, True, True)
     cfg = validated({**raw, "sloth_kernels": ["rms_norm", "rope"], "lora_mlp_kernel": True})
+    assert (cfg.lora_mlp_kernel, cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (True, False, False)
+    # the per-kernel booleans hand a module back the same way
+    raw.pop("sloth_kernels")
+    cfg = validated({**raw, "sloth_mlp": False, "sloth_lora_mlp": False})
+    # sloth takes the attention kernels only; Axolotl auto-enables none once some are set
+    assert (bool(cfg.lora_mlp_kernel), cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (False, False, False)
+    assert "mlp" not in sloth_config_from(cfg).enabled_kernels
+    cfg = validated({**raw, "sloth_mlp": False, "sloth_lora_mlp": False, "lora_mlp_kernel": True})
     assert (cfg.lora_mlp_kernel, cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (True, False, False)
 
 

@@ -121,6 +121,14 @@ def test_fsdp1_with_lora_says_fsdp2_is_the_one_that_saves_memory():
         strategy._sloth_patch_models()
 
 
+@pytest.mark.parametrize("kind", ["single", "ddp", "fsdp", "fsdp2"])
+def test_a_misspelt_option_fails_at_construction_for_every_kind(kind):
+    # not later, inside DDPStrategy / ModelParallelStrategy at fit() with a TypeError that lists nothing
+    with pytest.raises(sloth.SlothConfigError, match=r"got unknown argument 'kernal' \(did you mean 'kernels'\?\); "
+                                                     r"sloth options: kernels, loss,.*strategy options: "):
+        SlothStrategy(kind, kernal=True)
+
+
 def test_options_map_onto_sloth_config_and_unknown_ones_are_named():
     strategy = SlothStrategy(kernels=["rms_norm"], loss="off", gradient_checkpointing="recompute")
     assert strategy.sloth_config == sloth.SlothConfig(kernels=["rms_norm"], loss="off",
@@ -298,3 +306,15 @@ def test_gpu_single_device_parity(batches):
     assert trainer.strategy.root_device.type == "cuda"
     assert trainer.strategy.sloth_report.device.startswith("cuda")
     assert got.losses == pytest.approx(ref.losses, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_the_example_trains_with_fsdp2_on_two_processes(tmp_path):
+    """examples/lightning_lora.py --strategy fsdp2: the sharded strategy to pick with LoRA (two CPU
+    processes over gloo here; run from a folder outside the repo, as the example's users would)."""
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[1] / "examples" / "lightning_lora.py"
+    proc = subprocess.run([sys.executable, str(example), "--strategy", "fsdp2", "--devices", "2", "--steps", "2",
+                           "--batch-size", "4", "--seq-len", "32"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0 and "2 steps in" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

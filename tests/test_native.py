@@ -103,6 +103,27 @@ def test_auto_keeping_every_layer_is_announced(tokenizer, dataset, tmp_path, cap
     assert "auto plan" in str(callback.report) and str(callback.report) != before
 
 
+def test_auto_offloading_is_announced_and_the_refreshed_report_is_in_trainer_state(tokenizer, dataset, tmp_path,
+                                                                                   caplog):
+    callback = sloth.SlothCallback(verbose=False, gradient_checkpointing="auto", memory_budget_gb=1e-9)
+    model = tiny_model("llama", seed=0, layers=4, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    trainer = _trainer(tokenizer, dataset, _args(tmp_path, max_steps=3, gradient_checkpointing=True), callback,
+                       model=model)
+    with caplog.at_level(logging.INFO, logger="sloth_plugins"):
+        trainer.train()
+    offloads = [r for r in caplog.records if r.levelno == logging.INFO and "auto offloads the inputs" in r.getMessage()]
+    assert len(offloads) >= 1, [r.getMessage() for r in caplog.records]
+    controller = sloth.get_checkpoint_controller(trainer.model)
+    assert "offload" in controller.decisions
+    assert f"{controller.decisions.count('offload')} of {len(controller.decisions)} layers" in offloads[-1].getMessage()
+    # reachable from the trainer: the callback's live report, and each version of it in trainer.state
+    reports = [h["sloth/patch_report"] for h in trainer.state.log_history if "sloth/patch_report" in h]
+    assert reports[-1] == str(callback.report), (reports[-1], str(callback.report))
+    assert "auto plan" in reports[-1] and "offload" in reports[-1]
+    assert [h["sloth/checkpoint_offloaded_layers"] for h in trainer.state.log_history
+            if "sloth/checkpoint_offloaded_layers" in h][-1] == controller.decisions.count("offload")
+
+
 # ---- Lightning: the same metrics through the LightningModule's logger -------------------------------------------
 def test_lightning_metrics_reach_the_csv_logger(tokenizer, tmp_path):
     L = pytest.importorskip("lightning")

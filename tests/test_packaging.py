@@ -46,3 +46,46 @@ def test_import_patches_nothing():
             "assert dict(vars(nn.Module)) == before; assert m.apply_rotary_pos_emb.__module__.startswith('transformers') "
             "or type(m.apply_rotary_pos_emb).__module__.startswith('kernels')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+@pytest.mark.slow
+def test_the_wheel_alone_runs_the_quickstart(tmp_path):
+    """Outside a checkout: build the wheel, install it (nothing else from this tree) into a fresh venv
+    and run ``python -m sloth_plugins.quickstart``, whose data is package data now. The venv reuses
+    this environment's installed dependencies through a .pth line (their folder only: the editable
+    install's finder there is not activated), so nothing is downloaded and the package itself can
+    only come from the wheel."""
+    import sysconfig
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), ROOT],
+                   check=True, capture_output=True)
+    (wheel,) = dist.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sloth_plugins/data/tiny_instructions.jsonl" in names and "sloth_plugins/quickstart.py" in names
+    assert not [n for n in names if n.endswith("make_instructions.py")]     # the generator stays in the repo
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "zz_test_dependencies.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "DO_NOT_TRACK": "1"}
+    where = subprocess.run([python, "-c", "import sloth_plugins, sloth_plugins.testing as t; "
+                                          "print(sloth_plugins.__file__); print(len(t.load_instructions()))"],
+                           check=True, capture_output=True, text=True, cwd=work, env=env).stdout.split()
+    assert where[0].startswith(site) and int(where[1]) > 100, where
+    version = subprocess.run([str(venv / "bin" / "sloth"), "--version"], check=True, capture_output=True, text=True,
+                             cwd=work, env=env)
+    assert version.stdout.startswith("sloth_plugins ")
+    run = subprocess.run([python, "-m", "sloth_plugins.quickstart", "--steps", "8", "--hidden", "32", "--layers", "2",
+                          "--batch-size", "4", "--max-length", "48"], capture_output=True, text=True, cwd=work,
+                         env=env, timeout=600)
+    assert run.returncode == 0 and "loss went down: yes" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+    assert (work / "sloth-quickstart" / "adapter" / "adapter_config.json").exists()

@@ -531,11 +531,25 @@ def test_axolotl_sample_packing_runs_with_the_plugin(axolotl, axolotl_model_dir,
     """sample_packing with sdpa (Axolotl drops the mask) matches the run without the plugin; with
     no attn_implementation Axolotl keeps its mask of sample indices, which transformers reads as
     one sample per row, and the plugin splits it: the same losses as the sdpa run."""
+    import logging
     packing = dict(sample_packing=True, pad_to_sequence_len=True)
     _, _, ref = _axolotl_train(axolotl, _axolotl_config(axolotl_model_dir, str(tmp_path / "ref"), plugin=False,
                                                         attn_implementation="sdpa", **packing))
+    seen = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+    plugin_logger = logging.getLogger("axolotl.integrations.sloth")   # the plugin's logger (Axolotl's handlers)
+    monkeypatch.setattr(plugin_logger, "handlers", [*plugin_logger.handlers, Seen(level=logging.INFO)])
+
+    def curve_lines():
+        lines = [m for m in seen if "loss curve differs" in m]
+        seen.clear()
+        return lines
     cfg, model, got = _axolotl_train(axolotl, _axolotl_config(axolotl_model_dir, str(tmp_path / "sdpa"),
                                                               attn_implementation="sdpa", **packing))
+    assert curve_lines() == []        # sdpa keeps the samples apart in plain Axolotl too: same curve
     report = sloth.get_state(model).report
     assert report.count("padding_free") == 1
     assert any("padding_free follows sample_packing" in n and "drops the attention mask" in n for n in report.notes)
@@ -556,3 +570,7 @@ def test_axolotl_sample_packing_runs_with_the_plugin(axolotl, axolotl_model_dir,
     report = sloth.get_state(model).report
     assert any("mask of sample indices" in n for n in report.notes), report.notes
     assert split == pytest.approx(ref, rel=1e-4)
+    # said once at start, where users compare curves with plain Axolotl's
+    lines = curve_lines()
+    assert len(lines) == 1 and "sample_packing with no attn_implementation" in lines[0], lines
+    assert "keeps the packed samples apart" in lines[0] and "attn_implementation: sdpa" in lines[0]

@@ -207,3 +207,24 @@ def test_third_party_plugin_contributes_an_architecture():
         assert report.count("rms_norm") == 0 and report.fallbacks()
     finally:
         pm.unregister(plugin)
+
+
+def test_one_name_for_the_entry_point_group_and_the_pluggy_project():
+    import pluggy
+
+    from sloth_plugins import hookspecs, manager
+    assert manager.ENTRY_POINT_GROUP == hookspecs.PROJECT == sloth.get_plugin_manager().project_name == "sloth_plugins"
+
+    class Legacy:   # marked for the project's old pluggy name: still loads, with a warning naming the new marker
+        @pluggy.HookimplMarker("sloth")
+        def sloth_architectures(self):
+            return [sloth.Architecture("legacy-gpt2", ("gpt2",), layers="transformer.h", final_norm="transformer.ln_f")]
+
+    pm, plugin = sloth.get_plugin_manager(), Legacy()
+    with pytest.warns(DeprecationWarning, match="use @sloth_plugins.hookimpl"):
+        pm.register(plugin, name="test.legacy")
+    try:
+        model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+        assert sloth.patch(model).architecture == "legacy-gpt2"
+    finally:
+        pm.unregister(plugin)

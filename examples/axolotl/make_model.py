@@ -5,7 +5,7 @@
     python examples/axolotl/make_model.py --shape llama-3-8b --out /tmp/llama-8b
 
 The folder gets the model (safetensors), a byte-level BPE tokenizer trained on the
-instruction set shipped in examples/data/, and ``sft.jsonl``: that instruction set in
+instruction set shipped with the package (sloth_plugins/data/), and ``sft.jsonl``: that instruction set in
 Axolotl's ``input_output`` format (prompt segment masked, response trained on).
 The larger shapes keep Llama's real vocabulary size (128256) for a realistic lm_head; the
 tokenizer is smaller, which is fine for throughput runs on token ids (``type: _synthetic``).

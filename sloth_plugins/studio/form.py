@@ -2,14 +2,13 @@
 
 Every field is named ``section.key`` (``training.max_steps``, ``sloth.loss``, ``lora.r``,
 ``mapping.instruction``); SlothConfig values typed as text (kernels, loss_chunk_size,
-memory_budget_gb) are parsed as ``sloth doctor --set`` parses them.
+memory_budget_gb) are parsed as ``sloth doctor --set`` parses them (``config.Option.parse``).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from ..config import SlothConfig
-from ..doctor import parse_value
+from ..config import SlothConfig, option
 from .config import LORA, TRAINING, check_run_config
 from .datasets import FORMATS
 
@@ -38,9 +37,7 @@ def fields_to_config(fields: Dict[str, Any]) -> Dict[str, Any]:
     for key in SlothConfig().to_dict():
         value = fields[f"sloth.{key}"]
         if key in SLOTH_TEXT_KEYS:
-            value = parse_value(str(value)) if str(value if value is not None else "").strip() else None
-            if key == "kernels" and isinstance(value, str):
-                value = [value]
+            value = option(key).parse(str(value)) if str(value if value is not None else "").strip() else None
         sloth[key] = value
     lora = {k: _int_if_whole(fields[f"lora.{k}"]) for k in LORA}
     lora["dropout"] = float(lora["dropout"])

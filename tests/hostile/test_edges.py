@@ -140,7 +140,24 @@ def test_doctor_set_parses_values():
                       "return_logits=false", "memory_budget_gb=none", "loss=off", "kernels=null"]) == {
         "loss_chunk_size": 64, "memory_budget_gb": None, "kernels": None, "strict": True,
         "return_logits": False, "loss": "off"}
-    assert parse_set(["kernels=rms_norm"]) == {"kernels": "rms_norm"}
+    assert parse_set(["kernels=rms_norm"]) == {"kernels": ["rms_norm"]}
+    # typed by the key's Option (config.OPTIONS), not guessed from the text
+    assert parse_set(["memory_budget_gb=40", "attention=sdpa", "kernels=true"]) == {
+        "memory_budget_gb": 40.0, "attention": "sdpa", "kernels": True}
+    assert isinstance(parse_set(["memory_budget_gb=40"])["memory_budget_gb"], float)
+    assert parse_set(["activation_checkpointing=off"]) == {"activation_checkpointing": "off"}   # the alias
+
+
+@pytest.mark.parametrize("item, message", [
+    ("strict=yes", "--set strict=yes: strict takes true or false, got 'yes'"),
+    ("loss_chunk_size=1.5", "loss_chunk_size takes a whole number (or none), got '1.5'"),
+    ("memory_budget_gb=lots", "memory_budget_gb takes a number (or none), got 'lots'"),
+    ("kernal=true", "unknown SlothConfig key 'kernal'; valid keys: kernels, loss,"),
+])
+def test_doctor_set_types_come_from_the_config_options(item, message):
+    from sloth_plugins.cli import DoctorError, parse_set
+    with pytest.raises(DoctorError, match=re.escape(message)):
+        parse_set([item])
 
 
 def test_doctor_set_reaches_the_report(capsys):

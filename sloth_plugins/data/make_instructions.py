@@ -1,6 +1,8 @@
 """Regenerates tiny_instructions.jsonl: a small, learnable instruction set (no hub, no network).
 
-    python examples/data/make_instructions.py > examples/data/tiny_instructions.jsonl
+    python sloth_plugins/data/make_instructions.py > sloth_plugins/data/tiny_instructions.jsonl
+
+Not part of the installed package (only the .jsonl is package data).
 """
 import json
 import random
