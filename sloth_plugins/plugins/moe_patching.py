@@ -1,0 +1,112 @@
+"""Wires the grouped-GEMM experts (``kernels/moe.py``) into transformers' own experts modules.
+
+Only where the math is known: the module is the family's experts class from transformers
+(``@use_experts_implementation``) with [gate; up] concatenated 3-D weights ``gate_up_proj``
+``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``, not transposed, no bias, no post-expert norm,
+the default gating ``act(gate) * up`` with an activation we have a kernel for, and no expert
+parallelism. Anything else keeps the model's own experts forward, reported.
+
+The router, the block around the experts and the model's load-balancing loss are untouched: the
+patched forward takes the routing the block computed. The forward re-checks on every call and
+runs the model's own ``experts_implementation`` when something changed since patching (expert
+parallelism set up, weights swapped for another kind of tensor), under ``torch.compile``, and on CUDA
+where the Triton path does not take the tensors (fp32 expert weights). Off CUDA the torch reference runs.
+PEFT's ``target_parameters`` LoRA on the expert weights (``ParamWrapper``) works through a
+parametrization: the patched forward reads ``self.gate_up_proj`` = W + scale·B·A and the adapters'
+gradients flow through it (the LoRA update is not fused into the GEMMs).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Tuple
+
+import torch
+
+from ..architectures import Architecture
+from ..instance_patch import InstancePatcher, has_instance_override
+from ..kernels import use_triton
+from ..kernels.moe import moe_experts, supported
+from ..report import PatchReport
+
+KIND = "moe_experts"
+_LAYOUT = (("has_gate", True), ("has_bias", False), ("is_transposed", False), ("is_concatenated", True),
+           ("has_post_expert_norm", False), ("_is_expert_parallel", False))
+
+
+def _base_layer(module):
+    """The experts module under PEFT's ParamWrapper(s) (``target_parameters``), or itself."""
+    seen = 0
+    while hasattr(module, "base_layer") and type(module).__module__.startswith("peft.") and seen < 8:
+        module, seen = module.base_layer, seen + 1
+    return module
+
+
+def _default_gate(cls) -> bool:
+    moe = sys.modules.get("transformers.integrations.moe")
+    default = getattr(moe, "_default_apply_gate", None)
+    return default is not None and getattr(cls, "_apply_gate", None) is default
+
+
+def experts_support(experts, kind: Optional[str]) -> Tuple[bool, str]:
+    cls = type(experts)
+    if not cls.__module__.startswith("transformers.models.") or not cls.__name__.endswith("Experts"):
+        return False, f"{cls.__module__}.{cls.__name__} is not a transformers experts class"
+    for attr, want in _LAYOUT:
+        if getattr(experts, attr, None) is not want:
+            return False, f"{cls.__name__}.{attr} is {getattr(experts, attr, None)!r} (the grouped GEMM takes {want})"
+    if not _default_gate(cls):
+        return False, f"{cls.__name__} has its own gating (_apply_gate), not act(gate) * up"
+    if kind is None:
+        return False, "activation has no fused gated kernel"
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gu, torch.Tensor) or not isinstance(down, torch.Tensor) or gu.dim() != 3 or down.dim() != 3:
+        return False, "gate_up_proj / down_proj are not 3-D tensors"
+    e, two_i, h = gu.shape
+    if two_i % 2 or tuple(down.shape) != (e, h, two_i // 2):
+        return False, f"expert weights {tuple(gu.shape)} / {tuple(down.shape)} are not [E, 2I, H] / [E, H, I]"
+    if e != getattr(experts, "num_experts", None):
+        return False, f"{cls.__name__}.num_experts does not match its {e} expert weights"
+    if not (gu.is_floating_point() and type(gu) in (torch.nn.Parameter, torch.Tensor)):
+        return False, f"expert weights are {type(gu).__name__} of {gu.dtype} (quantised?): the model's experts run"
+    return True, ""
+
+
+def _still_supported(self, hidden_states, top_k_index) -> bool:
+    gu = self.gate_up_proj      # under PEFT's parametrization: W + scale·B·A, a plain tensor
+    return (not torch.compiler.is_compiling() and not self._is_expert_parallel and hidden_states.dim() == 2
+            and type(gu) in (torch.nn.Parameter, torch.Tensor) and gu.is_floating_point()
+            and top_k_index.dim() == 2)
+
+
+def patch_experts(experts, path: str, kind: Optional[str], report: PatchReport, patcher: InstancePatcher) -> None:
+    base = _base_layer(experts)
+    ok, reason = experts_support(base, kind)
+    if ok and has_instance_override(base):
+        ok, reason = False, "forward already replaced on this instance by another library"
+    if not ok:
+        report.fallback(KIND, reason, path)
+        return
+    original = base.forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not _still_supported(self, hidden_states, top_k_index):
+            return original(hidden_states, top_k_index, top_k_weights)
+        if hidden_states.is_cuda and (not use_triton(hidden_states) or supported(
+                hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj) is not None):
+            return original(hidden_states, top_k_index, top_k_weights)   # e.g. fp32 experts: transformers' own
+        return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, kind)
+
+    patcher.bind(base, "forward", forward, wraps=original)
+    e, two_i, h = base.gate_up_proj.shape
+    implementation = getattr(getattr(base, "config", None), "_experts_implementation", None)
+    report.patched(KIND, path, f"grouped GEMM {kind}, {e} experts (replaces experts_implementation="
+                               f"{implementation!r})")
+
+
+def moe_block_parts(arch: Architecture, mlp) -> Tuple[Optional[object], Tuple[Tuple[str, object], ...]]:
+    """(experts module, ((name, shared-expert MLP), ...)) of a layer's MLP when it is a MoE block."""
+    from ._modules import get_path
+    experts = get_path(mlp, arch.experts)
+    if experts is None:
+        return None, ()
+    return experts, tuple((n, m) for n in arch.shared_experts if (m := get_path(mlp, n)) is not None)
