@@ -302,10 +302,12 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
             warnings.warn(f"sloth_plugins: a training batch of {type(self).__name__} has no labels (every label "
                           f"is {IGNORE_INDEX}): its loss is 0.0 with zero gradients (transformers' own loss would "
                           f"be NaN). Warned once per model.", stacklevel=5)
-        if router:
-            aux_loss = aux(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
-                           arguments.get("attention_mask"))
-            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        if aux is not None:        # a MoE family: the model's output class, aux_loss None without router logits
+            aux_loss = None
+            if router:
+                aux_loss = aux(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                               arguments.get("attention_mask"))
+                loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
             return _moe_output(loss, aux_loss, outputs), hidden.dtype
         return _causal_lm_output(loss, outputs), hidden.dtype
 

@@ -1,0 +1,148 @@
+"""Mixture-of-experts families of the table: tiny configs from transformers, patched vs unpatched (fp32).
+
+Same routing on both sides (same weights, fp32), so loss, router load-balancing loss and every gradient
+must agree; LoRA on attention, shared experts and (PEFT ``target_parameters``) the 3-D expert weights;
+saved adapters load in plain PEFT with the same logits; ``sloth doctor`` lists every patch.
+"""
+import warnings
+
+import pytest
+import torch
+
+import sloth_plugins as sloth
+from sloth_plugins.testing import MOE_FAMILIES, tiny_model, with_lora
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+EXPECTED_NORMS = {"mixtral": 5, "qwen3_moe": 9, "qwen2_moe": 5}
+EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def _model(family, **overrides):
+    return tiny_model(family, seed=1, hidden_size=32, vocab_size=128, **overrides).train()
+
+
+def _batch(vocab, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :3] = -100
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _step(model, inputs, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _assert_same(a, b):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    torch.testing.assert_close(out_a.loss, out_b.loss, **TOL)
+    assert (out_a.aux_loss is None) == (out_b.aux_loss is None)
+    if out_a.aux_loss is not None:
+        torch.testing.assert_close(out_a.aux_loss, out_b.aux_loss, **TOL)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], **GRAD_TOL, msg=name)
+
+
+@pytest.mark.parametrize("router_logits", [True, False], ids=["aux_loss", "no_aux_loss"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_family_full_finetune_matches_unpatched(family, router_logits):
+    model = _model(family, output_router_logits=router_logits)
+    inputs = _batch(model.config.vocab_size)
+    ref = _step(model, inputs)
+    assert (ref[0].aux_loss is not None) == router_logits
+
+    report = sloth.patch(model)
+    assert report.architecture == family
+    assert not report.fallbacks(), report
+    layers = model.config.num_hidden_layers
+    assert report.count("rms_norm") == EXPECTED_NORMS[family] and report.count("rope") == layers
+    assert report.count("moe_experts") == layers and report.count("loss") == 1
+    assert report.count("gradient_checkpointing") == layers
+    assert report.count("mlp") == (layers if family == "qwen2_moe" else 0)      # the shared expert
+    _assert_same(_step(model, inputs), ref)
+    assert sloth.unpatch(model)
+    _assert_same(_step(model, inputs), ref)
+
+
+def test_router_logits_asked_per_call_and_gradient_checkpointing():
+    model = _model("qwen3_moe", mlp_only_layers=[1])          # layer 1: a dense MLP inside a MoE model
+    model.gradient_checkpointing_enable()
+    inputs = _batch(model.config.vocab_size)
+    ref = _step(model, inputs, output_router_logits=True)
+    report = sloth.patch(model)
+    assert report.count("moe_experts") == 1 and report.count("mlp") == 1, report
+    assert not report.fallbacks(), report
+    _assert_same(_step(model, inputs, output_router_logits=True), ref)
+    (loss_entry,) = [e for e in report.entries if e.kind == "loss"]
+    assert loss_entry.patched, loss_entry
+
+
+def _lora(model, experts: bool):
+    kw = dict(target_parameters=EXPERT_PARAMS) if experts else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return with_lora(model, **kw)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_lora_on_attention_shared_and_expert_weights(family, tmp_path):
+    from peft import PeftModel
+    ref, model = (_lora(_model(family, output_router_logits=True), experts=True) for _ in range(2))
+    inputs = _batch(model.config.vocab_size)
+    report = sloth.patch(model)
+    layers = model.config.num_hidden_layers
+    assert not report.fallbacks(), report
+    assert report.count("lora_qkv") == layers and report.count("lora_o") == layers
+    assert report.count("moe_experts") == layers
+    assert report.count("lora_mlp") == (layers if family == "qwen2_moe" else 0)
+    got, want = _step(model, inputs), _step(ref, inputs)
+    _assert_same(got, want)
+    assert any("experts" in n and "lora_A" in n for n in got[1]), "no gradient reached the expert adapters"
+
+    # the adapters saved from the patched model load in plain PEFT with the same logits
+    model.save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(_model(family), tmp_path).eval()
+    model.eval()
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, **TOL)
+
+
+def test_expert_layout_the_kernel_does_not_know_falls_back_and_reports():
+    model = _model("mixtral")
+    inputs = _batch(model.config.vocab_size)
+    ref = _step(model, inputs)
+    model.model.layers[0].mlp.experts.has_bias = True           # as a biased experts class would say
+    report = sloth.patch(model)
+    (fallback,) = [e for e in report.entries if e.kind == "moe_experts" and not e.patched]
+    assert fallback.path == "model.layers.0.mlp.experts" and "has_bias" in fallback.detail
+    assert report.count("moe_experts") == 1
+    model.model.layers[0].mlp.experts.has_bias = False
+    _assert_same(_step(model, inputs), ref)
+
+
+def test_moe_experts_kernel_can_be_switched_off():
+    model = _model("mixtral")
+    report = sloth.patch(model, sloth.SlothConfig(kernels={"moe_experts": False}))
+    assert report.count("moe_experts") == 0 and report.count("rms_norm") == 5
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_doctor_lists_every_patch(family):
+    from sloth_plugins.config import SlothConfig
+    from sloth_plugins.doctor import patch_report
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = patch_report(family, SlothConfig())
+    assert report.architecture == family and not report.fallbacks(), report
+    kinds = set(report.kinds())
+    assert {"rms_norm", "rope", "moe_experts", "loss", "gradient_checkpointing"} <= kinds, kinds
+    assert ("mlp" in kinds) == (family == "qwen2_moe")
