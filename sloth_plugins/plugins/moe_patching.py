@@ -31,6 +31,8 @@ from ..report import PatchReport
 KIND = "moe_experts"
 _LAYOUT = (("has_gate", True), ("has_bias", False), ("is_transposed", False), ("is_concatenated", True),
            ("has_post_expert_norm", False), ("_is_expert_parallel", False))
+_ABSENT_MEANS_NO = ("has_post_expert_norm", "_is_expert_parallel")   # transformers 5.16 predates them
+_MISSING = object()
 
 
 def _base_layer(module):
@@ -52,8 +54,12 @@ def experts_support(experts, kind: Optional[str]) -> Tuple[bool, str]:
     if not cls.__module__.startswith("transformers.models.") or not cls.__name__.endswith("Experts"):
         return False, f"{cls.__module__}.{cls.__name__} is not a transformers experts class"
     for attr, want in _LAYOUT:
-        if getattr(experts, attr, None) is not want:
-            return False, f"{cls.__name__}.{attr} is {getattr(experts, attr, None)!r} (the grouped GEMM takes {want})"
+        value = getattr(experts, attr, _MISSING)
+        if value is _MISSING and attr in _ABSENT_MEANS_NO:
+            continue
+        if value is not want:
+            shown = "missing" if value is _MISSING else repr(value)
+            return False, f"{cls.__name__}.{attr} is {shown} (the grouped GEMM takes {want})"
     if not _default_gate(cls):
         return False, f"{cls.__name__} has its own gating (_apply_gate), not act(gate) * up"
     if kind is None:
@@ -73,7 +79,8 @@ def experts_support(experts, kind: Optional[str]) -> Tuple[bool, str]:
 
 def _still_supported(self, hidden_states, top_k_index) -> bool:
     gu = self.gate_up_proj      # under PEFT's parametrization: W + scale·B·A, a plain tensor
-    return (not torch.compiler.is_compiling() and not self._is_expert_parallel and hidden_states.dim() == 2
+    return (not torch.compiler.is_compiling() and not getattr(self, "_is_expert_parallel", False)
+            and hidden_states.dim() == 2
             and type(gu) in (torch.nn.Parameter, torch.Tensor) and gu.is_floating_point()
             and top_k_index.dim() == 2)
 
