@@ -85,6 +85,17 @@ def test_router_logits_asked_per_call_and_gradient_checkpointing():
     assert loss_entry.patched, loss_entry
 
 
+@pytest.mark.parametrize("router_logits", [False, True], ids=["packed", "router_logits_unpacked"])
+def test_padding_free(router_logits):
+    model = _model("qwen2_moe", output_router_logits=router_logits)
+    inputs = _batch(model.config.vocab_size)
+    ref = _step(model, inputs)
+    report = sloth.patch(model, sloth.SlothConfig(padding_free=True))
+    assert report.count("padding_free") == 1, report
+    _assert_same(_step(model, inputs), ref)
+    assert any("output_router_logits" in n for n in report.notes) == router_logits, report.notes
+
+
 def _lora(model, experts: bool):
     kw = dict(target_parameters=EXPERT_PARAMS) if experts else {}
     with warnings.catch_warnings():
