@@ -57,6 +57,12 @@ def moe_experts_reference(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     return weighted.sum(1).to(x.dtype)
 
 
+def supported_weights(weight: torch.Tensor) -> Optional[str]:
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return f"expert weights are {weight.dtype} (the Triton path takes bf16 / fp16)"
+    return None
+
+
 def supported(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
               gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> Optional[str]:
     """Why the Triton path cannot take these tensors (None when it can)."""
@@ -67,8 +73,11 @@ def supported(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     e, two_i, h = gate_up_proj.shape
     if down_proj.shape != (e, h, two_i // 2) or two_i % 2 or x.shape[-1] != h:
         return f"expert weight shapes {tuple(gate_up_proj.shape)} / {tuple(down_proj.shape)} do not match"
-    if gate_up_proj.dtype != down_proj.dtype or gate_up_proj.dtype not in (torch.bfloat16, torch.float16):
-        return f"expert weights are {gate_up_proj.dtype} (the Triton path takes bf16 / fp16)"
+    if gate_up_proj.dtype != down_proj.dtype:
+        return f"expert weights of two dtypes ({gate_up_proj.dtype}, {down_proj.dtype})"
+    why = supported_weights(gate_up_proj)
+    if why is not None:
+        return why
     if not x.is_floating_point() or top_k_index.dtype not in (torch.int64, torch.int32):
         return "x must be floating point and top_k_index an integer tensor"
     return None

@@ -25,7 +25,7 @@ import torch
 from ..architectures import Architecture
 from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import use_triton
-from ..kernels.moe import moe_experts, supported
+from ..kernels.moe import moe_experts, supported, supported_weights
 from ..report import PatchReport
 
 KIND = "moe_experts"
@@ -93,21 +93,29 @@ def patch_experts(experts, path: str, kind: Optional[str], report: PatchReport, 
     if not ok:
         report.fallback(KIND, reason, path)
         return
+    if base.gate_up_proj.is_cuda and supported_weights(base.gate_up_proj) is not None:
+        report.fallback(KIND, f"{supported_weights(base.gate_up_proj)}: transformers' experts_implementation runs",
+                        path)
+        return
     original = base.forward
+    e = base.gate_up_proj.shape[0]
+    implementation = getattr(getattr(base, "config", None), "_experts_implementation", None)
+    entry = report.patched(KIND, path, f"grouped GEMM {kind}, {e} experts (replaces experts_implementation="
+                                       f"{implementation!r})")
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not _still_supported(self, hidden_states, top_k_index):
             return original(hidden_states, top_k_index, top_k_weights)
-        if hidden_states.is_cuda and (not use_triton(hidden_states) or supported(
-                hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj) is not None):
-            return original(hidden_states, top_k_index, top_k_weights)   # e.g. fp32 experts: transformers' own
+        if hidden_states.is_cuda:
+            why = ("SLOTH_DISABLE_TRITON=1 or Triton unusable" if not use_triton(hidden_states) else
+                   supported(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj))
+            if why is not None:      # e.g. weights cast to fp32 after patching: transformers' own, and say so
+                if entry.patched:
+                    entry.patched, entry.detail = False, f"a CUDA call ran transformers' experts: {why}"
+                return original(hidden_states, top_k_index, top_k_weights)
         return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, kind)
 
     patcher.bind(base, "forward", forward, wraps=original)
-    e, two_i, h = base.gate_up_proj.shape
-    implementation = getattr(getattr(base, "config", None), "_experts_implementation", None)
-    report.patched(KIND, path, f"grouped GEMM {kind}, {e} experts (replaces experts_implementation="
-                               f"{implementation!r})")
 
 
 def moe_block_parts(arch: Architecture, mlp) -> Tuple[Optional[object], Tuple[Tuple[str, object], ...]]:
