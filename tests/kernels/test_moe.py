@@ -145,3 +145,33 @@ def test_gpu_bf16_parity_with_transformers_experts(shape):
             assert torch.isfinite(a).all(), name
             assert err(a, r) <= 1.5 * err(b, r) + 1e-3, (implementation, name, err(a, r), err(b, r))
     assert err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("which", ["both", "gate_up", "down"])
+def test_triton_lora_on_expert_weights_matches_reference(which):
+    """LoRA on the expert stacks as rank-r grouped GEMMs (never W + s·B·A) vs the reference that forms
+    W + s·B·A; B given as a strided view, the way PEFT's [out, r·E] weight is laid out."""
+    from sloth_plugins.kernels.moe import ExpertLora
+    x, index, weights, gate_up, down = _case(30, 32, 16, 4, 2, seed=4)
+    gate_up, down = gate_up.detach(), down.detach()            # frozen base, as under LoRA
+    g = torch.Generator().manual_seed(6)
+    r, experts = 4, 4
+
+    def lora(out_dim, in_dim):
+        A = (torch.randn(experts * r, in_dim, generator=g) * 0.2).requires_grad_()
+        B = (torch.randn(out_dim, r * experts, generator=g) * 0.2).requires_grad_()
+        return A, B, ExpertLora(A.reshape(experts, r, in_dim), B.reshape(out_dim, r, experts).permute(2, 0, 1), 0.5)
+
+    gu_A, gu_B, lora_gu = lora(32, 32)
+    d_A, d_B, lora_d = lora(32, 16)
+    lora_gu = lora_gu if which in ("both", "gate_up") else None
+    lora_d = lora_d if which in ("both", "down") else None
+    leaves = [x, weights] + ([gu_A, gu_B] if lora_gu else []) + ([d_A, d_B] if lora_d else [])
+    grad_out = torch.randn(30, 32, generator=g)
+    out = moe_experts_triton(x, index, weights, gate_up, down, "swiglu", block_m=16, lora_gate_up=lora_gu,
+                             lora_down=lora_d)
+    ref = moe_experts_reference(x, index, weights, gate_up, down, "swiglu", lora_gu, lora_d)
+    torch.testing.assert_close(out, ref, **FP32)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(ref, leaves, grad_out)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, **FP32)
