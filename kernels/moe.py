@@ -41,7 +41,9 @@ class ExpertLora(NamedTuple):
 
 
 def _with_lora(weight: torch.Tensor, lora: Optional[ExpertLora]) -> torch.Tensor:
-    return weight if lora is None else weight + lora.scale * torch.bmm(lora.B, lora.A)
+    if lora is None:
+        return weight
+    return weight + lora.scale * torch.bmm(lora.B.to(weight.dtype), lora.A.to(weight.dtype))
 
 
 def moe_experts_reference(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

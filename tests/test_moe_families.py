@@ -104,8 +104,9 @@ def _lora(model, experts: bool):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_moe_lora_on_attention_shared_and_expert_weights(family, tmp_path):
+def test_moe_lora_on_attention_shared_and_expert_weights(family, tmp_path, monkeypatch):
     from peft import PeftModel
+    from peft.tuners.lora.layer import ParamWrapper
     ref, model = (_lora(_model(family, output_router_logits=True), experts=True) for _ in range(2))
     inputs = _batch(model.config.vocab_size)
     report = sloth.patch(model)
@@ -113,10 +114,19 @@ def test_moe_lora_on_attention_shared_and_expert_weights(family, tmp_path):
     assert not report.fallbacks(), report
     assert report.count("lora_qkv") == layers and report.count("lora_o") == layers
     assert report.count("moe_experts") == layers
+    assert all("fused" in e.detail for e in report.entries if e.kind == "moe_experts"), report
     assert report.count("lora_mlp") == (layers if family == "qwen2_moe" else 0)
-    got, want = _step(model, inputs), _step(ref, inputs)
+    want = _step(ref, inputs)
+    activations = []                          # PEFT's parametrization (W + s·B·A): not on the fused path
+    real = ParamWrapper._activate_lora
+    monkeypatch.setattr(ParamWrapper, "_activate_lora",
+                        lambda self, *a: activations.append(self.parameter_name) or real(self, *a))
+    got = _step(model, inputs)
+    assert not set(activations) & {"gate_up_proj", "down_proj"}, activations   # (the router's own LoRA may)
     _assert_same(got, want)
     assert any("experts" in n and "lora_A" in n for n in got[1]), "no gradient reached the expert adapters"
+    with model.disable_adapter(), ref.disable_adapter(), torch.no_grad():     # PEFT's own path: the base model
+        torch.testing.assert_close(model(**inputs).loss, ref(**inputs).loss, **TOL)
 
     # the adapters saved from the patched model load in plain PEFT with the same logits
     model.save_pretrained(tmp_path)

@@ -11,9 +11,11 @@ patched forward takes the routing the block computed. The forward re-checks on e
 runs the model's own ``experts_implementation`` when something changed since patching (expert
 parallelism set up, weights swapped for another kind of tensor), under ``torch.compile``, and on CUDA
 where the Triton path does not take the tensors (fp32 expert weights). Off CUDA the torch reference runs.
-PEFT's ``target_parameters`` LoRA on the expert weights (``ParamWrapper``) works through a
-parametrization: the patched forward reads ``self.gate_up_proj`` = W + scale·B·A and the adapters'
-gradients flow through it (the LoRA update is not fused into the GEMMs).
+PEFT's ``target_parameters`` LoRA on the expert weights (``ParamWrapper``): where its adapters are
+laid out per expert (``[E, out, in]`` deltas, one active adapter, no bias / DoRA) the outermost
+wrapper's forward runs the grouped GEMMs with the adapters' factors as rank-r grouped GEMMs beside
+them (W + s·B·A is never formed, the frozen base gets no weight gradient); otherwise PEFT's
+parametrization runs and the patched experts forward reads ``self.gate_up_proj`` = W + s·B·A.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from ..architectures import Architecture
 from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import use_triton
-from ..kernels.moe import moe_experts, supported, supported_weights
+from ..kernels.moe import ExpertLora, moe_experts, supported, supported_weights
 from ..report import PatchReport
 
 KIND = "moe_experts"
@@ -102,6 +104,14 @@ def patch_experts(experts, path: str, kind: Optional[str], report: PatchReport, 
     implementation = getattr(getattr(base, "config", None), "_experts_implementation", None)
     entry = report.patched(KIND, path, f"grouped GEMM {kind}, {e} experts (replaces experts_implementation="
                                        f"{implementation!r})")
+    wrappers = _param_wrappers(experts)
+    if wrappers:
+        why = _lora_support(wrappers, base)
+        if why is None:
+            _bind_fused_lora(wrappers, base, kind, patcher, entry)
+            entry.detail += f"; LoRA on {'/'.join(w.parameter_name for w in wrappers)} fused (rank-r grouped GEMMs)"
+        else:
+            entry.detail += f"; LoRA on the expert weights through PEFT's parametrization (not fused: {why})"
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not _still_supported(self, hidden_states, top_k_index):
@@ -116,6 +126,71 @@ def patch_experts(experts, path: str, kind: Optional[str], report: PatchReport, 
         return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, kind)
 
     patcher.bind(base, "forward", forward, wraps=original)
+
+
+def _param_wrappers(module) -> list:
+    """PEFT's ``target_parameters`` wrappers around the experts module, outermost first."""
+    out = []
+    while type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):
+        out.append(module)
+        module = module.base_layer
+    return out
+
+
+def _lora_support(wrappers, base) -> Optional[str]:
+    names = [getattr(w, "parameter_name", None) for w in wrappers]
+    if len(set(names)) != len(names) or not set(names) <= {"gate_up_proj", "down_proj"}:
+        return f"LoRA on parameters {names}"
+    for w in wrappers:
+        if getattr(w, "_did_swap_in_out_features", None) is not True or w.num_experts != base.num_experts:
+            return f"{w.parameter_name}'s adapters are not laid out per expert as [E, out, in]"
+        if any(getattr(w, "lora_bias", {}).values()) or any(getattr(w, "use_dora", {}).values()):
+            return "lora_bias / DoRA"
+    return None
+
+
+def _factors(wrapper, num_experts):
+    """(ExpertLora or None, fusable) for the wrapper's state now."""
+    if wrapper.disable_adapters or wrapper.merged:
+        return None, False
+    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if not active:
+        return None, True
+    if len(active) != 1:
+        return None, False
+    name = active[0]
+    A, B = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
+    r = A.shape[0] // num_experts
+    return ExpertLora(A.reshape(num_experts, r, A.shape[1]), B.reshape(B.shape[0], r, num_experts).permute(2, 0, 1),
+                      float(wrapper.scaling[name])), True
+
+
+def _bind_fused_lora(wrappers, base, kind, patcher: InstancePatcher, entry) -> None:
+    """The outermost wrapper runs the experts with the adapters' factors (no parametrization); any state
+    the fused path does not take (disabled / merged adapters, several active, mixed-batch arguments,
+    another parametrization) runs PEFT's own forward."""
+    outer = wrappers[0]
+    original = outer.forward
+
+    def forward(self, x, *args, **kwargs):
+        if kwargs or len(args) != 2 or hasattr(base, "parametrizations"):
+            return original(x, *args, **kwargs)
+        top_k_index, top_k_weights = args
+        loras = {}
+        for w in wrappers:
+            lora, ok = _factors(w, base.num_experts)
+            if not ok:
+                return original(x, *args, **kwargs)
+            loras[w.parameter_name] = lora
+        if not _still_supported(base, x, top_k_index):
+            return original(x, *args, **kwargs)
+        if x.is_cuda and (not use_triton(x) or supported(x, top_k_index, top_k_weights, base.gate_up_proj,
+                                                          base.down_proj) is not None):
+            return original(x, *args, **kwargs)
+        return moe_experts(x, top_k_index, top_k_weights, base.gate_up_proj, base.down_proj, kind,
+                           lora_gate_up=loras.get("gate_up_proj"), lora_down=loras.get("down_proj"))
+
+    patcher.bind(outer, "forward", forward, wraps=original)
 
 
 def moe_block_parts(arch: Architecture, mlp) -> Tuple[Optional[object], Tuple[Tuple[str, object], ...]]:
