@@ -69,8 +69,8 @@ def _grouped_wgrad_kernel(a_ptr, b_ptr, out_ptr, a_rows_ptr, b_rows_ptr, scale_p
                           expert_end_ptr, N, K, stride_am, stride_bm, stride_oe, stride_on, stride_ok,
                           GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr,
                           IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    e = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0)          # tiles of one expert side by side: they walk the same rows
+    e = tl.program_id(1)
     tiles_k = tl.cdiv(K, BK)
     pid_n = pid // tiles_k
     pid_k = pid % tiles_k
@@ -194,7 +194,7 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing, dtype: tor
     bm = 32 if dtype == torch.float32 else 64
     bn = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
     bk = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
-    grid = (routing.num_experts, triton.cdiv(n, bn) * triton.cdiv(k, bk))
+    grid = (triton.cdiv(n, bn) * triton.cdiv(k, bk), routing.num_experts)
     tok = routing.token
     _grouped_wgrad_kernel[grid](a, b, out, tok, tok, scale if scale is not None else tok, routing.start,
                                 routing.end, n, k, a.stride(0), b.stride(0), out.stride(0), out.stride(1),

@@ -16,6 +16,10 @@ with g_s = dout[t] (gathered on load) and q_s = g_s W_d[e]:
     dx[t] = sum_k dh_s W_gu[e],  dW_d[e] = sum_s (w g_s)ᵀ a_s,  dW_gu[e] = sum_s dh_sᵀ x[t]
 Saved for backward: x, the routing, h (2I per pair). ``a`` is rebuilt from h in backward.
 
+LoRA on a stack (``ExpertLora``: ``W[e] + s·B[e]·A[e]``) runs as two rank-r grouped GEMMs beside the
+base one (``h += s·(x A[e]ᵀ) B[e]ᵀ``), and its backward as rank-r grouped GEMMs and weight
+gradients of A and B only: ``W + s·B·A`` is never formed, and a frozen W gets no gradient.
+
 The reference below loops over the experts in Python; it is the definition the Triton path is
 tested against (and what runs off CUDA), not a fast path.
 """
