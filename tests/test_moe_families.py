@@ -205,3 +205,11 @@ def test_gpu_bf16_training_parity(family):
     for a, b in zip(losses["sloth"], losses["ref"]):
         assert abs(a - b) <= 2e-2 * abs(b) + 1e-2, (losses["sloth"], losses["ref"])
     assert losses["sloth"][-1] < losses["sloth"][0]
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_experts_are_a_reported_fallback():
+    model = _model("mixtral").cuda()
+    report = sloth.patch(model)
+    assert report.count("moe_experts") == 0
+    assert all("float32" in e.detail for e in report.entries if e.kind == "moe_experts"), report
