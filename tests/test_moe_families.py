@@ -96,6 +96,19 @@ def test_padding_free(router_logits):
     assert any("output_router_logits" in n for n in report.notes) == router_logits, report.notes
 
 
+def test_auto_checkpointing_probe_does_not_record_router_logits_twice():
+    """auto's memory probe runs a layer's forward once more on the first step; transformers must not record
+    its router logits (the load-balancing loss would count them twice and reach the probe's graph)."""
+    model = _model("qwen3_moe", output_router_logits=True)
+    model.gradient_checkpointing_enable()
+    inputs = _batch(model.config.vocab_size)
+    ref = _step(model, inputs)
+    report = sloth.patch(model, sloth.SlothConfig(gradient_checkpointing="auto", memory_budget_gb=1))
+    for _ in range(2):
+        _assert_same(_step(model, inputs), ref)
+    assert report.count("gradient_checkpointing") == model.config.num_hidden_layers
+
+
 def _lora(model, experts: bool):
     kw = dict(target_parameters=EXPERT_PARAMS) if experts else {}
     with warnings.catch_warnings():

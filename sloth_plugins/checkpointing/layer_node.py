@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Hashable, Optional, Sequence, Tuple
 
 import torch
@@ -66,6 +66,23 @@ def recording_outputs() -> bool:
         return bool(collector.get())
     except Exception:  # noqa: BLE001 - another transformers layout: assume the worst
         return True
+
+
+@contextmanager
+def outputs_not_recorded():
+    """transformers records no per-layer outputs in this block: for a forward that is not the step's
+    own (the memory probe's extra run of a layer), whose router logits would otherwise be counted
+    twice by a MoE load-balancing loss and tie it to a graph that has no backward."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    if collector is None or not recording_outputs():
+        yield
+        return
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 def tensors_in(obj: Any, depth: int = 3):
