@@ -138,6 +138,8 @@ def _param_wrappers(module) -> list:
 
 
 def _lora_support(wrappers, base) -> Optional[str]:
+    if has_instance_override(wrappers[0]):
+        return "the adapter wrapper's forward was already replaced by another library"
     names = [getattr(w, "parameter_name", None) for w in wrappers]
     if len(set(names)) != len(names) or not set(names) <= {"gate_up_proj", "down_proj"}:
         return f"LoRA on parameters {names}"
