@@ -3,6 +3,8 @@ reference, and Liger-Kernel, at Llama-3-8B shapes in bf16.
 
     python benchmarks/kernels.py                      # all kernels, all implementations
     python benchmarks/kernels.py --kernels rms_norm,fused_ce --impls sloth,eager
+    python benchmarks/kernels.py --kernels moe_qwen3_30b_a3b,moe_mixtral_8x7b   # MoE experts blocks vs
+                                  # transformers' experts_implementation eager / grouped_mm / batched_mm
     python benchmarks/kernels.py --smoke              # tiny shapes on CPU (checks the code paths)
 
 Per kernel and implementation: median time of forward, backward (graph built once, then
@@ -37,7 +39,9 @@ from sloth_plugins.kernels.rms_norm import rms_norm_reference
 from sloth_plugins.kernels.rope import apply_rope_reference
 
 KERNELS = ["rms_norm", "rms_norm_dw", "rope", "swiglu", "geglu", "geglu_tanh", "fused_ce"]
-IMPLS = ["sloth", "eager", "compile", "liger", "torch_chunked"]
+# MoE experts blocks at their models' shapes (own shapes, not LLAMA3_8B); run with --kernels, not by default.
+MOE_KERNELS = ["moe_qwen3_30b_a3b", "moe_mixtral_8x7b", "moe_qwen3_30b_a3b_lora", "moe_mixtral_8x7b_lora"]
+IMPLS = ["sloth", "eager", "compile", "liger", "torch_chunked", "grouped_mm", "batched_mm"]
 MODES = ["fwd", "bwd", "fwdbwd"]
 
 LLAMA3_8B = dict(batch=4, seq=2048, hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, head_dim=128,
@@ -126,6 +130,8 @@ def build_cases(shape: dict, dtype, device, names: Sequence[str], compile_backen
                          else "liger has no erf GeGLU (tanh only)")
             case.impls = {"sloth": ours, "eager": ref, "compile": comp(ref)}
             case.impls["liger"] = liger if isinstance(liger, str) else (lambda g, u, fn=liger: fn.apply(g, u))
+        elif name in MOE_KERNELS:
+            case = _moe_case(name, dtype, device, smoke=shape == SMOKE)
         elif name == "fused_ce":
             def ce_inputs():
                 labels = torch.randint(0, vocab, (b * s,), generator=_gen(device, 9), device=device)
@@ -145,6 +151,82 @@ def build_cases(shape: dict, dtype, device, names: Sequence[str], compile_backen
             raise SystemExit(f"unknown kernel {name!r}; choose from {', '.join(KERNELS)}")
         cases.append(case)
     return cases
+
+
+# tokens (batch x seq), hidden, expert intermediate, experts, top-k
+MOE_SHAPES = {"moe_qwen3_30b_a3b": (2 * 2048, 2048, 768, 128, 8), "moe_mixtral_8x7b": (4096, 4096, 14336, 8, 2)}
+MOE_LORA_RANK = 16
+MOE_SMOKE = (48, 64, 32, 8, 2)
+_BATCHED_MM_LIMIT = 32 * 2**30      # batched_mm gathers one [2I, H] weight per (token, expert) pair
+
+
+def _moe_case(name: str, dtype, device, smoke: bool) -> Case:
+    """The experts of one MoE layer, forward+backward: x, routing weights and both expert weight stacks
+    get gradients (full fine-tuning of the experts; LoRA on them differentiates the same tensors).
+    Routing from a random router (softmax, top-k, renormalised), the same for every implementation.
+    "eager" / "grouped_mm" / "batched_mm": transformers' own experts module (Qwen3-MoE's class, which
+    Mixtral's matches) with that ``experts_implementation``, on our tensors (``functional_call``)."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qm
+
+    from sloth_plugins.kernels.moe import ExpertLora
+    lora = name.endswith("_lora")
+    tokens, hidden, inter, experts, top_k = MOE_SMOKE if smoke else MOE_SHAPES[name.removesuffix("_lora")]
+    r, scale = MOE_LORA_RANK, 2.0
+
+    def inputs():
+        logits = _randn((tokens, experts), torch.float32, device, 21)
+        weights, index = torch.topk(logits.softmax(-1), top_k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(dtype).requires_grad_()
+        base = [_randn((tokens, hidden), dtype, device, 22, requires_grad=True), index, weights,
+                _randn((experts, 2 * inter, hidden), dtype, device, 23, hidden ** -0.5, requires_grad=not lora),
+                _randn((experts, hidden, inter), dtype, device, 24, inter ** -0.5, requires_grad=not lora)]
+        if not lora:
+            return base
+        # PEFT's target_parameters layout per stack: A [E·r, in], B [out, r·E]
+        return base + [_randn((experts * r, hidden), dtype, device, 25, hidden ** -0.5, requires_grad=True),
+                       _randn((2 * inter, r * experts), dtype, device, 26, 0.02, requires_grad=True),
+                       _randn((experts * r, inter), dtype, device, 27, inter ** -0.5, requires_grad=True),
+                       _randn((hidden, r * experts), dtype, device, 28, 0.02, requires_grad=True)]
+
+    def factors(A, B):
+        return A.reshape(experts, r, A.shape[1]), B.reshape(B.shape[0], r, experts).permute(2, 0, 1)
+
+    def peft_weight(W, A, B):
+        """What PEFT's parametrization hands the experts module for one adapter: baddbmm(W, B, A, alpha=s)."""
+        a, b = factors(A, B)
+        return torch.baddbmm(W, b, a, alpha=scale)
+
+    def transformers_experts(implementation: str):
+        config = qm.Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
+                                   num_experts_per_tok=top_k, hidden_act="silu")
+        config._experts_implementation = implementation
+        with torch.device("meta"):
+            module = qm.Qwen3MoeExperts(config)
+
+        def run(x, index, weights, gate_up, down, *adapters):
+            if adapters:
+                gate_up, down = peft_weight(gate_up, *adapters[:2]), peft_weight(down, *adapters[2:])
+            return torch.func.functional_call(module, {"gate_up_proj": gate_up, "down_proj": down},
+                                              (x, index, weights))
+        return run
+
+    def ours(x, index, weights, gate_up, down, *adapters):
+        loras = [ExpertLora(*factors(*adapters[i:i + 2]), scale) for i in (0, 2)] if adapters else [None, None]
+        return SK.moe_experts(x, index, weights, gate_up, down, "swiglu", *loras)
+
+    what = (f"LoRA r={r} on both stacks (PEFT target_parameters; transformers' rows get W + s·B·A as PEFT's "
+            f"parametrization builds it): grads of x, routing weights and the adapters") if lora else \
+        "grads of x, routing weights and both expert stacks"
+    case = Case(name, inputs, grad_idx=(0, 2, 5, 6, 7, 8) if lora else (0, 2, 3, 4),
+                note=f"{tokens} tokens, hidden {hidden}, expert inter {inter}, {experts} experts, top-{top_k}; {what}")
+    case.impls = {"sloth": ours, "eager": transformers_experts("eager"),
+                  "grouped_mm": transformers_experts("grouped_mm"),
+                  "compile": "not measured for the MoE block (data-dependent shapes)"}
+    pairs_bytes = tokens * top_k * 2 * inter * hidden * torch.finfo(dtype).bits // 8
+    case.impls["batched_mm"] = (transformers_experts("batched_mm") if pairs_bytes <= _BATCHED_MM_LIMIT else
+                                f"batched_mm would gather {pairs_bytes / 2**30:.0f} GiB of expert weights "
+                                f"(one [2I, H] per token-expert pair)")
+    return case
 
 
 def _as_tuple(out) -> tuple:
@@ -321,7 +403,8 @@ def plot_results(rows: List[dict], path: Path, title: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="", help=f"comma-separated subset of {','.join(KERNELS)} (default all)")
+    p.add_argument("--kernels", default="", help=f"comma-separated subset of {','.join(KERNELS + MOE_KERNELS)} "
+                                                 f"(default: all but the MoE blocks {','.join(MOE_KERNELS)})")
     p.add_argument("--impls", default="", help=f"comma-separated subset of {','.join(IMPLS)} (default all; "
                                                f"torch_chunked only exists for fused_ce)")
     p.add_argument("--warmup-ms", type=float, default=50.0)

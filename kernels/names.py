@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional, Tuple
 
-KERNEL_NAMES: Tuple[str, ...] = ("rms_norm", "rope", "mlp", "lora_mlp", "lora_qkv", "lora_o")
+KERNEL_NAMES: Tuple[str, ...] = ("rms_norm", "rope", "mlp", "lora_mlp", "lora_qkv", "lora_o", "moe_experts")
 SWITCHED_KERNELS: Tuple[str, ...] = ("rms_norm", "rope", "mlp")
 DEPRECATED_ENV_VARS: Dict[str, str] = {"mlp": "SLOTH_KERNEL_GATED_ACT"}   # kernel name -> old variable
 

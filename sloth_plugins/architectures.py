@@ -40,6 +40,12 @@ class Architecture:
     norm_cast_before_weight: bool = True         # Llama casts to the input dtype before * w
     logit_softcap_attr: Optional[str] = None     # config attribute holding the final logit softcap
     partial_rotary: bool = False
+    # Mixture of experts (None / () on dense families). A layer's ``mlp`` holding ``experts`` is a
+    # sparse MoE block; one without it (Qwen-MoE's ``mlp_only_layers``) is a dense gated MLP.
+    experts: Optional[str] = None                # transformers' experts module (3-D expert weights) in the block
+    shared_experts: Tuple[str, ...] = ()         # dense gated MLPs beside the routed experts in the block
+    router_aux_loss: Optional[str] = None        # function of the CausalLM's module the model adds to its loss:
+    #   router_aux_loss_coef * f(router_logits, num_experts, num_experts_per_tok, attention_mask)
 
     def activation(self, config) -> Optional[str]:
         value = getattr(config, self.activation_attr, None)
@@ -79,6 +85,12 @@ BUILTIN_ARCHITECTURES: Tuple[Architecture, ...] = (
                  **_GEMMA_NORMS),
     Architecture("phi3", ("phi3",), q_proj=None, k_proj=None, v_proj=None, qkv_proj="qkv_proj",
                  gate_proj=None, up_proj=None, gate_up_proj="gate_up_proj", partial_rotary=True),
+    # Mixture-of-experts families (issue 19)
+    Architecture("mixtral", ("mixtral",), experts="experts", router_aux_loss="load_balancing_loss_func"),
+    Architecture("qwen3_moe", ("qwen3_moe",), qk_norm=("q_norm", "k_norm"), experts="experts",
+                 router_aux_loss="load_balancing_loss_func"),
+    Architecture("qwen2_moe", ("qwen2_moe",), experts="experts", shared_experts=("shared_expert",),
+                 router_aux_loss="load_balancing_loss_func"),
 )
 
 

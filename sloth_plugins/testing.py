@@ -11,6 +11,8 @@ from typing import Iterable, List, Optional
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+# Mixture-of-experts families of the table (tiny: 4 experts, top-2).
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # Causal LMs without an architecture entry: what the generic paths must get right.
 UNKNOWN_FAMILIES = ("gpt2", "opt", "custom")
 # package data (pyproject: tool.setuptools.package-data), so it is there in a wheel install too
@@ -52,14 +54,21 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, hidden_size: int =
     """A small config of one of FAMILIES, built from transformers' own config class."""
     from transformers import CONFIG_MAPPING
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family not in FAMILIES + MOE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES + MOE_FAMILIES)}")
     kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
               tie_word_embeddings=False)
-    if family in ("gemma", "gemma2", "gemma3_text", "qwen3"):
+    if family in ("gemma", "gemma2", "gemma3_text", "qwen3", "qwen3_moe"):
         kw["head_dim"] = hidden_size // 4
+    if family == "mixtral":
+        kw.update(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
+    elif family in MOE_FAMILIES:
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1,
+                  mlp_only_layers=[], norm_topk_prob=True)
+    if family == "qwen2_moe":
+        kw["shared_expert_intermediate_size"] = 2 * hidden_size
     if family in ("gemma2", "gemma3_text"):
         kw.update(final_logit_softcapping=30.0, sliding_window=64, query_pre_attn_scalar=hidden_size // 4)
     if family == "gemma3_text":

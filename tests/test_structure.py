@@ -226,7 +226,7 @@ def _string_collections(tree: ast.AST) -> Iterable[Set[str]]:
 @pytest.mark.parametrize("names, home", [
     ({"swiglu", "geglu", "geglu_tanh"}, f"{KERNELS}.names"),
     ({"gelu_pytorch_tanh", "gelu_new", "gelu_fast"}, f"{KERNELS}.names"),
-    ({"rms_norm", "rope", "mlp", "lora_mlp", "lora_qkv", "lora_o"}, f"{KERNELS}.names"),
+    ({"rms_norm", "rope", "mlp", "lora_mlp", "lora_qkv", "lora_o", "moe_experts"}, f"{KERNELS}.names"),
 ], ids=["gated_activations", "hidden_acts", "kernel_names"])
 def test_name_tables_are_written_once(names, home):
     """A literal listing all of these names (a table of them) appears in one module only; the

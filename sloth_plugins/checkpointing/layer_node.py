@@ -20,16 +20,18 @@ that says so: ``create_graph=True`` (double backward) and a second backward thro
 graph (``retain_graph=True``).
 
 ``usable`` routes to torch's non-reentrant checkpoint what this does not cover:
-torch.distributed runs (DDP's and FSDP's gradient hooks are proven with torch's checkpoint),
+calls whose per-layer outputs transformers records (``recording_outputs``), torch.distributed
+runs (DDP's and FSDP's gradient hooks are proven with torch's checkpoint),
 torch.compile tracing, trainable tensors bound in the layer's call (a partial's keywords or
 positional arguments; the node's inputs are the call's own tensor arguments). The forward and
 the recompute run under the same autocast and RNG state, so they compute the same values.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Hashable, Optional, Sequence, Tuple
 
 import torch
@@ -43,12 +45,44 @@ _registration_hooks = None
 
 
 def usable(function: Callable, kwargs: dict) -> bool:
-    if kwargs or torch.compiler.is_compiling():
+    if kwargs or torch.compiler.is_compiling() or recording_outputs():
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False
     bound = (getattr(function, "args", ()), getattr(function, "keywords", {}))    # a partial's arguments
     return not any(t.requires_grad for t in tensors_in(bound))
+
+
+def recording_outputs() -> bool:
+    """transformers (5.x) is recording per-layer outputs of this call through forward hooks (a MoE
+    model's router logits for its load-balancing loss, hidden states, attentions). Recorded in this
+    node's ``no_grad`` forward they would be cut from the graph: the load-balancing loss would lose
+    its gradient. torch's non-reentrant checkpoint records them with their graph."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    if collector is None:
+        return False
+    try:
+        return bool(collector.get())
+    except Exception:  # noqa: BLE001 - another transformers layout: assume the worst
+        return True
+
+
+@contextmanager
+def outputs_not_recorded():
+    """transformers records no per-layer outputs in this block: for a forward that is not the step's
+    own (the memory probe's extra run of a layer), whose router logits would otherwise be counted
+    twice by a MoE load-balancing loss and tie it to a graph that has no backward."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    if collector is None or not recording_outputs():
+        yield
+        return
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 def tensors_in(obj: Any, depth: int = 3):

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from .layer_node import tensors_in
+from .layer_node import outputs_not_recorded, tensors_in
 from .offload import ActivationOffloader, offload_min_bytes
 from .plan import CheckpointPlan, LayerMemory, MemoryModel, activation_peaks
 
@@ -149,7 +149,7 @@ class MemoryMeter:
         device = hidden.device if hidden is not None else torch.device("cpu")
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), \
+        with torch.random.fork_rng(devices=rng_devices), outputs_not_recorded(), \
                 torch.autograd.graph.saved_tensors_hooks(count, _never_unpacked):
             out = function(*args, **kwargs)
         saved_bytes = sum(_storage_bytes(t) for t in held.values())

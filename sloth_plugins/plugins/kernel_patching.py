@@ -19,6 +19,7 @@ from ..kernels import apply_rope, gated_activation, rms_norm
 from ..report import PatchReport
 from ._modules import decoder_layers, get_path, rebind_global
 from .fused_lora_patching import lora_cache, patch_lora_projections, try_patch_lora_mlp
+from .moe_patching import moe_block_parts, patch_experts
 
 _ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 
@@ -43,8 +44,16 @@ class KernelPlugin:
             if attn is not None and (config.kernel_enabled("lora_qkv") or config.kernel_enabled("lora_o")):
                 patch_lora_projections(attn, f"{layer_path}.{arch.attention}", arch, config, report, patcher, cache)
             mlp = get_path(layer, arch.mlp)
-            if mlp is not None:
+            experts, shared = moe_block_parts(arch, mlp) if mlp is not None else (None, ())
+            if experts is None and mlp is not None:
                 _patch_mlp(mlp, f"{layer_path}.{arch.mlp}", model.config, arch, config, report, patcher, cache)
+            elif experts is not None:
+                block = f"{layer_path}.{arch.mlp}"
+                for name, module in shared:
+                    _patch_mlp(module, f"{block}.{name}", model.config, arch, config, report, patcher, cache)
+                if config.kernel_enabled("moe_experts"):
+                    patch_experts(experts, f"{block}.{arch.experts}", arch.activation(model.config), report,
+                                  patcher)
         if config.kernel_enabled("rms_norm"):
             _patch_norm(get_path(model, arch.final_norm), arch.final_norm, arch, report, patcher)
 

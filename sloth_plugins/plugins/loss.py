@@ -68,8 +68,11 @@ class LossPlugin:
         head = model.get_output_embeddings()
         impl = "fused linear CE" if _fused_head(head) else "chunked CE (module head)"
         detail = f"{impl}, chunk={config.loss_chunk_size or 'auto'}" + (f", softcap={softcap:g}" if softcap else "")
+        aux = _router_aux_loss(model, arch)
+        if aux is not None:
+            detail += "; + the router load-balancing loss when output_router_logits"
         entry = report.patched("loss", "", detail + (_PENDING if arch is None else ""))
-        _patch_forward(model, config, softcap, patcher, entry, verify=arch is None, hook=context.hook)
+        _patch_forward(model, config, softcap, patcher, entry, verify=arch is None, hook=context.hook, aux=aux)
 
     @hookimpl(trylast=True)
     def sloth_causal_lm_loss(self, hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
@@ -230,6 +233,19 @@ def _unproven_reason(model) -> Optional[str]:
     return None
 
 
+def _router_aux_loss(model, arch):
+    """The table's load-balancing loss function of a MoE family, from the model's own module, when the
+    CausalLM carries what its forward passes to it; else None (router-logit calls run the model's forward)."""
+    name = arch.router_aux_loss if arch is not None else None
+    if not name:
+        return None
+    fn = getattr(sys.modules.get(type(model).__module__), name, None)
+    if not callable(fn) or any(not hasattr(model, a) for a in ("num_experts", "num_experts_per_tok",
+                                                               "router_aux_loss_coef")):
+        return None
+    return fn
+
+
 def _foreign_forward_reason(model) -> Optional[str]:
     if not has_instance_override(model):
         return None
@@ -241,10 +257,11 @@ def _foreign_forward_reason(model) -> Optional[str]:
     return f"the model's forward was already replaced by {owner}; sloth leaves that loss in charge"
 
 
-def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool, hook) -> None:
+def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool, hook, aux=None) -> None:
     """Bind the fast forward. ``entry`` is the report's loss line, revised when a training call shows
     that the fast loss does not run (or, with ``verify``, that it differs from the model's own).
-    ``hook``: the hook relay the loss is asked through (``sloth_causal_lm_loss``)."""
+    ``hook``: the hook relay the loss is asked through (``sloth_causal_lm_loss``). ``aux``: a MoE
+    family's load-balancing loss function (``_router_aux_loss``), added as the model's forward adds it."""
     original = model.forward
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -264,6 +281,9 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         # from restarting position ids (padding-free batches would attend across samples).
         if arguments.get("use_cache") is None:
             arguments["use_cache"] = False
+        router = aux is not None and _router_logits_asked(arguments, self.config)
+        if router:
+            arguments["output_router_logits"] = True
         decoder = find_decoder(self)
         outputs = decoder(**arguments)
         hidden = outputs[0]
@@ -282,6 +302,13 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
             warnings.warn(f"sloth_plugins: a training batch of {type(self).__name__} has no labels (every label "
                           f"is {IGNORE_INDEX}): its loss is 0.0 with zero gradients (transformers' own loss would "
                           f"be NaN). Warned once per model.", stacklevel=5)
+        if aux is not None:        # a MoE family: the model's output class, aux_loss None without router logits
+            aux_loss = None
+            if router:
+                aux_loss = aux(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                               arguments.get("attention_mask"))
+                loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+            return _moe_output(loss, aux_loss, outputs), hidden.dtype
         return _causal_lm_output(loss, outputs), hidden.dtype
 
     def forward(self, *args, **kwargs):
@@ -308,7 +335,7 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
                            "labels" if labels is not None else "shift_labels")
         if arguments.get("logits_to_keep", 0) not in (0, None):
             return original(*args, **kwargs)
-        asked = _extra_outputs(arguments, self.config)
+        asked = _extra_outputs(arguments, self.config, router_logits_ok=aux is not None)
         if asked:
             record_model_loss(f"a training call asked for {asked}, which sloth's loss does not produce (an extra "
                               f"loss term or outputs): the model's own forward runs for such calls")
@@ -358,12 +385,20 @@ def _check_label_shape(arguments, labels, name) -> None:
                          f"{tuple(tokens)}; a causal-LM loss needs one label per input token (-100 to ignore one)")
 
 
-def _extra_outputs(arguments, model_config) -> Optional[str]:
-    """The output_* options of this call (or the config's router logits) that the fast path would drop."""
-    asked = [k for k, v in arguments.items() if k.startswith("output_") and k not in _CARRIED_OUTPUTS and v]
-    if "output_router_logits" not in arguments and getattr(model_config, "output_router_logits", False):
+def _extra_outputs(arguments, model_config, router_logits_ok: bool = False) -> Optional[str]:
+    """The output_* options of this call (or the config's router logits) that the fast path would drop.
+    ``router_logits_ok``: a MoE family whose load-balancing loss the fast path adds."""
+    carried = _CARRIED_OUTPUTS + (("output_router_logits",) if router_logits_ok else ())
+    asked = [k for k, v in arguments.items() if k.startswith("output_") and k not in carried and v]
+    if (not router_logits_ok and "output_router_logits" not in arguments
+            and getattr(model_config, "output_router_logits", False)):
         asked.append("output_router_logits (config)")
     return ", ".join(asked) or None
+
+
+def _router_logits_asked(arguments, model_config) -> bool:
+    value = arguments.get("output_router_logits")
+    return bool(getattr(model_config, "output_router_logits", False) if value is None else value)
 
 
 _MATCH, _DEFER, _MISMATCH = 0, 1, 2
@@ -396,6 +431,13 @@ def _rng_snapshot(model):
         for i, s in zip(indices, cuda):
             torch.cuda.set_rng_state(s, i)
     return restore
+
+
+def _moe_output(loss, aux_loss, decoder_outputs):
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+    fields = {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
+    carried = {k: v for k, v in decoder_outputs.items() if k in fields and k not in ("loss", "logits", "aux_loss")}
+    return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, **carried)
 
 
 def _causal_lm_output(loss, decoder_outputs):

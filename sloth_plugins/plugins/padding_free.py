@@ -28,7 +28,8 @@ padded batch was not packed: eval mode, a left-padded batch (the padded model pr
 first real token from the pad position before it: a loss term a packed row cannot reproduce), a
 batch without padding, a batch already packed
 (``cu_seq_lens_q`` present, position ids restarting inside a sample), a KV cache or
-``use_cache=True``, ``output_hidden_states`` / ``output_attentions``, a 4-D or holed mask,
+``use_cache=True``, ``output_hidden_states`` / ``output_attentions`` / ``output_router_logits`` (a MoE
+load-balancing loss reads the router logits against the padded attention mask), a 4-D or holed mask,
 per-token tensors the plugin does not know.
 """
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _packing(decoder, arguments: Dict[str, Any]) -> Union["_Packing", str, None]
         return "a KV cache was passed (generation)"
     if arguments.get("use_cache"):
         return "use_cache=True was asked for"
-    for key in ("output_hidden_states", "output_attentions"):
+    for key in ("output_hidden_states", "output_attentions", "output_router_logits"):
         value = arguments.get(key)
         if value or (value is None and getattr(decoder.config, key, False)):
             return f"{key} was asked for (per-layer outputs keep the padded shape)"
