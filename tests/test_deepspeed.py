@@ -1,0 +1,330 @@
+"""DeepSpeed ZeRO under the adapters: the same DeepSpeed run with and without sloth.
+
+ZeRO-3 partitions every parameter even at world size 1, so one process exercises the gathers:
+the lm_head read by the fused loss (frozen: gathered around the loss; trainable: registered as an
+external parameter of the CausalLM, so DeepSpeed gathers it for its forward and backward), and the
+projections' weights read by the fused LoRA functions (registered with the module that runs them).
+Each case trains the same tiny model on the same batches under DeepSpeed twice, without and with
+sloth, and compares the per-step losses and gradient norms; spies count the fused calls, so a
+silent fallback to the model's own code fails the test, and the PatchReport must say what ran.
+
+On CPU DeepSpeed runs on its CPU accelerator (``DS_ACCELERATOR=cpu``) over gloo; nothing else is
+needed (no oneCCL), and it builds its small shared-memory op with the machine's C++ compiler on
+first use. The workers run in a subprocess (this file, ``python tests/test_deepspeed.py hf OUT``)
+so that the process group DeepSpeed starts does not outlive them into other tests.
+
+Lightning refuses its DeepSpeedStrategy off CUDA by type (``setup_environment``); the CPU test
+lifts exactly that check, for the plain and the sloth strategy alike (DeepSpeed itself runs).
+The ``-m gpu`` tests run the same comparisons on a CUDA device in bf16 with more steps.
+"""
+import os
+import sys
+
+if __name__ == "__main__":
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+import collections  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 256
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _rows(n, seed=0, low=10, high=33):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (n,), generator=g)
+    return [dict(input_ids=torch.randint(3, VOCAB, (int(k),), generator=g)) for k in lengths]
+
+
+def _ds_config(stage, offload=False):
+    zero = {"stage": stage}
+    if stage == 3:
+        # every parameter partitioned (none kept whole for being small), so every gather path runs
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+        if offload:
+            zero.update(offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"})
+    # no "optimizer": the Trainer's torch AdamW (DeepSpeed's fused optimizers need its compiled ops)
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (a subprocess)
+# ---------------------------------------------------------------------------------------------
+
+class Spy:
+    """Counts the calls of sloth's fused functions (each call goes through unchanged)."""
+
+    def __init__(self):
+        from sloth_plugins.plugins import fused_lora, loss
+        self.counts = collections.Counter()
+        for module, names in ((fused_lora, ("lora_projections", "lora_gated_mlp")),
+                              (loss, ("fused_linear_cross_entropy", "chunked_cross_entropy"))):
+            for name in names:
+                setattr(module, name, self._counted(name, getattr(module, name)))
+
+    def _counted(self, name, fn):
+        def call(*args, **kwargs):
+            self.counts[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+
+def _model(full_ft, gpu, size):
+    from sloth_plugins.testing import tiny_model, with_lora
+    kw = dict(vocab_size=VOCAB) if size == "tiny" else dict(vocab_size=32000, hidden_size=1024, layers=4)
+    model = tiny_model("llama", seed=0, **kw)
+    if not full_ft:
+        torch.manual_seed(1)
+        model = with_lora(model, target_modules=LORA_TARGETS)
+    return model
+
+
+def _hf_case(out, name, stage, use_sloth, full_ft=False, checkpointing=False, gpu=False, steps=4, size="tiny",
+             offload=False, save=False):
+    from transformers import Trainer, TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    import sloth_plugins as sloth
+    from sloth_plugins.testing import MicroLossRecorder, right_pad_collate
+    unset_hf_deepspeed_config()            # the previous case's: the model is built without zero.Init
+    model = _model(full_ft, gpu, size)
+    args = TrainingArguments(
+        output_dir=os.path.join(out, name), max_steps=steps, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=2e-3, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=not gpu, bf16=gpu, deepspeed=_ds_config(stage, offload), seed=0, data_seed=0,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=checkpointing, remove_unused_columns=False)
+    callbacks = [sloth.SlothCallback(verbose=False)] if use_sloth else []
+
+    class T(MicroLossRecorder, Trainer):
+        pass
+
+    trainer = T(model=model, args=args, train_dataset=_rows(steps * 4), data_collator=right_pad_collate,
+                callbacks=callbacks)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    result = dict(micro=trainer.micro_losses, grad_norm=[h["grad_norm"] for h in logs],
+                  report=str(callbacks[0].report) if use_sloth else None,
+                  summary=callbacks[0].report.summary() if use_sloth else None)
+    if save:
+        trainer.save_model(os.path.join(out, name, "adapter"))
+    if gpu:
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+HF_CASES = {   # name: (stage, options)
+    "z3_lora": (3, dict(save=True)),
+    "z3_full": (3, dict(full_ft=True)),
+    "z3_lora_ckpt": (3, dict(checkpointing=True)),
+    "z2_lora": (2, dict()),
+}
+
+
+def hf_worker(out, gpu=False):
+    spy = Spy()
+    results = {}
+    cases = dict(HF_CASES)
+    if gpu:
+        cases = {"z3_lora": (3, dict(save=True, steps=20, size="1b")), "z3_full": (3, dict(full_ft=True, steps=20,
+                                                                                              size="1b")),
+                 "z3_lora_offload": (3, dict(steps=20, size="1b", offload=True)),
+                 "z2_lora": (2, dict(steps=20, size="1b"))}
+    for name, (stage, options) in cases.items():
+        for use_sloth in (False, True):
+            before = collections.Counter(spy.counts)
+            key = f"{name}_{'sloth' if use_sloth else 'plain'}"
+            results[key] = _hf_case(out, key, stage, use_sloth, gpu=gpu, **options)
+            results[key]["calls"] = dict(spy.counts - before)
+    with open(os.path.join(out, "hf.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _lightning_fit(out, name, stage, use_sloth, gpu=False, steps=4, size="tiny", full_ft=False):
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    import sloth_plugins as sloth
+    from sloth_plugins.testing import right_pad_collate
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.losses = _model(full_ft, gpu, size), []
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(**batch).loss
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-3)
+
+    ds = {"zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+          "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": 2}
+    if use_sloth:
+        base = type(sloth.SlothStrategy("deepspeed", verbose=False))
+        kwargs = dict(config=ds, verbose=False)
+    else:
+        base, kwargs = DeepSpeedStrategy, dict(config=ds)
+    if not gpu:
+        class OnCPU(base):
+            """Lightning refuses DeepSpeed off CUDA by accelerator type; DeepSpeed itself runs on CPU."""
+            def setup_environment(self):
+                DDPStrategy.setup_environment(self)
+        base = OnCPU
+        kwargs["parallel_devices"] = [torch.device("cpu", 0)]   # DeepSpeedStrategy checks device indices
+    strategy = base(**kwargs)
+    module = Module()
+    loader = torch.utils.data.DataLoader(_rows(steps * 2), batch_size=2, collate_fn=right_pad_collate)
+    trainer = L.Trainer(strategy=strategy, accelerator="gpu" if gpu else "cpu", devices=1, max_steps=steps,
+                        precision="bf16-mixed" if gpu else "32-true", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    report = strategy.sloth_report if use_sloth else None
+    return dict(micro=module.losses, report=str(report) if report else None,
+                summary=report.summary() if report else None)
+
+
+def lightning_worker(out, gpu=False):
+    spy = Spy()
+    results = {}
+    cases = {"z3_lora": (3, {}), "z3_full": (3, dict(full_ft=True)), "z2_lora": (2, {})}
+    if gpu:
+        cases = {k: (stage, {**o, "steps": 20, "size": "1b"}) for k, (stage, o) in cases.items()}
+    for name, (stage, options) in cases.items():
+        for use_sloth in (False, True):
+            before = collections.Counter(spy.counts)
+            key = f"{name}_{'sloth' if use_sloth else 'plain'}"
+            results[key] = _lightning_fit(out, key, stage, use_sloth, gpu=gpu, **options)
+            results[key]["calls"] = dict(spy.counts - before)
+    with open(os.path.join(out, "lightning.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _worker_env():
+    return {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+
+
+if __name__ == "__main__":
+    what, out = sys.argv[1], sys.argv[2]
+    gpu = "--gpu" in sys.argv
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    for key, value in _worker_env().items():
+        os.environ.setdefault(key, value)
+    if not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    {"hf": hf_worker, "lightning": lightning_worker}[what](out, gpu)
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Test side
+# ---------------------------------------------------------------------------------------------
+
+deepspeed_missing = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (pip install 'sloth_plugins[deepspeed]')")
+
+
+def _run_worker(what, out, gpu=False, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                        if p and os.path.abspath(p) != root)
+    cmd = [sys.executable, os.path.abspath(__file__), what, str(out)] + (["--gpu"] if gpu else [])
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"worker {what} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    with open(os.path.join(out, f"{what}.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def hf_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed_hf")
+    return out, _run_worker("hf", out)
+
+
+def _assert_parity(plain, fast, rel):
+    assert len(fast["micro"]) == len(plain["micro"]) > 0
+    assert fast["micro"] == pytest.approx(plain["micro"], rel=rel)
+    assert fast["grad_norm"] == pytest.approx(plain["grad_norm"], rel=rel * 10)
+
+
+def _fused_loss_ran(result):
+    """The fused loss ran on every micro-batch (never the chunked module-head path); the call counts."""
+    calls = result["calls"]
+    assert calls.get("fused_linear_cross_entropy", 0) == len(result["micro"])
+    assert calls.get("chunked_cross_entropy", 0) == 0
+    return calls
+
+
+@deepspeed_missing
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_trainer_deepspeed_matches_the_same_run_without_sloth(hf_results, case):
+    _, results = hf_results
+    plain, fast = results[f"{case}_plain"], results[f"{case}_sloth"]
+    _assert_parity(plain, fast, rel=1e-5)
+    calls = _fused_loss_ran(fast)
+    summary = fast["summary"]
+    assert "fused linear CE" in summary["loss"]["how"][0] and summary["loss"]["fallback"] == 0
+    if case != "z3_full":
+        recompute = 2 if case.endswith("ckpt") else 1
+        # every layer's MLP and o_proj ran fused (q, k, v too), none fell back
+        assert calls["lora_gated_mlp"] == len(fast["micro"]) * 2 * recompute
+        assert summary["lora_mlp"]["patched"] == 2 and summary["lora_mlp"]["fallback"] == 0
+        assert calls["lora_projections"] >= len(fast["micro"]) * 2 * 2 * recompute
+    if case.startswith("z3") and case != "z3_full":
+        assert any("ZeRO-3" in how for how in summary["lora_qkv"]["how"])
+
+
+@deepspeed_missing
+@pytest.mark.slow
+def test_hf_zero3_adapter_loads_in_plain_peft_with_the_unpatched_runs_logits(hf_results):
+    """The ZeRO-3 run's adapter (consolidated by the Trainer) gives, in plain PEFT on the same base
+    model, the logits of the adapter the same run without sloth saved."""
+    from peft import PeftModel
+    out, _ = hf_results
+    batch = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for which in ("plain", "sloth"):
+        base = _model(full_ft=True, gpu=False, size="tiny")
+        model = PeftModel.from_pretrained(base, os.path.join(out, f"z3_lora_{which}", "adapter")).eval()
+        with torch.no_grad():
+            logits[which] = model(input_ids=batch).logits
+    untrained = _model(full_ft=False, gpu=False, size="tiny").eval()
+    with torch.no_grad():
+        before = untrained(input_ids=batch).logits
+    assert not torch.allclose(logits["plain"], before, atol=1e-3)      # the adapter trained
+    torch.testing.assert_close(logits["sloth"], logits["plain"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def lightning_results(tmp_path_factory):
+    pytest.importorskip("lightning")
+    out = tmp_path_factory.mktemp("deepspeed_lightning")
+    return _run_worker("lightning", out)
+
+
+@deepspeed_missing
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["z3_lora", "z3_full", "z2_lora"])
+def test_lightning_sloth_deepspeed_strategy_matches_lightnings_deepspeed_strategy(lightning_results, case):
+    results = lightning_results
+    plain, fast = results[f"{case}_plain"], results[f"{case}_sloth"]
+    assert len(fast["micro"]) == len(plain["micro"]) > 0
+    assert fast["micro"] == pytest.approx(plain["micro"], rel=1e-5)
+    calls = _fused_loss_ran(fast)
+    assert "fused linear CE" in fast["summary"]["loss"]["how"][0]
+    if case != "z3_full":
+        assert calls["lora_gated_mlp"] == len(fast["micro"]) * 2
+        assert fast["summary"]["lora_mlp"]["fallback"] == 0
