@@ -42,16 +42,17 @@ def _rows(n, seed=0, low=10, high=33):
 
 
 def _ds_config(stage, offload=False):
-    zero = {"stage": stage}
+    zero, extra = {"stage": stage}, {}
     if stage == 3:
         # every parameter partitioned (none kept whole for being small), so every gather path runs
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
         if offload:
             zero.update(offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"})
+            extra = {"zero_force_ds_cpu_optimizer": False}   # the torch AdamW, not DeepSpeedCPUAdam
     # no "optimizer": the Trainer's torch AdamW (DeepSpeed's fused optimizers need its compiled ops)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"}}
+            "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"}, **extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,25 +77,28 @@ class Spy:
         return call
 
 
-def _model(full_ft, gpu, size):
+def _model(full_ft, gpu, size, tied=False, lora_head=False):
     from sloth_plugins.testing import tiny_model, with_lora
-    kw = dict(vocab_size=VOCAB) if size == "tiny" else dict(vocab_size=32000, hidden_size=1024, layers=4)
-    model = tiny_model("llama", seed=0, **kw)
+    # "1b": the Llama-3.2-1B shape (random init), for the GPU tests
+    kw = dict(vocab_size=VOCAB) if size == "tiny" else dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64)
+    model = tiny_model("llama", seed=0, tie_word_embeddings=tied, **kw)
     if not full_ft:
         torch.manual_seed(1)
-        model = with_lora(model, target_modules=LORA_TARGETS)
+        model = with_lora(model, target_modules=LORA_TARGETS + (["lm_head"] if lora_head else []))
     return model
 
 
 def _hf_case(out, name, stage, use_sloth, full_ft=False, checkpointing=False, gpu=False, steps=4, size="tiny",
-             offload=False, save=False):
+             offload=False, save=False, tied=False, lora_head=False):
     from transformers import Trainer, TrainingArguments
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     import sloth_plugins as sloth
     from sloth_plugins.testing import MicroLossRecorder, right_pad_collate
     unset_hf_deepspeed_config()            # the previous case's: the model is built without zero.Init
-    model = _model(full_ft, gpu, size)
+    model = _model(full_ft, gpu, size, tied, lora_head)
     args = TrainingArguments(
         output_dir=os.path.join(out, name), max_steps=steps, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, learning_rate=2e-3, logging_steps=1, save_strategy="no", report_to=[],
@@ -106,7 +110,8 @@ def _hf_case(out, name, stage, use_sloth, full_ft=False, checkpointing=False, gp
     class T(MicroLossRecorder, Trainer):
         pass
 
-    trainer = T(model=model, args=args, train_dataset=_rows(steps * 4), data_collator=right_pad_collate,
+    rows = _rows(steps * 4) if size == "tiny" else _rows(steps * 4, low=256, high=1025)
+    trainer = T(model=model, args=args, train_dataset=rows, data_collator=right_pad_collate,
                 callbacks=callbacks)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -125,6 +130,8 @@ HF_CASES = {   # name: (stage, options)
     "z3_lora": (3, dict(save=True)),
     "z3_full": (3, dict(full_ft=True)),
     "z3_lora_ckpt": (3, dict(checkpointing=True)),
+    "z3_full_tied": (3, dict(full_ft=True, tied=True)),     # the trainable head is the embedding
+    "z3_lora_head": (3, dict(lora_head=True)),              # a LoRA head: the model's own loss, said so
     "z2_lora": (2, dict()),
 }
 
@@ -184,7 +191,8 @@ def _lightning_fit(out, name, stage, use_sloth, gpu=False, steps=4, size="tiny",
         kwargs["parallel_devices"] = [torch.device("cpu", 0)]   # DeepSpeedStrategy checks device indices
     strategy = base(**kwargs)
     module = Module()
-    loader = torch.utils.data.DataLoader(_rows(steps * 2), batch_size=2, collate_fn=right_pad_collate)
+    rows = _rows(steps * 2) if size == "tiny" else _rows(steps * 2, low=256, high=1025)
+    loader = torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=right_pad_collate)
     trainer = L.Trainer(strategy=strategy, accelerator="gpu" if gpu else "cpu", devices=1, max_steps=steps,
                         precision="bf16-mixed" if gpu else "32-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -274,16 +282,22 @@ def test_hf_trainer_deepspeed_matches_the_same_run_without_sloth(hf_results, cas
     _, results = hf_results
     plain, fast = results[f"{case}_plain"], results[f"{case}_sloth"]
     _assert_parity(plain, fast, rel=1e-5)
-    calls = _fused_loss_ran(fast)
     summary = fast["summary"]
+    if case == "z3_lora_head":
+        # LoRA on the head: the chunked loss would call it per chunk (a gather per chunk): not under ZeRO-3
+        assert summary["loss"]["patched"] == 0 and "ZeRO-3" in summary["loss"]["why"][0]
+        assert fast["calls"].get("fused_linear_cross_entropy", 0) == fast["calls"].get("chunked_cross_entropy", 0) == 0
+        assert fast["calls"]["lora_gated_mlp"] == len(fast["micro"]) * 2
+        return
+    calls = _fused_loss_ran(fast)
     assert "fused linear CE" in summary["loss"]["how"][0] and summary["loss"]["fallback"] == 0
-    if case != "z3_full":
+    if not case.startswith("z3_full"):
         recompute = 2 if case.endswith("ckpt") else 1
         # every layer's MLP and o_proj ran fused (q, k, v too), none fell back
         assert calls["lora_gated_mlp"] == len(fast["micro"]) * 2 * recompute
         assert summary["lora_mlp"]["patched"] == 2 and summary["lora_mlp"]["fallback"] == 0
         assert calls["lora_projections"] >= len(fast["micro"]) * 2 * 2 * recompute
-    if case.startswith("z3") and case != "z3_full":
+    if case.startswith("z3_lora"):
         assert any("ZeRO-3" in how for how in summary["lora_qkv"]["how"])
 
 
@@ -328,3 +342,45 @@ def test_lightning_sloth_deepspeed_strategy_matches_lightnings_deepspeed_strateg
     if case != "z3_full":
         assert calls["lora_gated_mlp"] == len(fast["micro"]) * 2
         assert fast["summary"]["lora_mlp"]["fallback"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (one H200): the same comparisons, bf16, the Llama-3.2-1B shape, 20 steps
+# ---------------------------------------------------------------------------------------------
+
+def _bf16_close(plain, fast, rel=2e-2):
+    """bf16 runs: sloth's loss is computed in fp32 from bf16 hidden states, the model's from bf16
+    logits; per-step losses agree to bf16 rounding and do not drift apart over the steps."""
+    assert len(fast["micro"]) == len(plain["micro"]) > 0
+    assert fast["micro"] == pytest.approx(plain["micro"], rel=rel)
+    first, last = (abs(a - b) / abs(b) for a, b in ((fast["micro"][0], plain["micro"][0]),
+                                                     (fast["micro"][-1], plain["micro"][-1])))
+    assert last < max(4 * first, 5e-3), (first, last)
+
+
+@pytest.mark.gpu
+@deepspeed_missing
+def test_gpu_hf_trainer_deepspeed_matches_the_same_run_without_sloth(tmp_path):
+    results = _run_worker("hf", tmp_path, gpu=True, timeout=3000)
+    for case in ("z3_lora", "z3_full", "z3_lora_offload", "z2_lora"):
+        plain, fast = results[f"{case}_plain"], results[f"{case}_sloth"]
+        print(case, "plain", plain["micro"][-3:], plain.get("peak_gib"), "sloth", fast["micro"][-3:],
+              fast.get("peak_gib"))
+        _bf16_close(plain, fast)
+        _fused_loss_ran(fast)
+        assert fast["summary"]["loss"]["fallback"] == 0
+        if case != "z3_full":
+            assert fast["calls"]["lora_gated_mlp"] == len(fast["micro"]) * 16
+            assert fast["summary"]["lora_mlp"]["fallback"] == 0, fast["report"]
+
+
+@pytest.mark.gpu
+@deepspeed_missing
+def test_gpu_lightning_deepspeed_matches_lightnings_deepspeed_strategy(tmp_path):
+    pytest.importorskip("lightning")
+    results = _run_worker("lightning", tmp_path, gpu=True, timeout=3000)
+    for case in ("z3_lora", "z3_full", "z2_lora"):
+        plain, fast = results[f"{case}_plain"], results[f"{case}_sloth"]
+        print(case, "plain", plain["micro"][-3:], "sloth", fast["micro"][-3:])
+        _bf16_close(plain, fast)
+        _fused_loss_ran(fast)

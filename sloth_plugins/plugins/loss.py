@@ -145,9 +145,9 @@ def _zero3_reason(head) -> Optional[str]:
     of collectives on ranks with different token counts."""
     if head is None or _plain_linear(head) or not zero3.under_zero3(head):
         return None
-    return (f"DeepSpeed ZeRO-3 partitions the lm_head, a {type(head).__name__} rather than a plain linear layer "
-            f"(LoRA or a quantised head?): the chunked loss would gather it once per chunk; the model's own loss "
-            f"runs")
+    return (f"DeepSpeed ZeRO-3 partitions the lm_head, a {type(head).__module__}.{type(head).__name__} rather "
+            f"than a plain nn.Linear (LoRA or a quantised head?): the chunked loss would gather it once per chunk; "
+            f"the model's own loss runs")
 
 
 def _model_loss_reason(head) -> Optional[str]:
