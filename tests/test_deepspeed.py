@@ -91,20 +91,22 @@ def _model(full_ft, gpu, size, tied=False, lora_head=False):
 
 
 def _hf_case(out, name, stage, use_sloth, full_ft=False, checkpointing=False, gpu=False, steps=4, size="tiny",
-             offload=False, save=False, tied=False, lora_head=False):
+             offload=False, save=False, tied=False, lora_head=False, zero_init=False):
     from transformers import Trainer, TrainingArguments
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     import sloth_plugins as sloth
     from sloth_plugins.testing import MicroLossRecorder, right_pad_collate
     unset_hf_deepspeed_config()            # the previous case's: the model is built without zero.Init
-    model = _model(full_ft, gpu, size, tied, lora_head)
+    model = None if zero_init else _model(full_ft, gpu, size, tied, lora_head)
     args = TrainingArguments(
         output_dir=os.path.join(out, name), max_steps=steps, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, learning_rate=2e-3, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=not gpu, bf16=gpu, deepspeed=_ds_config(stage, offload), seed=0, data_seed=0,
         train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
         gradient_checkpointing=checkpointing, remove_unused_columns=False)
+    if zero_init:   # built after the ZeRO-3 config exists: deepspeed.zero.Init partitions it as it is built
+        model = _model(full_ft, gpu, size, tied, lora_head)
     callbacks = [sloth.SlothCallback(verbose=False)] if use_sloth else []
 
     class T(MicroLossRecorder, Trainer):
@@ -132,6 +134,7 @@ HF_CASES = {   # name: (stage, options)
     "z3_lora_ckpt": (3, dict(checkpointing=True)),
     "z3_full_tied": (3, dict(full_ft=True, tied=True)),     # the trainable head is the embedding
     "z3_lora_head": (3, dict(lora_head=True)),              # a LoRA head: the model's own loss, said so
+    "z3_lora_zero_init": (3, dict(zero_init=True)),         # partitioned before sloth patches it
     "z2_lora": (2, dict()),
 }
 
@@ -218,6 +221,74 @@ def lightning_worker(out, gpu=False):
         json.dump(results, f)
 
 
+def _axolotl_run(out, name, stage, use_sloth, model_dir, gpu=False, steps=4):
+    import copy
+
+    from axolotl.common.datasets import load_datasets
+    from axolotl.integrations.base import PluginManager
+    from axolotl.train import train
+    from axolotl.utils.config import normalize_config, prepare_plugins, validate_config
+    from axolotl.utils.dict import DictDefault
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    manager = PluginManager.get_instance()
+    manager.plugins.clear()
+    manager.cfg = None
+    ds_path = os.path.join(out, f"zero{stage}.json")
+    with open(ds_path, "w") as f:
+        json.dump(_ds_config(stage), f)
+    run_dir = os.path.join(out, name)
+    raw = dict(base_model=model_dir, datasets=[dict(path=os.path.join(model_dir, "sft.jsonl"), ds_type="json",
+                                                    type="input_output")],
+               dataset_prepared_path=os.path.join(run_dir, "prepared"), dataset_num_proc=1, val_set_size=0,
+               output_dir=os.path.join(run_dir, "out"), sequence_len=96 if not gpu else 1024, sample_packing=False,
+               adapter="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_linear=True,
+               micro_batch_size=2, gradient_accumulation_steps=2, max_steps=steps, num_epochs=1,
+               optimizer="adamw_torch", lr_scheduler="cosine", learning_rate=1e-3, bf16=gpu, fp16=False, tf32=False,
+               logging_steps=1, save_strategy="no", seed=42, deepspeed=ds_path,
+               # Axolotl's own LoRA kernels patch the modules sloth patches (and need CUDA): off in both runs
+               lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False, lora_embedding_kernel=False)
+    if use_sloth:
+        raw.update(plugins=["sloth_plugins.integrations.axolotl.SlothPlugin"], sloth_kernels=True,
+                   sloth_loss="chunked")
+    cfg = DictDefault(copy.deepcopy(raw))
+    prepare_plugins(cfg)
+    cfg = validate_config(cfg)
+    normalize_config(cfg)
+    manager.cfg = cfg
+    meta = load_datasets(cfg=cfg)
+    torch.manual_seed(0)
+    model, _, trainer = train(cfg=cfg, dataset_meta=meta)
+    import sloth_plugins as sloth
+    state = sloth.get_state(model)
+    return dict(micro=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+                report=str(state.report) if state else None, summary=state.report.summary() if state else None)
+
+
+AXOLOTL_CASES = {"z3_lora": 3, "z2_lora": 2}
+
+
+def axolotl_worker(out, gpu=False, case="z3_lora_plain"):
+    """One Axolotl run per process: Axolotl destroys the process group when training ends, and
+    DeepSpeed keeps groups of it, so a second DeepSpeed run in the same process cannot start."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_model", os.path.join(root, "examples/axolotl/make_model.py"))
+    make_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_model)
+    model_dir = os.path.join(out, "model")
+    if not os.path.exists(os.path.join(model_dir, "sft.jsonl")):
+        make_model.build(model_dir, shape="llama-3.2-1b" if gpu else "tiny")
+    spy = Spy()
+    name, which = case.rsplit("_", 1)
+    result = _axolotl_run(out, case, AXOLOTL_CASES[name], which == "sloth", model_dir, gpu=gpu,
+                          steps=20 if gpu else 4)
+    result["calls"] = dict(spy.counts)
+    with open(os.path.join(out, f"axolotl_{case}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def _worker_env():
     return {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
 
@@ -230,7 +301,10 @@ if __name__ == "__main__":
         os.environ.setdefault(key, value)
     if not gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    {"hf": hf_worker, "lightning": lightning_worker}[what](out, gpu)
+    if what.startswith("axolotl:"):
+        axolotl_worker(out, gpu, what.split(":", 1)[1])
+    else:
+        {"hf": hf_worker, "lightning": lightning_worker}[what](out, gpu)
     sys.exit(0)
 
 
@@ -251,7 +325,7 @@ def _run_worker(what, out, gpu=False, timeout=600):
     cmd = [sys.executable, os.path.abspath(__file__), what, str(out)] + (["--gpu"] if gpu else [])
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"worker {what} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    with open(os.path.join(out, f"{what}.json")) as f:
+    with open(os.path.join(out, f"{what.replace(':', '_')}.json")) as f:
         return json.load(f)
 
 
@@ -384,3 +458,38 @@ def test_gpu_lightning_deepspeed_matches_lightnings_deepspeed_strategy(tmp_path)
         print(case, "plain", plain["micro"][-3:], "sloth", fast["micro"][-3:])
         _bf16_close(plain, fast)
         _fused_loss_ran(fast)
+
+
+# ---------------------------------------------------------------------------------------------
+# Axolotl with `deepspeed:` (needs DeepSpeed in the Axolotl environment; tests/run.sh does not
+# install it there, so on CPU CI this skips; one process per run, ~1 min each on a CPU)
+# ---------------------------------------------------------------------------------------------
+
+def _axolotl_results(out, gpu):
+    return {f"{case}_{which}": _run_worker(f"axolotl:{case}_{which}", out, gpu=gpu, timeout=1800)
+            for case in AXOLOTL_CASES for which in ("plain", "sloth")}
+
+
+def _check_axolotl(results, rel, layers):
+    for case in AXOLOTL_CASES:
+        plain, fast = results[f"{case}_plain"], results[f"{case}_sloth"]
+        assert fast["micro"] == pytest.approx(plain["micro"], rel=rel) and len(fast["micro"]) > 0
+        assert fast["calls"].get("fused_linear_cross_entropy", 0) > 0 and not plain["calls"]
+        assert fast["summary"]["loss"]["fallback"] == 0 and fast["summary"]["lora_mlp"]["fallback"] == 0
+        assert fast["calls"]["lora_gated_mlp"] >= layers * len(fast["micro"])
+
+
+@deepspeed_missing
+@pytest.mark.slow
+@pytest.mark.axolotl
+def test_axolotl_deepspeed_matches_the_run_without_the_plugin(tmp_path):
+    pytest.importorskip("axolotl")
+    _check_axolotl(_axolotl_results(tmp_path, gpu=False), rel=1e-4, layers=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.axolotl
+@deepspeed_missing
+def test_gpu_axolotl_deepspeed_matches_the_run_without_the_plugin(tmp_path):
+    pytest.importorskip("axolotl")
+    _check_axolotl(_axolotl_results(tmp_path, gpu=True), rel=2e-2, layers=16)

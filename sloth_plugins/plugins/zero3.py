@@ -66,7 +66,10 @@ def partitioned_params(*modules) -> List[torch.nn.Parameter]:
 
 
 def under_zero3(module) -> bool:
-    """Whether ``module``'s first parameter is a ZeRO-3 parameter (DeepSpeed converts all of a model's)."""
+    """Whether ``module``'s first parameter is a ZeRO-3 parameter (DeepSpeed converts all of a model's).
+    Runs on every call of the fused paths: a dict lookup when DeepSpeed was never imported."""
+    if "deepspeed" not in sys.modules:
+        return False
     first = next(module.parameters(), None)
     return first is not None and is_partitioned(first)
 
@@ -118,6 +121,3 @@ def only_zero3_hooks(module, names) -> bool:
                     return False
     return True
 
-
-def deepspeed_loaded() -> bool:
-    return "deepspeed" in sys.modules
