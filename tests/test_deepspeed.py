@@ -133,6 +133,7 @@ HF_CASES = {   # name: (stage, options)
     "z3_full": (3, dict(full_ft=True)),
     "z3_lora_ckpt": (3, dict(checkpointing=True)),
     "z3_full_tied": (3, dict(full_ft=True, tied=True)),     # the trainable head is the embedding
+    "z3_lora_tied": (3, dict(tied=True)),                   # a frozen head that the embedding shares
     "z3_lora_head": (3, dict(lora_head=True)),              # a LoRA head: the model's own loss, said so
     "z3_lora_zero_init": (3, dict(zero_init=True)),         # partitioned before sloth patches it
     "z2_lora": (2, dict()),
@@ -493,3 +494,26 @@ def test_axolotl_deepspeed_matches_the_run_without_the_plugin(tmp_path):
 def test_gpu_axolotl_deepspeed_matches_the_run_without_the_plugin(tmp_path):
     pytest.importorskip("axolotl")
     _check_axolotl(_axolotl_results(tmp_path, gpu=True), rel=2e-2, layers=16)
+
+
+@deepspeed_missing
+def test_lightning_deepspeed_strategy_options():
+    """SlothStrategy("deepspeed") is Lightning's DeepSpeedStrategy: its own arguments, DeepSpeed's config
+    dict or path through ``config=`` (a SlothConfig there configures sloth), unknown names refused."""
+    pytest.importorskip("lightning")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+
+    import sloth_plugins as sloth
+    strategy = sloth.SlothStrategy("deepspeed", stage=3, offload_optimizer=True, loss_chunk_size=64, verbose=False)
+    assert isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    assert strategy.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert strategy.sloth_config == sloth.SlothConfig(loss_chunk_size=64)
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1}
+    strategy = sloth.SlothStrategy("deepspeed", config=ds, kernels=["rms_norm"], verbose=False)
+    assert strategy.config == ds and strategy.sloth_config == sloth.SlothConfig(kernels=["rms_norm"])
+    strategy = sloth.SlothStrategy("deepspeed", config=sloth.SlothConfig(loss="off"), stage=2, verbose=False)
+    assert strategy.sloth_config.loss == "off" and strategy.config["zero_optimization"]["stage"] == 2
+    assert issubclass(StrategyRegistry["sloth_deepspeed"]["strategy"], DeepSpeedStrategy)
+    with pytest.raises(sloth.SlothConfigError, match="did you mean 'stage'"):
+        sloth.SlothStrategy("deepspeed", stag=3)
