@@ -138,6 +138,7 @@ HF_CASES = {   # name: (stage, options)
     "z3_lora_tied": (3, dict(tied=True)),                   # a frozen head that the embedding shares
     "z3_lora_head": (3, dict(lora_head=True)),              # a LoRA head: the model's own loss, said so
     "z3_lora_zero_init": (3, dict(zero_init=True)),         # partitioned before sloth patches it
+    "z3_lora_offload": (3, dict(offload=True)),             # offload_param + offload_optimizer (cpu)
     "z2_lora": (2, dict()),
 }
 
