@@ -6,10 +6,11 @@ a real ``FSDPStrategy``: Lightning picks precision plugins and launchers by stra
 so each one is a subclass of the strategy it extends and changes nothing but one step of
 ``setup()``: the Hugging Face causal LMs held by the LightningModule are patched after the
 module is converted to its precision and moved to its device, and before it is wrapped (DDP,
-FSDP) and before the optimizers exist. ``SlothStrategy("fsdp2")`` is a real
+FSDP, DeepSpeed) and before the optimizers exist. ``SlothStrategy("deepspeed", stage=3)`` is a real
+``DeepSpeedStrategy``. ``SlothStrategy("fsdp2")`` is a real
 ``ModelParallelStrategy`` that also applies FSDP2's ``fully_shard`` itself (per decoder layer,
 then the model), unless the LightningModule's ``configure_model`` does. The names ``"sloth"``,
-``"sloth_ddp"``, ``"sloth_fsdp"`` and ``"sloth_fsdp2"`` are registered in Lightning's strategy
+``"sloth_ddp"``, ``"sloth_fsdp"``, ``"sloth_fsdp2"`` and ``"sloth_deepspeed"`` are registered in Lightning's strategy
 registry once this module is imported (``import sloth_plugins.integrations.lightning``, or
 touching ``sloth_plugins.SlothStrategy``).
 
@@ -45,17 +46,18 @@ from ..manager import patch
 from ..models import resolve_causal_lm
 from ..report import PatchReport
 
-KINDS = ("single", "ddp", "fsdp", "fsdp2")
-REGISTRY_NAMES = {"single": "sloth", "ddp": "sloth_ddp", "fsdp": "sloth_fsdp", "fsdp2": "sloth_fsdp2"}
+KINDS = ("single", "ddp", "fsdp", "fsdp2", "deepspeed")
+REGISTRY_NAMES = {"single": "sloth", "ddp": "sloth_ddp", "fsdp": "sloth_fsdp", "fsdp2": "sloth_fsdp2",
+                  "deepspeed": "sloth_deepspeed"}
 NAMESPACES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
 _FABRIC = {"lightning.pytorch": "lightning.fabric", "pytorch_lightning": "lightning_fabric"}
 _KIND_ALIASES = {"single": "single", "single_device": "single", "auto": "single", "sloth": "single",
                  "ddp": "ddp", "sloth_ddp": "ddp", "fsdp": "fsdp", "sloth_fsdp": "fsdp", "fsdp1": "fsdp",
-                 "fsdp2": "fsdp2", "sloth_fsdp2": "fsdp2"}
+                 "fsdp2": "fsdp2", "sloth_fsdp2": "fsdp2", "deepspeed": "deepspeed", "sloth_deepspeed": "deepspeed"}
 _CLASS_NAMES = {"single": "SlothSingleDeviceStrategy", "ddp": "SlothDDPStrategy", "fsdp": "SlothFSDPStrategy",
-                "fsdp2": "SlothFSDP2Strategy"}
+                "fsdp2": "SlothFSDP2Strategy", "deepspeed": "SlothDeepSpeedStrategy"}
 _BASES = {"single": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "FSDPStrategy",
-          "fsdp2": "ModelParallelStrategy"}
+          "fsdp2": "ModelParallelStrategy", "deepspeed": "DeepSpeedStrategy"}
 _CONFIG_KEYS = (*SlothConfig().to_dict(), *ALIASES)
 
 
@@ -366,6 +368,29 @@ class _FSDPMixin(_DDPMixin):
         super().setup_environment()
 
 
+class _DeepSpeedMixin(_DDPMixin):
+    """Lightning's ``DeepSpeedStrategy`` (ZeRO stage 1-3, offload, its config dict or file): the
+    models are patched in ``setup`` before ``deepspeed.initialize`` wraps them. Under ZeRO-3 the
+    patched code gathers the weights it reads outside their own module's forward through
+    DeepSpeed (``sloth_plugins/plugins/zero3.py``). Lightning's ``activation_checkpointing``
+    option only configures DeepSpeed's checkpoint function, which the module's own code calls:
+    layers it checkpoints run plainly inside it (``checkpointing/engines.py``).
+
+    ``config=``: a ``SlothConfig`` configures sloth; a dict or a path is DeepSpeed's own config, as
+    for ``DeepSpeedStrategy(config=...)`` (sloth's options then go as keywords)."""
+
+    def __init__(self, *args: Any, config: Any = None, model_attr: Union[str, Sequence[str], None] = None,
+                 verbose: bool = True, **kwargs: Any):
+        sloth_config = config if config is None or isinstance(config, SlothConfig) else None
+        if config is not None and sloth_config is None:
+            kwargs["config"] = config
+        options = _split_sloth_options(kwargs)
+        _check_arguments(self._sloth_kind, kwargs, [*_named_parameters(self._sloth_base.__init__),
+                                                    *_SLOTH_STRATEGY_ARGS])
+        super(_DDPMixin, self).__init__(*args, **kwargs)     # DeepSpeedStrategy's own
+        self._sloth_init(sloth_config, options, model_attr, verbose)
+
+
 def _module_classes(spec) -> Optional[Tuple[type, ...]]:
     if spec is None:
         return None
@@ -449,7 +474,8 @@ def _no_split_classes(model: torch.nn.Module) -> Tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
 
 
-_MIXINS = {"single": _SingleDeviceMixin, "ddp": _DDPMixin, "fsdp": _FSDPMixin, "fsdp2": _FSDP2Mixin}
+_MIXINS = {"single": _SingleDeviceMixin, "ddp": _DDPMixin, "fsdp": _FSDPMixin, "fsdp2": _FSDP2Mixin,
+           "deepspeed": _DeepSpeedMixin}
 _CLASSES: Dict[str, Dict[str, type]] = {}
 
 
@@ -506,9 +532,12 @@ def SlothStrategy(kind: str = "single", *, namespace: str = "auto", config: Opti
     """A Lightning strategy that patches the LightningModule's Hugging Face causal LMs in ``setup()``.
 
     kind: ``"single"`` (default; one device, chosen as Lightning's automatic strategy would,
-    or ``device=``), ``"ddp"``, ``"fsdp"`` (Lightning's ``FSDPStrategy``, FSDP1) or ``"fsdp2"``
+    or ``device=``), ``"ddp"``, ``"fsdp"`` (Lightning's ``FSDPStrategy``, FSDP1), ``"fsdp2"``
     (Lightning's ``ModelParallelStrategy`` with ``fully_shard`` applied per decoder layer: the one
-    that saves memory with LoRA; ``shard_modules=``, ``reshard_after_forward=``).
+    that saves memory with LoRA; ``shard_modules=``, ``reshard_after_forward=``) or ``"deepspeed"``
+    (Lightning's ``DeepSpeedStrategy``: ``stage=``, ``offload_optimizer=``, ``offload_parameters=``,
+    ``config=`` a DeepSpeed config dict or file; needs DeepSpeed installed and CUDA devices, as
+    Lightning's own does).
     options: ``SlothConfig`` keys (``kernels``, ``loss``, ``gradient_checkpointing``, ...) plus the
     base strategy's own arguments (e.g. ``find_unused_parameters`` for DDP,
     ``auto_wrap_policy`` for FSDP), ``model_attr`` (which attribute(s) hold the model; found

@@ -12,7 +12,7 @@ which=${1:-all}
 venv_dir=${SLOTH_VENV_DIR:-$PWD}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
        DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 WANDB_MODE=disabled UNSLOTH_DISABLE_STATISTICS=1 \
-       PIP_DISABLE_PIP_VERSION_CHECK=1
+       PIP_DISABLE_PIP_VERSION_CHECK=1 DS_BUILD_OPS=0
 
 setup() {
   local env=$1 venv="$venv_dir/.venv-$1"
@@ -20,7 +20,9 @@ setup() {
   "$venv/bin/pip" install -q -c tests/constraints-cpu.txt torch==2.13.0
   case $env in
     # studio + selenium + Chromium: sloth studio's tests (tests/studio; without them the app/browser tests skip)
-    latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev,studio]" "selenium>=4.20"
+    # deepspeed: its pure-Python install (DS_BUILD_OPS=0, set below); tests/test_deepspeed.py runs it on its
+    # CPU accelerator over gloo and builds its one small C++ op on first use
+    latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev,studio,deepspeed]" "selenium>=4.20"
              browser ;;
     axolotl) "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[axolotl,lightning,dev]" ;;
   esac

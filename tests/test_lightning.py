@@ -139,8 +139,8 @@ def test_options_map_onto_sloth_config_and_unknown_ones_are_named():
         SlothStrategy(kernal=True)
     with pytest.raises(sloth.SlothConfigError, match="loss must be one of chunked, off"):
         SlothStrategy("ddp", loss="fused")
-    with pytest.raises(ValueError, match="kind must be one of single, ddp, fsdp, fsdp2"):
-        SlothStrategy("deepspeed")
+    with pytest.raises(ValueError, match="kind must be one of single, ddp, fsdp, fsdp2, deepspeed"):
+        SlothStrategy("megatron")
     with pytest.raises(ValueError, match="namespace must be one of"):
         SlothStrategy(namespace="lightning_fabric")
     with pytest.raises(sloth.SlothConfigError, match="checkpoint the same layers twice"):

@@ -13,9 +13,10 @@ import torch
 from ..instance_patch import InstancePatcher, has_instance_override
 from ..report import PatchReport
 from ..state import Stash, StashKey
-from . import fused_lora
+from . import fused_lora, zero3
 from ._modules import get_path
 
+_ZERO3_QKV = "(under DeepSpeed ZeRO-3: one fused LoRA linear per projection)"
 EXTRACTION_CACHE = StashKey[MutableMapping]()   # the model's fused_lora.extract_lora cache
 
 
@@ -38,6 +39,30 @@ def _hooked(module, names) -> bool:
     return any(getattr(modules[n], h) for n in names for h in _HOOKS)
 
 
+def _zero3_ready(owner, modules, entry) -> bool:
+    """Under DeepSpeed ZeRO-3, the weights of ``modules`` gathered for ``owner``'s forward and backward
+    (``zero3.gather_for``); False, with the report's line revised, when the fused path must not run."""
+    params = zero3.partitioned_params(*modules)
+    if any(type(p).__name__ == "Params4bit" for p in params):
+        reason = ("bitsandbytes 4-bit base weights under DeepSpeed ZeRO-3 are not verified with the fused path: "
+                  "the module's own forward runs")
+    else:
+        try:
+            zero3.gather_for(owner, params)
+            return True
+        except zero3.NotGathered as e:
+            reason = f"{e}: the module's own forward runs"
+    if entry is not None and entry.patched:
+        entry.patched, entry.detail = False, reason
+    return False
+
+
+def _fusable_hooks(module, names) -> bool:
+    """No hook on the projections that a fused path (which does not call them) would skip; under
+    DeepSpeed ZeRO-3 its own gathering hooks are replaced by ``_zero3_ready`` on ``module``."""
+    return not _hooked(module, names) or (zero3.under_zero3(module) and zero3.only_zero3_hooks(module, names))
+
+
 def _has_lora(*modules) -> bool:
     return any(fused_lora._is_lora_layer(m) for m in modules if m is not None)
 
@@ -57,9 +82,12 @@ def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher:
         report.fallback("lora_mlp", reason if not ok else "forward already replaced by another library", path)
         return False
     original = mlp.forward
+    entry = report.patched("lora_mlp", path, f"fused LoRA {kind}")
 
     def forward(self, x):
-        if _hooked(self, names):
+        if not _fusable_hooks(self, names):
+            return original(x)
+        if zero3.under_zero3(self) and not _zero3_ready(self, [self._modules[n] for n in names], entry):
             return original(x)
         try:
             return fused_lora.fused_mlp_forward(self, x, kind, gate_name=gate_name, up_name=up_name,
@@ -68,7 +96,6 @@ def try_patch_lora_mlp(mlp, path: str, kind, arch, report: PatchReport, patcher:
             return original(x)
 
     patcher.bind(mlp, "forward", forward, wraps=original)
-    report.patched("lora_mlp", path, f"fused LoRA {kind}")
     return True
 
 
@@ -89,8 +116,8 @@ def patch_lora_projections(attn, path: str, arch, config, report: PatchReport, p
             report.fallback(kind, reason if not ok else "forward already replaced by another library",
                             f"{path}.{name}")
             continue
-        _bind_fused_linear(layer, patcher, cache=cache)
-        report.patched(kind, f"{path}.{name}", "fused LoRA linear")
+        entry = report.patched(kind, f"{path}.{name}", "fused LoRA linear")
+        _bind_fused_linear(layer, patcher, cache=cache, entry=entry)
 
 
 def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, patcher: InstancePatcher,
@@ -109,11 +136,19 @@ def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, 
     if has_instance_override(attn) and not patcher.owns(attn, "forward"):   # ours: the RoPE patch
         return False
     ready = {}   # projection name -> (hidden_states, its version, that projection's output)
+    together = f"fused LoRA {'/'.join(names)} in one autograd function"
+    entry = report.patched("lora_qkv", path, together)
     for name, layer in zip(names, layers):
-        _bind_fused_linear(layer, patcher, ready, name, cache)
+        _bind_fused_linear(layer, patcher, ready, name, cache, entry)
     original = attn.forward
 
     def forward(self, *args, **kwargs):
+        if zero3.under_zero3(self):
+            # DeepSpeed's pre-forward hook hands each projection a new tensor for its input, so the
+            # precomputed outputs could not be matched to the calls: each projection fuses alone.
+            if entry.detail == together:
+                entry.detail = f"{together} {_ZERO3_QKV}"
+            return original(*args, **kwargs)
         x = args[0] if args else kwargs.get("hidden_states")
         if ready or not isinstance(x, torch.Tensor) or x.is_inference() or _hooked(self, names):
             return original(*args, **kwargs)                # (no version counter on an inference tensor)
@@ -129,12 +164,11 @@ def _try_patch_qkv_together(attn, path: str, names: tuple, report: PatchReport, 
             ready.clear()
 
     patcher.bind(attn, "forward", forward, wraps=original)
-    report.patched("lora_qkv", path, f"fused LoRA {'/'.join(names)} in one autograd function")
     return True
 
 
 def _bind_fused_linear(layer, patcher: InstancePatcher, ready: Optional[dict] = None, name: str = "",
-                       cache=None) -> None:
+                       cache=None, entry=None) -> None:
     original = layer.forward
 
     def forward(self, x, *args, **kwargs):
@@ -144,6 +178,8 @@ def _bind_fused_linear(layer, patcher: InstancePatcher, ready: Optional[dict] = 
                 return hit[2]
         if args or kwargs:          # e.g. adapter_names= for mixed-adapter batches: PEFT's own path
             return original(x, *args, **kwargs)
+        if zero3.under_zero3(self) and not _zero3_ready(self, [self], entry):
+            return original(x)
         try:
             return fused_lora.fused_linear_forward(self, x, cache)
         except fused_lora.UnsupportedLoraLayer:

@@ -42,6 +42,7 @@ from ..hookspecs import hookimpl
 from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import chunked_cross_entropy, fused_linear_cross_entropy
 from ..report import PatchReport
+from . import zero3
 from ._modules import decoder_prefix, find_decoder
 
 IGNORE_INDEX = -100
@@ -60,6 +61,7 @@ class LossPlugin:
         if config.loss == "off":
             return
         reason = (_unsupported_reason(model, arch) or _foreign_forward_reason(model)
+                  or _zero3_reason(model.get_output_embeddings())
                   or (_unproven_reason(model) if arch is None else None))
         if reason:
             report.fallback("loss", reason)
@@ -82,24 +84,35 @@ class LossPlugin:
         if unit is not None:
             return _loss_in_own_unit(hidden_states, labels, *unit, kw)
         if _plain_linear(lm_head):
+            weight = zero3.own_param(lm_head, "weight")
+            if zero3.is_partitioned(weight) and not (weight.requires_grad and torch.is_grad_enabled()):
+                # A frozen head under ZeRO-3 (LoRA): whole for the loss only; nothing of it is saved
+                # for backward (the fused loss computes the hidden states' gradient now).
+                with zero3.gathered([weight]):
+                    return fused_linear_cross_entropy(hidden_states, weight, labels, **kw)
             return fused_linear_cross_entropy(hidden_states, lm_head.weight, labels, **kw)
         return chunked_cross_entropy(hidden_states, lm_head, labels, _out_features(lm_head), **kw)
 
 
 def _linear_head(head) -> bool:
-    """A bias-free ``nn.Linear`` whose forward is Linear's own (FSDP2 units are subclasses of it)."""
-    return (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
-            and "forward" not in head.__dict__ and head.bias is None and head.weight.dim() == 2)
+    """A bias-free ``nn.Linear`` whose forward is Linear's own (FSDP2 units are subclasses of it).
+    Read without gathering: under DeepSpeed ZeRO-3 the weight is a partitioned placeholder."""
+    if not (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+            and "forward" not in head.__dict__ and zero3.own_param(head, "bias") is None):
+        return False
+    shape = zero3.full_shape(zero3.own_param(head, "weight"))
+    return shape is not None and len(shape) == 2
 
 
 def _plain_linear(head) -> bool:
-    """A linear head whose weight can be read directly: a Parameter, or the plain Tensor view FSDP1
-    gives a module inside its unit's forward. Quantised and DTensor weights are not plain."""
-    return _linear_head(head) and type(head.weight) in (torch.nn.Parameter, torch.Tensor)
+    """A linear head whose weight can be read directly: a Parameter (under ZeRO-3 once gathered), or
+    the plain Tensor view FSDP1 gives a module inside its unit's forward. Quantised and DTensor
+    weights are not plain."""
+    return _linear_head(head) and type(zero3.own_param(head, "weight")) in (torch.nn.Parameter, torch.Tensor)
 
 
 def _fused_head(head) -> bool:
-    return _plain_linear(head) or (_linear_head(head) and _is_dtensor(head.weight))
+    return _plain_linear(head) or (_linear_head(head) and _is_dtensor(zero3.own_param(head, "weight")))
 
 
 # ---- sharded heads ------------------------------------------------------------------------------
@@ -128,9 +141,21 @@ def _own_fsdp_unit(head):
     return None
 
 
+def _zero3_reason(head) -> Optional[str]:
+    """Why a head under DeepSpeed ZeRO-3 gets the model's own loss, or None. A plain linear head's
+    weight is gathered once per forward for the fused loss (``zero3.gather_for``); any other head
+    would be called once per chunk by the chunked loss: one gather per chunk, and different numbers
+    of collectives on ranks with different token counts."""
+    if head is None or _plain_linear(head) or not zero3.under_zero3(head):
+        return None
+    return (f"DeepSpeed ZeRO-3 partitions the lm_head, a {type(head).__module__}.{type(head).__name__} rather "
+            f"than a plain nn.Linear (LoRA or a quantised head?): the chunked loss would gather it once per chunk; "
+            f"the model's own loss runs")
+
+
 def _model_loss_reason(head) -> Optional[str]:
     """Why this head is out of sloth's reach (the model's own loss runs), or None."""
-    if _is_dtensor(getattr(head, "weight", None)) and _own_fsdp_unit(head) is None:
+    if _is_dtensor(zero3.own_param(head, "weight")) and _own_fsdp_unit(head) is None:
         return ("the lm_head weight is a DTensor outside any FSDP unit of its own (tensor parallel?): "
                 "the model's own loss runs")
     return None
@@ -315,12 +340,26 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         if (not self.training or config.return_logits or kwargs.get("fused_lm_head")
                 or kwargs.get("return_dict") is False):
             return original(*args, **kwargs)
-        reason = _model_loss_reason(self.get_output_embeddings())
+        head = self.get_output_embeddings()
+        reason = _zero3_reason(head)
+        if reason:
+            record_model_loss(reason)
+            return original(*args, **kwargs)
+        reason = _model_loss_reason(head)
         if reason:
             if "head" not in warned:
                 warned.add("head")
                 warnings.warn(f"sloth_plugins: {reason}", stacklevel=2)
             return original(*args, **kwargs)
+        if zero3.under_zero3(head) and zero3.own_param(head, "weight").requires_grad and torch.is_grad_enabled():
+            # A trainable head's weight, read by the loss from this forward: gathered with this model's
+            # parameters in its forward and backward, where its gradient reaches DeepSpeed as usual.
+            # (A frozen head is gathered around the loss alone: sloth_causal_lm_loss.)
+            try:
+                zero3.gather_for(self, zero3.partitioned_params(head))
+            except zero3.NotGathered as e:
+                record_model_loss(f"{e}: the model's own loss runs")
+                return original(*args, **kwargs)
         arguments = signature.bind_partial(*args, **kwargs).arguments
         arguments.update(arguments.pop(var_kw, {}))
         labels = arguments.pop("labels", None)

@@ -1,5 +1,6 @@
 """An engine's own checkpoint around the layers (``checkpointing.engines``): detected on the installed
 torch, layers run plainly inside it."""
+import os
 import warnings
 
 import pytest
@@ -177,3 +178,42 @@ def test_gpu_engine_checkpointing_is_detected_and_not_doubled(impl, mode):
         for name, g in ref_grads.items():
             err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
             assert torch.isfinite(grads[name]).all() and err < 1e-2, f"{name}: relative error {err:.3g}"
+
+
+def _deepspeed_checkpointing():
+    pytest.importorskip("deepspeed")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+    return checkpointing
+
+
+@pytest.mark.parametrize("impl", ["checkpoint", "non_reentrant_checkpoint"])
+def test_deepspeed_activation_checkpointing_is_detected(impl):
+    """DeepSpeed's own checkpoint functions (what its ``activation_checkpointing`` config drives, called
+    by the model's code): the reentrant one like torch's reentrant, the non-reentrant one by its hooks."""
+    fn = getattr(_deepspeed_checkpointing(), impl)
+    expected = ENGINE_PHASES["reentrant" if impl == "checkpoint" else "non_reentrant"][1]
+    assert _phases(lambda layer, x: fn(layer, x)) == expected
+    assert engine_checkpoint_phase() is None
+
+
+@pytest.mark.parametrize("impl", ["checkpoint", "non_reentrant_checkpoint"])
+def test_deepspeed_checkpointed_layers_run_once_plainly_inside_it(impl):
+    """Decoder layers checkpointed by DeepSpeed's function: sloth's recompute stays out (one recompute,
+    the report names the engine), and the training numbers are the engine's alone."""
+    fn = getattr(_deepspeed_checkpointing(), impl)
+
+    def engine(model):
+        model.config.use_cache = False   # a reentrant recompute would append to the KV cache a second time
+        for layer in model.model.layers:
+            inner = layer.forward
+            layer.forward = lambda hidden, *a, _inner=inner, **k: fn(lambda h: _inner(h, *a, **k), hidden)
+        return model
+
+    ref = _steps(engine(_model()))
+    model = _model()
+    report = sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing="recompute"))
+    _assert_identical(_steps(engine(model)), ref)
+    controller = get_checkpoint_controller(model)
+    assert controller.engine_layers == set(range(len(model.model.layers)))
+    assert any("already checkpoints every decoder layer" in n and "DeepSpeed" in n for n in report.notes)
