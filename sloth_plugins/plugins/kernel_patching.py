@@ -30,23 +30,36 @@ class KernelPlugin:
         if arch is None or not config.enabled_kernels:
             return
         cache = lora_cache(context.stash)
-        for layer_path, layer in decoder_layers(model, arch.layers):
-            if config.kernel_enabled("rms_norm"):
-                for name in arch.norms:
-                    _patch_norm(get_path(layer, name), f"{layer_path}.{name}", arch, report, patcher)
-            attn = get_path(layer, arch.attention)
-            if config.kernel_enabled("rms_norm"):
-                for name in arch.qk_norm:
-                    _patch_norm(get_path(attn, name), f"{layer_path}.{arch.attention}.{name}", arch, report, patcher)
-            if config.kernel_enabled("rope") and attn is not None:
-                _patch_rope(attn, f"{layer_path}.{arch.attention}", report, patcher)
-            if attn is not None and (config.kernel_enabled("lora_qkv") or config.kernel_enabled("lora_o")):
-                patch_lora_projections(attn, f"{layer_path}.{arch.attention}", arch, config, report, patcher, cache)
-            mlp = get_path(layer, arch.mlp)
-            if mlp is not None:
-                _patch_mlp(mlp, f"{layer_path}.{arch.mlp}", model.config, arch, config, report, patcher, cache)
+        for stack in arch.stacks():
+            _patch_stack(model, stack, config, report, patcher, cache)
         if config.kernel_enabled("rms_norm"):
             _patch_norm(get_path(model, arch.final_norm), arch.final_norm, arch, report, patcher)
+
+
+def _patch_stack(model, arch: Architecture, config, report: PatchReport, patcher: InstancePatcher, cache) -> None:
+    """The layers of one stack: the language model's decoder layers, or a vision tower's."""
+    layers = get_path(model, arch.layers)
+    if layers is None:
+        report.fallback("layers", f"no layer stack at {arch.layers} ({arch.name}): nothing of it is patched")
+        return
+    if arch.attention is None:
+        report.note(f"{arch.name} ({arch.layers}): attention and its rotary embedding keep the model's own code "
+                    f"(the table knows no kernel for them)")
+    for layer_path, layer in decoder_layers(model, arch.layers):
+        if config.kernel_enabled("rms_norm"):
+            for name in arch.norms:
+                _patch_norm(get_path(layer, name), f"{layer_path}.{name}", arch, report, patcher)
+        attn = get_path(layer, arch.attention)
+        if config.kernel_enabled("rms_norm"):
+            for name in arch.qk_norm:
+                _patch_norm(get_path(attn, name), f"{layer_path}.{arch.attention}.{name}", arch, report, patcher)
+        if config.kernel_enabled("rope") and attn is not None:
+            _patch_rope(attn, f"{layer_path}.{arch.attention}", report, patcher)
+        if attn is not None and (config.kernel_enabled("lora_qkv") or config.kernel_enabled("lora_o")):
+            patch_lora_projections(attn, f"{layer_path}.{arch.attention}", arch, config, report, patcher, cache)
+        mlp = get_path(layer, arch.mlp)
+        if mlp is not None:
+            _patch_mlp(mlp, f"{layer_path}.{arch.mlp}", model.config, arch, config, report, patcher, cache)
 
 
 def _norm_eps(module) -> Optional[float]:
@@ -123,20 +136,25 @@ def _rebuilt_attention_forward(cls_forward, original):
 
 def _patch_mlp(mlp, path: str, model_config, arch: Architecture, config, report: PatchReport,
                patcher: InstancePatcher, cache=None) -> None:
+    gate, up, down = arch.mlp_projections()
+    if gate is None:
+        if config.kernel_enabled("mlp") or config.kernel_enabled("lora_mlp"):
+            report.fallback("mlp", f"{type(mlp).__name__} is not a gated MLP (up -> activation -> {down}): "
+                                   f"no fused kernel for it", path)
+        return
     kind = arch.activation(model_config)
     if config.kernel_enabled("lora_mlp") and try_patch_lora_mlp(mlp, path, kind, arch, report, patcher, cache):
         return
     if not config.kernel_enabled("mlp"):
         return
     if kind is None:
-        act = getattr(model_config, arch.activation_attr, None)
+        act = getattr(arch.stack_config(model_config), arch.activation_attr, None)
         report.fallback("mlp", f"activation {act!r} has no fused gated kernel", path)
         return
     if has_instance_override(mlp):
         report.fallback("mlp", "forward already replaced on this instance by another library", path)
         return
     # Projections are looked up on every call: PEFT may wrap them after we patch.
-    gate, up, down = arch.mlp_projections()
     names = (gate, down) if up is None else (gate, up, down)
     if any(get_path(mlp, n) is None for n in names):
         report.fallback("mlp", f"missing {'/'.join(map(str, names))}", path)
