@@ -135,9 +135,10 @@ _LLAMA4_VISION = _vision("llama4 vision", "vision_model.model.layers", ("input_l
                          (None, None, "fc2"))
 
 VISION_LANGUAGE_ARCHITECTURES: Tuple[Architecture, ...] = (
+    # Gemma3ForConditionalGeneration does not softcap its logits (Gemma3ForCausalLM does)
     Architecture("gemma3 vision-language", ("gemma3",), classes=("Gemma3ForConditionalGeneration",),
                  norms=_GEMMA2_LAYER_NORMS, qk_norm=("q_norm", "k_norm"), activation_attr="hidden_activation",
-                 logit_softcap_attr="final_logit_softcapping", vision=(_SIGLIP,), **_VL_TEXT, **_GEMMA_NORMS),
+                 vision=(_SIGLIP,), **_VL_TEXT, **_GEMMA_NORMS),
     Architecture("qwen2.5-vl", ("qwen2_5_vl",), classes=("Qwen2_5_VLForConditionalGeneration",),
                  vision=(_QWEN_VL_VISION,), **_VL_TEXT),
     Architecture("qwen3-vl", ("qwen3_vl",), classes=("Qwen3VLForConditionalGeneration",),

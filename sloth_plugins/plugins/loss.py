@@ -62,7 +62,8 @@ class LossPlugin:
             return
         reason = (_unsupported_reason(model, arch) or _foreign_forward_reason(model)
                   or (_unproven_reason(model) if arch is None else None))
-        semantics, how = loss_semantics(type(model)) if arch is not None and arch.vision else (STANDARD, "")
+        semantics, how = (loss_semantics(type(model), arch.logit_softcap_attr) if arch is not None and arch.vision
+                          else (STANDARD, ""))
         if reason or semantics is None:
             report.fallback("loss", reason or f"{how}: the model's own loss is kept")
             return

@@ -22,8 +22,10 @@ MEAN = "mean"
 ATTENTION_MASKED_MEAN = "attention-masked mean"
 
 
-def loss_semantics(model_cls) -> Tuple[Optional[str], str]:
-    """``(semantics, how it was recognised)``, or ``(None, why not)``."""
+def loss_semantics(model_cls, softcap_attr: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """``(semantics, how it was recognised)``, or ``(None, why not)``. ``softcap_attr``: the config
+    attribute the table says the logits are softcapped with (None: not softcapped); the forward must
+    agree (a Gemma 3 CausalLM softcaps, its vision-language class does not)."""
     name = f"{model_cls.__name__}.forward"
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(model_cls.forward))))
@@ -33,6 +35,11 @@ def loss_semantics(model_cls) -> Tuple[Optional[str], str]:
     own = [c for c in calls if _is_self_attr(c.func, "loss_function")]
     ce = [c for c in calls if isinstance(c.func, ast.Attribute) and c.func.attr == "CrossEntropyLoss"]
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    softcaps = sorted(a for a in read if "softcap" in a)
+    if softcaps != ([softcap_attr] if softcap_attr else []):
+        return None, (f"{name} reads {', '.join(softcaps) or 'no logit softcap'} where the architecture table says "
+                      f"{softcap_attr or 'none'}")
     if len(own) == 1 and not ce:
         if any(k.arg is None for k in own[0].keywords):
             return STANDARD, f"{name} calls self.loss_function(..., **kwargs)"
