@@ -19,7 +19,7 @@ from sloth_plugins.testing import VL_FAMILIES, tiny_vl_model, vl_batch, with_lor
 TOL = dict(rtol=1e-5, atol=1e-6)
 FAMILIES = [f for f in VL_FAMILIES if f != "llama4"]
 # what the language model of each family must get patched (the table's promise), per installed transformers
-LANGUAGE_KINDS = ("rms_norm", "lora_mlp", "gradient_checkpointing", "loss")
+LANGUAGE_KINDS = ("rms_norm", "rope", "lora_mlp", "gradient_checkpointing", "loss")
 
 
 def _model(family, **kw):
@@ -210,3 +210,21 @@ def test_a_logit_softcap_the_table_does_not_know_is_a_fallback():
     assert semantics.loss_semantics(_Softcapped)[0] is None
     assert semantics.loss_semantics(_Softcapped, "final_logit_softcapping")[0] == semantics.STANDARD
     assert semantics.loss_semantics(_Standard, "final_logit_softcapping")[0] is None
+
+
+def test_multimodal_rope_equals_transformers_own_where_it_has_one():
+    """Qwen2.5-VL in transformers 5.16 calls apply_multimodal_rotary_pos_emb (newer ones merge the
+    sections in the rotary embedding and call the plain function, patched as for text models)."""
+    import importlib
+
+    from sloth_plugins.plugins.kernel_patching import _sloth_apply_multimodal_rotary_pos_emb
+    modeling = importlib.import_module("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
+    theirs = getattr(modeling, "apply_multimodal_rotary_pos_emb", None)
+    if theirs is None:
+        pytest.skip("this transformers merges the mrope sections before attention")
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    cos, sin = torch.randn(3, 2, 7, 16, generator=g), torch.randn(3, 2, 7, 16, generator=g)
+    for ours, ref in zip(_sloth_apply_multimodal_rotary_pos_emb(q, k, cos, sin, [2, 3, 3]),
+                         theirs(q, k, cos, sin, [2, 3, 3])):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)

@@ -100,37 +100,61 @@ def _sloth_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return apply_rope(q, k, cos, sin, unsqueeze_dim)
 
 
+def _sloth_apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    """Multimodal RoPE (Qwen2.5-VL in transformers < 5.2x): ``cos``/``sin`` hold one table per position
+    axis (temporal, height, width: ``[3, batch, seq, dim]``); channel section ``i`` of [sections; sections]
+    takes axis ``i % 3``. Selecting the sections is exact (no arithmetic); the rotation is ours."""
+    sections = list(mrope_section) * 2
+    cos = torch.cat([part[i % 3] for i, part in enumerate(cos.split(sections, dim=-1))], dim=-1)
+    sin = torch.cat([part[i % 3] for i, part in enumerate(sin.split(sections, dim=-1))], dim=-1)
+    return apply_rope(q, k, cos, sin, unsqueeze_dim)
+
+
+# The rotary functions a transformers attention module may call, the signature we know for each, our
+# replacement and the report's detail. The first the module's file defines and its forward calls wins.
+_ROPE_FORMS = (
+    ("apply_rotary_pos_emb", _ROPE_PARAMS, _sloth_apply_rotary_pos_emb, "apply_rope(q, k)"),
+    ("apply_multimodal_rotary_pos_emb", ["q", "k", "cos", "sin", "mrope_section", "unsqueeze_dim"],
+     _sloth_apply_multimodal_rotary_pos_emb, "apply_rope(q, k) on the multimodal (mrope) sections"),
+)
+
+
 def _patch_rope(attn, path: str, report: PatchReport, patcher: InstancePatcher) -> None:
     cls_forward = type(attn).forward
     modeling = sys.modules.get(type(attn).__module__)
-    original = getattr(modeling, "apply_rotary_pos_emb", None)
-    if original is None:
+    forms = [(name, getattr(modeling, name), *rest) for name, *rest in _ROPE_FORMS
+             if getattr(modeling, name, None) is not None]
+    if not forms:
         report.fallback("rope", f"{type(attn).__module__} has no apply_rotary_pos_emb", path)
-        return
-    # Hugging Face's `kernels` package (installed with axolotl) turns the function into a module
-    target = original.forward if isinstance(original, torch.nn.Module) else inspect.unwrap(original)
-    params = list(inspect.signature(target).parameters)
-    if params != _ROPE_PARAMS:
-        report.fallback("rope", f"apply_rotary_pos_emb{tuple(params)} is not the rotate-half signature we know", path)
         return
     if has_instance_override(attn):
         report.fallback("rope", "attention forward already replaced on this instance by another library", path)
         return
-    rebuilt = _rebuilt_attention_forward(cls_forward, original)
-    if rebuilt is None:
-        report.fallback("rope", "attention forward does not call apply_rotary_pos_emb where we can reach it", path)
+    why = []
+    for name, original, known, replacement, detail in forms:
+        # Hugging Face's `kernels` package (installed with axolotl) turns the function into a module
+        target = original.forward if isinstance(original, torch.nn.Module) else inspect.unwrap(original)
+        params = list(inspect.signature(target).parameters)
+        if params != known:
+            why.append(f"{name}{tuple(params)} is not the rotate-half signature we know")
+            continue
+        rebuilt = _rebuilt_attention_forward(cls_forward, name, original, replacement)
+        if rebuilt is None:
+            why.append(f"attention forward does not call {name} where we can reach it")
+            continue
+        patcher.set(attn, "forward", rebuilt.__get__(attn))
+        report.patched("rope", path, detail)
         return
-    patcher.set(attn, "forward", rebuilt.__get__(attn))
-    report.patched("rope", path, "apply_rope(q, k)")
+    report.fallback("rope", "; ".join(why), path)
 
 
 _REBUILT = {}
 
 
-def _rebuilt_attention_forward(cls_forward, original):
+def _rebuilt_attention_forward(cls_forward, name, original, replacement):
     key = (cls_forward, original)
     if key not in _REBUILT:
-        _REBUILT[key] = rebind_global(cls_forward, "apply_rotary_pos_emb", original, _sloth_apply_rotary_pos_emb)
+        _REBUILT[key] = rebind_global(cls_forward, name, original, replacement)
     return _REBUILT[key]
 
 
