@@ -191,8 +191,9 @@ def tiny_vl_config(family: str, **text_overrides):
     markers = dict(image_token_id=_IMAGE, vision_start_token_id=_START, vision_end_token_id=_END,
                    video_token_id=_VL_VOCAB - 4)
     if family == "gemma3":
-        text = _vl_text(head_dim=16, final_logit_softcapping=30.0, sliding_window=64, query_pre_attn_scalar=16,
-                        layer_types=["sliding_attention", "full_attention"], **text_overrides)
+        text = _vl_text(**{**dict(head_dim=16, final_logit_softcapping=30.0, sliding_window=64,
+                                  query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+                           **text_overrides})
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=32, patch_size=8)
         return CONFIG_MAPPING["gemma3"](text_config=text, vision_config=vision, mm_tokens_per_image=4,
@@ -200,13 +201,15 @@ def tiny_vl_config(family: str, **text_overrides):
     if family in ("qwen2_5_vl", "qwen3_vl"):
         rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64)
+                      spatial_merge_size=2, temporal_patch_size=2,
+                      out_hidden_size=text_overrides.get("hidden_size", 64))
         if family == "qwen2_5_vl":
             vision.update(window_size=16, fullatt_block_indexes=[1])
             text = _vl_text(rope_parameters=rope, **text_overrides)
         else:
             vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0])
-            text = _vl_text(head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True), **text_overrides)
+            text = _vl_text(**{**dict(head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True)),
+                               **text_overrides})
         return CONFIG_MAPPING[family](text_config=text, vision_config=vision, **markers)
     if family == "mllama":
         text = _vl_text(cross_attention_layers=[1], **text_overrides)
@@ -214,8 +217,8 @@ def tiny_vl_config(family: str, **text_overrides):
                       attention_heads=2, image_size=16, patch_size=8, max_num_tiles=2,
                       intermediate_layers_indices=[0], vision_output_dim=64, supported_aspect_ratios=[[1, 1], [1, 2]])
         return CONFIG_MAPPING["mllama"](text_config=text, vision_config=vision, image_token_index=_IMAGE)
-    text = _vl_text(head_dim=16, intermediate_size_mlp=128, num_local_experts=2, interleave_moe_layer_step=2,
-                    attention_chunk_size=64, **text_overrides)
+    text = _vl_text(**{**dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                              interleave_moe_layer_step=2, attention_chunk_size=64), **text_overrides})
     vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=16,
                   patch_size=8, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
                   pixel_shuffle_ratio=0.5)
