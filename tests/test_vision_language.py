@@ -102,10 +102,17 @@ def test_full_finetune_matches_unpatched(family):
     inputs["num_items_in_batch"] = torch.tensor(7)
     for m in (ref, model):
         m.gradient_checkpointing_enable()
+    before = _instance_state(model)
     report = sloth.patch(model)
     _report_is_true(report, model)
     _assert_same(_step(model, inputs), _step(ref, inputs))
     _assert_same(_step(model, inputs, seed=1), _step(ref, inputs, seed=1))
+    assert sloth.unpatch(model) and _instance_state(model) == before      # unpatch is exact
+
+
+def _instance_state(model):
+    return {(name, key): value for name, module in model.named_modules() for key, value in module.__dict__.items()
+            if key in ("forward", "gradient_checkpointing", "_gradient_checkpointing_func")}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -280,11 +280,16 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         # from restarting position ids (padding-free batches would attend across samples).
         if arguments.get("use_cache") is None:
             arguments["use_cache"] = False
+        module = get_path(self, decoder)
+        if _takes_labels(module):
+            # the model's own forward hands its labels to the decoder (some vision-language releases build
+            # the training attention mask from them), so this one does too; it computes no loss
+            arguments["labels"] = labels
         if semantics != STANDARD:
             num_items = None                # the model's own loss is a mean whatever the caller passes
         if semantics == ATTENTION_MASKED_MEAN and arguments.get("attention_mask") is not None:
             labels = labels.masked_fill(arguments["attention_mask"].to(labels.device) == 0, IGNORE_INDEX)
-        outputs = get_path(self, decoder)(**arguments)
+        outputs = module(**arguments)
         hidden = outputs[0]
         if shift_labels is None:
             # target of position t is labels[t + 1]; the last position has none
@@ -370,6 +375,15 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         return original(*args, **kwargs)
 
     patcher.bind(model, "forward", forward, wraps=original)
+
+
+def _takes_labels(module) -> bool:
+    """Whether ``module.forward`` names a ``labels`` parameter (not just **kwargs)."""
+    try:
+        parameter = inspect.signature(module.forward).parameters.get("labels")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def _mask_fits(mask, labels, semantics) -> bool:
