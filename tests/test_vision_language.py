@@ -231,3 +231,36 @@ def test_multimodal_rope_equals_transformers_own_where_it_has_one():
     for ours, ref in zip(_sloth_apply_multimodal_rotary_pos_emb(q, k, cos, sin, [2, 3, 3]),
                          theirs(q, k, cos, sin, [2, 3, 3])):
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_hf_trainer_with_the_callback_matches_the_plain_trainer(tmp_path, family="gemma3"):
+    """The HF Trainer (gradient accumulation, gradient checkpointing, its num_items_in_batch contract)
+    on image+text rows, LoRA on the language model only: the vision tower frozen whole."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from sloth_plugins.testing import MicroLossRecorder
+
+    class Recording(MicroLossRecorder, Trainer):
+        pass
+
+    rows = [{k: v[0] for k, v in vl_batch(family, batch=1, pad=0, seed=i).items()} for i in range(8)]
+
+    def collate(batch):
+        return {k: torch.stack([r[k] for r in batch]) for k in batch[0]}
+
+    losses, reports = [], []
+    for patched in (False, True):
+        model = get_peft_model(_model(family), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                          target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)"))
+        args = TrainingArguments(output_dir=str(tmp_path / str(patched)), max_steps=2, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, learning_rate=2e-3, logging_steps=1, save_strategy="no",
+                                 report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                                 gradient_checkpointing=True, disable_tqdm=True, remove_unused_columns=False)
+        callbacks = [sloth.SlothCallback(verbose=False)] if patched else []
+        trainer = Recording(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks)
+        trainer.train()
+        losses.append(trainer.micro_losses)
+        reports += [c.report for c in callbacks]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
+    assert reports[0].count("loss") == 1 and reports[0].count("gradient_checkpointing") > 2, reports[0]
