@@ -191,15 +191,22 @@ def tiny_vl_config(family: str, **text_overrides):
     markers = dict(image_token_id=_IMAGE, vision_start_token_id=_START, vision_end_token_id=_END,
                    video_token_id=_VL_VOCAB - 4)
     if family == "gemma3":
+        layers = text_overrides.get("num_hidden_layers", 2)
+        kinds = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
         text = _vl_text(**{**dict(head_dim=16, final_logit_softcapping=30.0, sliding_window=64,
-                                  query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
-                           **text_overrides})
+                                  query_pre_attn_scalar=16, layer_types=kinds), **text_overrides})
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=32, patch_size=8)
         return CONFIG_MAPPING["gemma3"](text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                         image_token_index=_IMAGE, boi_token_index=_START, eoi_token_index=_END)
     if family in ("qwen2_5_vl", "qwen3_vl"):
-        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        # mrope sections (temporal, height, width) cover half the head dim: [2, 3, 3] at 16, [16, 24, 24] at 128
+        shape = _vl_text(**{**({"head_dim": 16} if family == "qwen3_vl" else {}), **text_overrides})
+        half = shape.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"]) // 2
+        temporal = half // 4
+        height = (half - temporal) // 2
+        rope = {"rope_type": "default", "mrope_section": [temporal, height, half - temporal - height],
+                "rope_theta": 10000.0}
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2,
                       out_hidden_size=text_overrides.get("hidden_size", 64))
