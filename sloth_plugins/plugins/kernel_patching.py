@@ -181,7 +181,8 @@ def _patch_mlp(mlp, path: str, model_config, arch: Architecture, config, report:
     # Projections are looked up on every call: PEFT may wrap them after we patch.
     names = (gate, down) if up is None else (gate, up, down)
     if any(get_path(mlp, n) is None for n in names):
-        report.fallback("mlp", f"missing {'/'.join(map(str, names))}", path)
+        report.fallback("mlp", f"{type(mlp).__name__} has no {'/'.join(map(str, names))} (not a gated MLP: e.g. a "
+                                f"mixture of experts)", path)
         return
     if up is None:   # one fused gate_up projection
         gate_up = gate
