@@ -122,20 +122,28 @@ def _model_config(model_ref: str):
 def patch_report(model_ref: str, config: SlothConfig):
     """The PatchReport ``config`` gives the model (built on the meta device: no weights, no memory)."""
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
-    from .manager import patch
+    from .manager import architecture_table, patch
     model_config = _model_config(model_ref)
     model_type = model_config.model_type
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    # A vision-language checkpoint: the class with its vision tower, when the table has a row for it
+    # (AutoModelForCausalLM gives some of them the language model alone, Qwen2.5-VL nothing).
+    vision_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    vision_arch = architecture_table().lookup(model_type, vision_class) if vision_class else None
+    auto = AutoModelForImageTextToText if vision_arch is not None and vision_arch.vision else AutoModelForCausalLM
+    if auto is AutoModelForCausalLM and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise DoctorError(f"{model_type} ({type(model_config).__name__}) is not a causal LM: transformers has no "
                           f"AutoModelForCausalLM for it, and sloth_plugins patches causal LMs (llama, qwen2, ...)")
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
+            model = auto.from_config(model_config)
     except Exception as exc:  # noqa: BLE001 - e.g. a model that needs a package this machine lacks
-        raise DoctorError(f"AutoModelForCausalLM.from_config cannot build {model_type}: {_first_line(exc)}") from None
+        raise DoctorError(f"{auto.__name__}.from_config cannot build {model_type}: {_first_line(exc)}") from None
     try:
         return patch(model, config)
     except (SlothConfigError, SlothUnsupported) as exc:

@@ -127,7 +127,7 @@ def patch(model: Any, config: Optional[SlothConfig] = None, **options: Any) -> P
     from .kernels import triton_status
     pm = get_plugin_manager()
     model_type = getattr(lm.config, "model_type", "unknown")
-    arch = architecture_table(pm).lookup(model_type)
+    arch = architecture_table(pm).lookup(model_type, type(lm).__name__)
     device = next(lm.parameters()).device
     report = PatchReport(model_type=model_type, architecture=arch.name if arch else None, device=str(device),
                          triton=triton_status())

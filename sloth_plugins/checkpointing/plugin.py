@@ -42,8 +42,15 @@ class CheckpointingPlugin:
     def sloth_patch_model(self, model, config, report: PatchReport, arch, patcher: InstancePatcher, context):
         if config.gradient_checkpointing == "off":
             return
-        found = [(path, layer) for path, layer in decoder_layers(model, arch.layers if arch else "model.layers")
-                 if hasattr(layer, "_gradient_checkpointing_func") or hasattr(type(layer), "gradient_checkpointing")]
+        found = []
+        for stack in (arch.stacks() if arch else ()) or (None,):
+            layers = [(path, layer) for path, layer in decoder_layers(model, stack.layers if stack else "model.layers")]
+            ours = [(path, layer) for path, layer in layers if _checkpointable(layer)]
+            if stack is not None and len(ours) < len(layers):
+                report.fallback("gradient_checkpointing", f"{type(layers[0][1]).__name__} is not a transformers "
+                                                          f"GradientCheckpointingLayer: run without checkpointing",
+                                stack.layers)
+            found += ours
         if not found:
             report.fallback("gradient_checkpointing", f"{type(model).__name__} has no transformers "
                                                       f"GradientCheckpointingLayer decoder layers")
@@ -87,6 +94,10 @@ class CheckpointingPlugin:
         if controller is not None:
             controller.close()
             controller.replay_framework_request()
+
+
+def _checkpointable(layer) -> bool:
+    return hasattr(layer, "_gradient_checkpointing_func") or hasattr(type(layer), "gradient_checkpointing")
 
 
 def _validated(plan: Optional[Sequence[str]], n: int) -> List[str]:

@@ -23,9 +23,16 @@ def decoder_prefix(model: torch.nn.Module) -> str:
     return getattr(model, "base_model_prefix", "model")
 
 
-def find_decoder(model: torch.nn.Module) -> Optional[Any]:
-    """The decoder (``model.model`` for Llama) of a CausalLM, or None when there is none."""
-    return getattr(model, decoder_prefix(model), None)
+def decoder_path(model: torch.nn.Module, arch=None) -> str:
+    """Where the decoder is: the table entry's ``decoder`` (vision-language models), else the model's
+    ``base_model_prefix``."""
+    return getattr(arch, "decoder", None) or decoder_prefix(model)
+
+
+def find_decoder(model: torch.nn.Module, arch=None) -> Optional[Any]:
+    """The decoder (``model.model`` for Llama; for a vision-language model the module that also runs
+    the vision tower) of a CausalLM, or None when there is none."""
+    return get_path(model, decoder_path(model, arch))
 
 
 def decoder_layers(model: torch.nn.Module, layers_path: str) -> Iterator[Tuple[str, torch.nn.Module]]:

@@ -259,7 +259,7 @@ def _attention_configs(model, arch) -> list:
         cfg = getattr(attn, "config", None)
         if cfg is not None:
             configs.setdefault(id(cfg), cfg)
-    decoder = find_decoder(model)
+    decoder = find_decoder(model, arch)
     if getattr(decoder, "config", None) is not None:
         configs.setdefault(id(decoder.config), decoder.config)
     return list(configs.values())
@@ -279,6 +279,9 @@ def _kernel_device(device: torch.device) -> bool:
 def _why_not(model, arch, original: Optional[str]) -> Optional[str]:
     if arch is None:
         return "no architecture entry: the model keeps its attention"
+    if arch.vision:
+        return ("a vision-language model keeps its attention (image-token masks and its vision tower's attention "
+                "are not proven with the kernel)")
     if not getattr(model, "_supports_flash_attn", False):
         return (f"{type(model).__name__} does not declare FlashAttention support, whose padding-free contract "
                 f"(position ids, cu_seq_lens, sliding_window / softcap arguments) the kernel relies on")

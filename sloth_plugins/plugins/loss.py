@@ -43,15 +43,16 @@ from ..instance_patch import InstancePatcher, has_instance_override
 from ..kernels import chunked_cross_entropy, fused_linear_cross_entropy
 from ..report import PatchReport
 from . import zero3
-from ._modules import decoder_prefix, find_decoder
+from ._modules import decoder_path, find_decoder, get_path
+from .loss_semantics import ATTENTION_MASKED_MEAN, STANDARD, loss_semantics
 
 IGNORE_INDEX = -100
 # Config attributes of families that scale logits in ways the generic path does not know.
 _UNKNOWN_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 # Outputs a forward may be asked for that the fast path passes through from the decoder.
 _CARRIED_OUTPUTS = ("output_attentions", "output_hidden_states")
-_PENDING = "; generic family: pending verification against the model's own loss on the first training step"
-_VERIFIED = "; generic family: verified equal to the model's own loss on the first training step"
+_PENDING = "; {what}: pending verification against the model's own loss on the first training step"
+_VERIFIED = "; {what}: verified equal to the model's own loss on the first training step"
 
 
 class LossPlugin:
@@ -63,8 +64,10 @@ class LossPlugin:
         reason = (_unsupported_reason(model, arch) or _foreign_forward_reason(model)
                   or _zero3_reason(model.get_output_embeddings())
                   or (_unproven_reason(model) if arch is None else None))
-        if reason:
-            report.fallback("loss", reason)
+        semantics, how = (loss_semantics(type(model), arch.logit_softcap_attr) if arch is not None and arch.vision
+                          else (STANDARD, ""))
+        if reason or semantics is None:
+            report.fallback("loss", reason or f"{how}: the model's own loss is kept")
             return
         softcap = arch.logit_softcap(model.config) if arch else _generic_softcap(model.config)
         head = model.get_output_embeddings()
@@ -73,8 +76,16 @@ class LossPlugin:
         aux = _router_aux_loss(model, arch)
         if aux is not None:
             detail += "; + the router load-balancing loss when output_router_logits"
-        entry = report.patched("loss", "", detail + (_PENDING if arch is None else ""))
-        _patch_forward(model, config, softcap, patcher, entry, verify=arch is None, hook=context.hook, aux=aux)
+        if how:
+            detail += f"; the model's own loss is the {semantics} one ({how})"
+        # A family without an entry, and a vision-language model (whose forward merges the image
+        # features between its inputs and the decoder), are checked against the model's own loss once.
+        verify = arch is None or bool(arch.vision)
+        what = "generic family" if arch is None else "vision-language model"
+        pending, verified = _PENDING.format(what=what), _VERIFIED.format(what=what)
+        entry = report.patched("loss", "", detail + (pending if verify else ""))
+        _patch_forward(model, config, softcap, patcher, entry, verify=verify, hook=context.hook,
+                       decoder=decoder_path(model, arch), semantics=semantics, notes=(pending, verified), aux=aux)
 
     @hookimpl(trylast=True)
     def sloth_causal_lm_loss(self, hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
@@ -216,9 +227,11 @@ def _generic_softcap(model_config) -> Optional[float]:
 
 
 def _unsupported_reason(model, arch) -> Optional[str]:
-    decoder = find_decoder(model)
+    decoder = find_decoder(model, arch)
     if not isinstance(decoder, torch.nn.Module):
-        return f"{type(model).__name__} has no decoder at .{decoder_prefix(model)}"
+        return (f"{type(model).__name__} has no decoder at .{decoder_path(model, arch)} (a module whose forward takes "
+                f"all the model's inputs and returns the final hidden states for its lm_head): the model's own "
+                f"loss is kept")
     if arch is None:
         for attr in _UNKNOWN_LOGIT_SCALES:
             if getattr(model.config, attr, None) not in (None, 1, 1.0):
@@ -282,11 +295,14 @@ def _foreign_forward_reason(model) -> Optional[str]:
     return f"the model's forward was already replaced by {owner}; sloth leaves that loss in charge"
 
 
-def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool, hook, aux=None) -> None:
+def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool, hook, decoder: str,
+                   semantics: str = STANDARD, notes=(_PENDING, _VERIFIED), aux=None) -> None:
     """Bind the fast forward. ``entry`` is the report's loss line, revised when a training call shows
     that the fast loss does not run (or, with ``verify``, that it differs from the model's own).
-    ``hook``: the hook relay the loss is asked through (``sloth_causal_lm_loss``). ``aux``: a MoE
-    family's load-balancing loss function (``_router_aux_loss``), added as the model's forward adds it."""
+    ``hook``: the hook relay the loss is asked through (``sloth_causal_lm_loss``). ``decoder``: the
+    path of the module run for the final hidden states. ``semantics`` (loss_semantics): the model's
+    own loss, which the fast one reproduces. ``aux``: a MoE family's load-balancing loss function
+    (``_router_aux_loss``), added as the model's forward adds it."""
     original = model.forward
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -309,8 +325,16 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         router = aux is not None and _router_logits_asked(arguments, self.config)
         if router:
             arguments["output_router_logits"] = True
-        decoder = find_decoder(self)
-        outputs = decoder(**arguments)
+        module = get_path(self, decoder)
+        if _takes_labels(module):
+            # the model's own forward hands its labels to the decoder (some vision-language releases build
+            # the training attention mask from them), so this one does too; it computes no loss
+            arguments["labels"] = labels
+        if semantics != STANDARD:
+            num_items = None                # the model's own loss is a mean whatever the caller passes
+        if semantics == ATTENTION_MASKED_MEAN and arguments.get("attention_mask") is not None:
+            labels = labels.masked_fill(arguments["attention_mask"].to(labels.device) == 0, IGNORE_INDEX)
+        outputs = module(**arguments)
         hidden = outputs[0]
         if shift_labels is None:
             # target of position t is labels[t + 1]; the last position has none
@@ -370,6 +394,11 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
                                   "full logits (a Trainer compute_loss_func, label smoothing, a custom loop); "
                                   "sloth's fused loss does not run for such calls")
             return original(*args, **kwargs)
+        if semantics != STANDARD and (shift_labels is not None or labels is None or
+                                       not _mask_fits(arguments.get("attention_mask"), labels, semantics)):
+            record_model_loss(f"a training call passed shift_labels or an attention mask that this model's own "
+                              f"{semantics} loss reads differently: the model's own forward runs for such calls")
+            return original(*args, **kwargs)
         _check_label_shape(arguments, labels if labels is not None else shift_labels,
                            "labels" if labels is not None else "shift_labels")
         if arguments.get("logits_to_keep", 0) not in (0, None):
@@ -398,7 +427,7 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
             return out
         state["verify"] = False
         if verdict == _MATCH:
-            entry.detail = entry.detail.replace(_PENDING, _VERIFIED)
+            entry.detail = entry.detail.replace(*notes)
             return out
         state["mismatch"] = True
         entry.patched, entry.detail = False, (
@@ -412,6 +441,23 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         return original(*args, **kwargs)
 
     patcher.bind(model, "forward", forward, wraps=original)
+
+
+def _takes_labels(module) -> bool:
+    """Whether ``module.forward`` names a ``labels`` parameter (not just **kwargs)."""
+    try:
+        parameter = inspect.signature(module.forward).parameters.get("labels")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def _mask_fits(mask, labels, semantics) -> bool:
+    """Whether the attention mask is one the model's attention-masked loss reads as we do: none, or 2-D
+    with the labels' shape (a 4-D mask, or a longer one from prefix tuning, is left to the model)."""
+    if semantics != ATTENTION_MASKED_MEAN or mask is None:
+        return True
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(labels.shape)
 
 
 def _check_label_shape(arguments, labels, name) -> None:

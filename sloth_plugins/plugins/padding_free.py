@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..hookspecs import hookimpl
 from ..instance_patch import InstancePatcher
 from ..report import PatchReport
-from ._modules import decoder_prefix, find_decoder
+from ._modules import decoder_path, find_decoder
 
 KIND = "padding_free"
 _CACHE_ARGS = ("past_key_values", "cache")
@@ -56,7 +56,7 @@ class PaddingFreePlugin:
     def sloth_patch_model(self, model, config, report: PatchReport, arch, patcher: InstancePatcher):
         if not config.padding_free:
             return
-        decoder = find_decoder(model)
+        decoder = find_decoder(model, arch)
         reason = _why_not(model, decoder, arch)
         if reason:
             report.fallback(KIND, reason)
@@ -72,8 +72,12 @@ def _why_not(model, decoder, arch) -> Optional[str]:
         # read restarting position ids (issue #15: OPT's packed samples attended to each other).
         return (f"model_type {getattr(model.config, 'model_type', None)!r} is not in the architecture table: "
                 f"nothing proves its attention keeps the samples of a packed row apart; padded batches stay padded")
+    if arch.vision:
+        return (f"{type(model).__name__} is a vision-language model: its position ids (multimodal RoPE) and "
+                f"image-token attention are built from the whole padded batch, which nothing here proves a packed "
+                f"row keeps; padded batches stay padded")
     if not isinstance(decoder, torch.nn.Module):
-        return f"{type(model).__name__} has no decoder at .{decoder_prefix(model)}"
+        return f"{type(model).__name__} has no decoder at .{decoder_path(model, arch)}"
     if not getattr(model, "_supports_flash_attn", False):
         return (f"{type(model).__name__} does not declare FlashAttention support, whose padding-free contract "
                 f"(restarting position ids, cu_seq_lens) a packed row relies on; padded batches stay padded")
