@@ -24,12 +24,15 @@ Hooks, in Axolotl's order:
   With ``sloth_padding_free`` (on by itself with ``sample_packing``), padded batches are trained
   as one packed row; Axolotl's packed batches reach the model as they are, and its mask of
   sample indices (kept when the attention cannot isolate packed samples) is split into samples.
+* sloth's own INFO announcements (``auto`` keeping every layer although checkpointing is on,
+  offloading) reach Axolotl's console through the plugin's logger (``_ThroughAxolotl``).
 * ``add_callbacks_post_trainer``: ``SlothCallback`` re-asserts the patch when training begins.
 * ``post_train`` (Axolotl calls it twice): writes ``sloth_report.json`` to ``output_dir``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, List, Optional
 
@@ -37,12 +40,37 @@ from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
 from ..config import SlothConfig, SlothConfigError
+from ..logs import logger
 from ..manager import get_state, patch
 from ..report import PatchReport
 from .axolotl_args import LORA_KERNEL_OWNERS, conflicts, kernels_option, sloth_config_from
 
 LOG = get_logger("axolotl.integrations.sloth")   # Axolotl's handlers, main process only
 REPORT_FILE = "sloth_report.json"
+
+
+class _ThroughAxolotl(logging.Handler):
+    """Re-logs the ``sloth_plugins`` logger's INFO records (auto's decisions, its measurement)
+    through the plugin's Axolotl logger. Axolotl's console shows INFO only from ``axolotl.*``
+    loggers (its ``AxolotlOrWarnErrorFilter``, on the handlers and on every logger created after
+    ``configure_logging``, ours included), so these would be dropped; warnings already pass."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING:
+            LOG.log(record.levelno, "%s", record.getMessage(), main_process_only=False)   # sloth picks rank 0
+
+
+def _route_sloth_logs() -> None:
+    """Make sloth's announcements visible in an Axolotl run (idempotent)."""
+    sloth_logger = logging.getLogger(logger.name)
+    sloth_logger.filters = [f for f in sloth_logger.filters if type(f).__name__ != "AxolotlOrWarnErrorFilter"]
+    if sloth_logger.level == logging.NOTSET:
+        sloth_logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _ThroughAxolotl) for h in sloth_logger.handlers):
+        sloth_logger.addHandler(_ThroughAxolotl())
 
 
 def _is_main_process() -> bool:
@@ -91,6 +119,7 @@ class SlothPlugin(BasePlugin):
         # The plugin instance lives as long as the process (Axolotl's PluginManager is a
         # singleton): start each config afresh.
         self.config, self.report, self.taken_over, self._logged = None, None, [], False
+        _route_sloth_logs()
         try:
             value = kernels_option(cfg)
             kernels = set(SlothConfig(kernels=True if value is None else value).enabled_kernels)

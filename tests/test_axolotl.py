@@ -208,6 +208,26 @@ def test_metrics_reach_axolotls_tensorboard(model_dir, tmp_path, monkeypatch):
     assert all("sloth/tokens_per_s" in h for h in run.trainer.state.log_history if "loss" in h)
 
 
+def test_auto_decisions_reach_axolotls_console(model_dir, tmp_path, monkeypatch):
+    """auto keeping every layer although gradient_checkpointing: true is announced at INFO; Axolotl
+    shows INFO only from axolotl.* loggers (sloth_plugins' logger gets its filter too), so the
+    plugin re-logs sloth's announcements through its own logger."""
+    import logging
+    seen = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            seen.append((record.name, record.levelno, record.getMessage()))
+    plugin_logger = logging.getLogger("axolotl.integrations.sloth")
+    monkeypatch.setattr(plugin_logger, "handlers", [*plugin_logger.handlers, Seen()])
+    run_training(base_config(model_dir, str(tmp_path), max_steps=2, gradient_checkpointing=True,
+                             sloth_gradient_checkpointing="auto", sloth_memory_budget_gb=64))
+    keeps = [m for name, level, m in seen if level == logging.INFO and "auto keeps all 2 layers" in m]
+    assert len(keeps) == 1 and "gradient checkpointing is enabled" in keeps[0], seen
+    sloth_logger = logging.getLogger("sloth_plugins")
+    assert not [f for f in sloth_logger.filters if type(f).__name__ == "AxolotlOrWarnErrorFilter"]
+
+
 def test_a_module_someone_else_patched_is_left_alone(model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -312,9 +312,15 @@ def test_gpu_single_device_parity(batches):
 def test_the_example_trains_with_fsdp2_on_two_processes(tmp_path):
     """examples/lightning_lora.py --strategy fsdp2: the sharded strategy to pick with LoRA (two CPU
     processes over gloo here; run from a folder outside the repo, as the example's users would)."""
+    import os
     from pathlib import Path
     example = Path(__file__).resolve().parents[1] / "examples" / "lightning_lora.py"
+    # a fresh launch: the variables Lightning's launcher sets in this process (earlier tests) would make
+    # the example believe it is one of an existing group's workers and wait for the others
+    launcher_vars = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK",
+                     "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     proc = subprocess.run([sys.executable, str(example), "--strategy", "fsdp2", "--devices", "2", "--steps", "2",
                            "--batch-size", "4", "--seq-len", "32"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600)
+                          env=env, timeout=300)
     assert proc.returncode == 0 and "2 steps in" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -85,7 +85,8 @@ def test_report_goes_to_logging_not_stdout(tokenizer, dataset, tmp_path, capsys,
         _trainer(tokenizer, dataset, _args(tmp_path, max_steps=1), callback).train()
     # not printed; the Trainer's console logger shows the logs dict, the report text inside it once
     assert not any(line.startswith("sloth_plugins PatchReport") for line in capsys.readouterr().out.splitlines())
-    assert [r.getMessage() for r in caplog.records if "PatchReport" in r.getMessage()] == [str(callback.report)]
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "sloth_plugins" and "PatchReport" in r.getMessage()] == [str(callback.report)]
     assert logging.getLogger("sloth_plugins").getEffectiveLevel() <= logging.INFO   # seen by default
 
 

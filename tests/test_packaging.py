@@ -62,6 +62,7 @@ def test_the_wheel_alone_runs_the_quickstart(tmp_path):
     (wheel,) = dist.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "sloth_plugins/data/tiny_instructions.jsonl" in names and "sloth_plugins/quickstart.py" in names
+    assert "sloth_plugins/integrations/README.md" in names          # the Axolotl plugin's page
     assert not [n for n in names if n.endswith("make_instructions.py")]     # the generator stays in the repo
 
     venv = tmp_path / "venv"
