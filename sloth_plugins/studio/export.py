@@ -145,3 +145,40 @@ def _yaml(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_yaml(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def adapter_zip(run_dir: str) -> str:
+    """The run's adapter folder as one zip (for the browser's download), in RUN_DIR/exports."""
+    import shutil
+
+    from .runs import StudioError
+    adapter = os.path.join(run_dir, "adapter")
+    if not os.path.isdir(adapter):
+        raise StudioError("this run has no adapter yet (it is saved when the run finishes or is stopped)")
+    os.makedirs(os.path.join(run_dir, "exports"), exist_ok=True)
+    base = os.path.join(run_dir, "exports", f"adapter-{os.path.basename(os.path.normpath(run_dir))}")
+    return shutil.make_archive(base, "zip", adapter)
+
+
+def merge_adapter(run_dir: str, config: Dict[str, Any], output_dir: str = None) -> str:
+    """The base model with the run's LoRA merged in (``merge_and_unload``), saved with the tokenizer
+    as a plain transformers model folder (RUN_DIR/merged by default). A QLoRA run merges into the
+    unquantised base (bf16 when it trained in bf16, else fp32): merging into 4-bit weights would
+    round the adapter away."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .runs import StudioError
+    adapter = os.path.join(run_dir, "adapter")
+    if config["method"] == "full":
+        raise StudioError(f"a full fine-tune has nothing to merge: {adapter} is the whole model")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise StudioError("this run has no adapter yet (it is saved when the run finishes or is stopped)")
+    output_dir = output_dir or os.path.join(run_dir, "merged")
+    dtype = torch.bfloat16 if config["training"]["precision"] == "bf16" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(config["model"], dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(config["model"]).save_pretrained(output_dir)
+    return output_dir

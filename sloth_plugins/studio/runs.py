@@ -217,6 +217,16 @@ class RunManager:
             pass
         return rows
 
+    def loss_curves(self, run_ids: List[str]) -> List[Dict[str, Any]]:
+        """Rows (step, loss, run) of each run's logged losses: one series per run, for one plot."""
+        rows = []
+        for run_id in run_ids:
+            if not run_id:
+                continue
+            label = f"{self.config(run_id).get('name') or run_id} ({run_id})"
+            rows += [{"step": m["step"], "loss": m["loss"], "run": label} for m in self.metrics(run_id)]
+        return rows
+
     def log_tail(self, run_id: str, lines: int = 40) -> str:
         try:
             with open(os.path.join(self.run_dir(run_id), "train.log"), errors="replace") as f:

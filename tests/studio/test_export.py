@@ -77,3 +77,48 @@ def test_axolotl_yaml_has_the_plugin_and_the_settings(run_config):
                                  "field": "text"}]
     assert (data["adapter"], data["lora_r"], data["lora_alpha"], data["lora_target_linear"]) == ("lora", 4, 8, True)
     assert (data["max_steps"], data["gradient_accumulation_steps"], data["sequence_len"]) == (7, 3, 64)
+
+
+def test_merged_export_loads_in_plain_transformers_with_the_peft_logits(tmp_path, finished_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sloth_plugins.studio.export import merge_adapter
+    manager, run_id = finished_run
+    config, run_dir = manager.config(run_id), manager.run_dir(run_id)
+    merged_dir = merge_adapter(run_dir, config, str(tmp_path / "merged"))
+    assert not os.path.exists(os.path.join(merged_dir, "adapter_config.json"))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["model"]),
+                                     os.path.join(run_dir, "adapter")).eval()
+    ids = torch.randint(3, 300, (2, 24))
+    with torch.no_grad():
+        got, want = merged(input_ids=ids).logits, peft(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(config["model"]).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)      # the adapter is in the merged weights
+    assert os.path.isfile(os.path.join(merged_dir, "tokenizer_config.json"))
+
+
+def test_adapter_zip_holds_the_adapter(tmp_path, finished_run):
+    import zipfile
+
+    from sloth_plugins.studio.export import adapter_zip
+    manager, run_id = finished_run
+    path = adapter_zip(manager.run_dir(run_id))
+    assert path.startswith(manager.run_dir(run_id))          # stays inside the runs folder
+    adapter = os.path.join(manager.run_dir(run_id), "adapter")
+    with zipfile.ZipFile(path) as z:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
+        assert z.read("adapter_model.safetensors") == open(os.path.join(adapter, "adapter_model.safetensors"),
+                                                           "rb").read()
+
+
+def test_full_run_has_nothing_to_merge(finished_run):
+    from sloth_plugins.studio.export import merge_adapter
+    from sloth_plugins.studio.runs import StudioError
+    manager, run_id = finished_run
+    with pytest.raises(StudioError, match="nothing to merge"):
+        merge_adapter(manager.run_dir(run_id), {**manager.config(run_id), "method": "full"})
