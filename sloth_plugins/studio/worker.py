@@ -74,7 +74,7 @@ def build_trainer(run_dir: str, config: dict):
     """The SFTTrainer for ``config`` (a checked run config), with SlothCallback."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from ..config import SlothConfig
@@ -109,6 +109,9 @@ def build_trainer(run_dir: str, config: dict):
                      disable_tqdm=True, **sft_config_kwargs(train))
     sloth = SlothCallback(SlothConfig(**config["sloth"]), verbose=False)
     stop = StopFileCallback(os.path.join(run_dir, "STOP"))
+    # PEFT draws LoRA A at random when SFTTrainer wraps the model: TRL >= 1.16 seeds first, older TRL
+    # (1.9, the Axolotl environment) does not, so seed here (the exported script does the same)
+    set_seed(train["seed"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config,
                          callbacks=[sloth, MetricsCallback(os.path.join(run_dir, "metrics.jsonl")), stop])
