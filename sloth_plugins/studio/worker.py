@@ -129,7 +129,7 @@ def run(run_dir: str, resume: bool) -> str:
         f.write(str(sloth.report))   # as re-asserted when training began
     trainer.save_model(os.path.join(run_dir, "adapter"))
     state = "stopped" if stop.stopped else "finished"
-    write_status(run_dir, state, step=trainer.state.global_step, pid=os.getpid())
+    write_status(run_dir, state, step=trainer.state.global_step, pid=os.getpid(), error=None)
     return state
 
 
