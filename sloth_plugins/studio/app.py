@@ -257,21 +257,27 @@ def build_app(manager: RunManager, model: str = ""):
 
         resume_btn.click(on_resume, run_pick, run_msg)
 
-        def on_tick(run_id):
+        shown_state = gr.State("")   # the run's state when the run list was last refreshed
+
+        def on_tick(run_id, shown):
             if not run_id:
-                return [gr.update()] * 7
+                return [gr.update()] * 8 + [shown]
             try:
                 status = manager.status(run_id)
             except StudioError:
-                return [gr.update()] * 7
+                return [gr.update()] * 8 + [shown]
             frame = pd.DataFrame(manager.metrics(run_id) or [], columns=["step", "loss", "learning_rate",
                                                                          "tokens_per_s", "peak_memory_gb"])
             steps = f", step {int(frame['step'].iloc[-1])}" if len(frame) else ""
             text = f"run {run_id}: **{status['state']}**{steps}" + (f" — {status['error']}" if status.get("error")
                                                                       else "")
-            return text, frame, frame, frame, frame, manager.log_tail(run_id), manager.patch_report(run_id)
+            state = f"{run_id}:{status['state']}"
+            pick = run_choices(run_id) if state != shown else gr.update()   # the list's labels show the state
+            return (text, frame, frame, frame, frame, manager.log_tail(run_id), manager.patch_report(run_id), pick,
+                    state)
 
-        timer.tick(on_tick, run_pick, [run_msg, loss_plot, lr_plot, tps_plot, mem_plot, log_tail, patch_text])
+        timer.tick(on_tick, [run_pick, shown_state], [run_msg, loss_plot, lr_plot, tps_plot, mem_plot, log_tail,
+                                                      patch_text, run_pick, shown_state])
 
         def on_export(run_id):
             from .export import axolotl_yaml, python_script
