@@ -272,7 +272,20 @@ def run_patch_report(config: Dict[str, Any]) -> str:
     from .config import lora_config_kwargs
     lora = lora_config_kwargs(config["lora"]) if config["method"] != "full" else None
     text = str(patch_report(config["model"], SlothConfig(**config["sloth"]), lora=lora))
+    text += "\n  note: " + trl_loss_note()
     if config["method"] == "qlora":
         text += ("\n  note: built without quantisation (meta device): a QLoRA run's 4-bit layers may be "
                  "patched differently")
     return text
+
+
+def trl_loss_note() -> str:
+    """What the run's SFTTrainer does to the loss row, which the model alone cannot show."""
+    from importlib.metadata import version
+    trl = version("trl")
+    if tuple(int(x) for x in trl.split(".")[:2]) < (1, 16):
+        return (f"the run's TRL {trl} SFTTrainer replaces the model's forward with its own chunked loss "
+                f"(loss_type='chunked_nll', its default) before SlothCallback patches: the run's loss row falls "
+                f"back to it (it never builds full logits either)")
+    return (f"the run's TRL {trl} SFTTrainer installs its own fused LM head for the training loss after "
+            f"SlothCallback patched: sloth's chunked loss serves the other forward calls")
