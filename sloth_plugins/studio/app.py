@@ -96,8 +96,8 @@ def build_app(manager: RunManager, model: str = ""):
                 for key in LORA:
                     comps[f"lora.{key}"] = _component(gr, f"lora.{key}", defaults[f"lora.{key}"])
             gr.Markdown("### Hardware, and what this run will need")
-            gr.Textbox(value=hardware.devices_text(), label="GPUs (free memory when the app started)",
-                       interactive=False, elem_id="hw-devices")
+            hw_devices = gr.Textbox(value=hardware.devices_text(), label="GPUs (free memory at the last estimate)",
+                                    interactive=False, elem_id="hw-devices")
             estimate_btn = gr.Button("Estimate memory and PatchReport (measures one layer on the CPU)",
                                      elem_id="estimate")
             estimate_md = gr.Markdown(elem_id="memory-estimate")
@@ -209,7 +209,7 @@ def build_app(manager: RunManager, model: str = ""):
             try:
                 config = form(values)
             except ValueError as exc:
-                return f"**Cannot estimate:** {exc}", ""
+                return f"**Cannot estimate:** {exc}", "", hardware.devices_text()
             try:
                 estimate = hardware.estimate_memory(config).summary()
             except (DoctorError, ValueError, OSError) as exc:
@@ -218,9 +218,9 @@ def build_app(manager: RunManager, model: str = ""):
                 report = hardware.run_patch_report(config)
             except (DoctorError, ValueError) as exc:
                 report = f"cannot build the report: {exc}"
-            return estimate.replace("\n", "  \n"), report
+            return estimate.replace("\n", "  \n"), report, hardware.devices_text()
 
-        estimate_btn.click(on_estimate, inputs, [estimate_md, estimate_report])
+        estimate_btn.click(on_estimate, inputs, [estimate_md, estimate_report, hw_devices])
 
         def run_choices(selected=None):
             runs = manager.list()

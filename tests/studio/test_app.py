@@ -100,9 +100,9 @@ def test_app_estimates_compares_chats_and_exports_a_finished_run(tmp_path, finis
     try:
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         fields = config_to_fields(default_run_config(model_dir, dict(ALPACA)))
-        estimate, report = client.predict(*[fields[n] for n in field_names()], api_name="/on_estimate")
+        estimate, report, gpus = client.predict(*[fields[n] for n in field_names()], api_name="/on_estimate")
         assert "estimated peak" in estimate and "decoder layers" in estimate
-        assert "lora_qkv" in report and "PatchReport" in report
+        assert "lora_qkv" in report and "PatchReport" in report and gpus
         plot = client.predict(run_id, None, api_name="/on_compare")
         assert len(plot["data"]) == 10
         job = client.submit(run_id, "Name a colour.", 0.0, 1.0, 6, api_name="/on_send")
