@@ -119,8 +119,9 @@ def _model_config(model_ref: str):
         raise DoctorError(f"the default {model_ref} config cannot be built: {_first_line(exc)}") from None
 
 
-def patch_report(model_ref: str, config: SlothConfig):
-    """The PatchReport ``config`` gives the model (built on the meta device: no weights, no memory)."""
+def patch_report(model_ref: str, config: SlothConfig, lora: Dict[str, Any] = None):
+    """The PatchReport ``config`` gives the model (built on the meta device: no weights, no memory);
+    ``lora``: ``peft.LoraConfig`` arguments to wrap it with first, as a LoRA run does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (
@@ -142,8 +143,12 @@ def patch_report(model_ref: str, config: SlothConfig):
     try:
         with torch.device("meta"):
             model = auto.from_config(model_config)
+            if lora is not None:
+                from peft import LoraConfig, get_peft_model
+                model = get_peft_model(model, LoraConfig(**lora))
     except Exception as exc:  # noqa: BLE001 - e.g. a model that needs a package this machine lacks
-        raise DoctorError(f"{auto.__name__}.from_config cannot build {model_type}: {_first_line(exc)}") from None
+        raise DoctorError(f"{auto.__name__}.from_config cannot build {model_type}"
+                          f"{' with LoRA' if lora is not None else ''}: {_first_line(exc)}") from None
     try:
         return patch(model, config)
     except (SlothConfigError, SlothUnsupported) as exc:

@@ -60,6 +60,10 @@ def build_app(manager: RunManager, model: str = ""):
     import gradio as gr
     import pandas as pd
 
+    from . import hardware
+    from .chat import ChatModels
+
+    chats = ChatModels()
     names = field_names()
     defaults = config_to_fields({**default_run_config(model), "model": model})
     comps: Dict[str, Any] = {}
@@ -91,6 +95,13 @@ def build_app(manager: RunManager, model: str = ""):
             with gr.Row():
                 for key in LORA:
                     comps[f"lora.{key}"] = _component(gr, f"lora.{key}", defaults[f"lora.{key}"])
+            gr.Markdown("### Hardware, and what this run will need")
+            hw_devices = gr.Textbox(value=hardware.devices_text(), label="GPUs (free memory at the last estimate)",
+                                    interactive=False, elem_id="hw-devices")
+            estimate_btn = gr.Button("Estimate memory and PatchReport (measures one layer on the CPU)",
+                                     elem_id="estimate")
+            estimate_md = gr.Markdown(elem_id="memory-estimate")
+            estimate_report = gr.Textbox(label="PatchReport this run would get", lines=12, elem_id="run-report")
         with gr.Tab("Plugin options"):
             for key in SlothConfig().to_dict():
                 comps[f"sloth.{key}"] = _component(gr, f"sloth.{key}", defaults[f"sloth.{key}"])
@@ -114,11 +125,36 @@ def build_app(manager: RunManager, model: str = ""):
                 mem_plot = gr.LinePlot(x="step", y="peak_memory_gb", label="peak memory (GiB)")
             log_tail = gr.Textbox(label="log", lines=12, max_lines=12, autoscroll=True)
             patch_text = gr.Textbox(label="PatchReport", lines=10)
+            gr.Markdown("### Compare two runs")
+            with gr.Row():
+                compare_a = gr.Dropdown(label="run A", choices=[], allow_custom_value=True)
+                compare_b = gr.Dropdown(label="run B", choices=[], allow_custom_value=True)
+                compare_btn = gr.Button("Compare loss")
+            compare_plot = gr.LinePlot(x="step", y="loss", color="run", label="loss of both runs",
+                                       elem_id="compare-plot")
+            gr.Markdown("### Export")
             with gr.Row():
                 export_btn = gr.Button("Export as code")
+                zip_btn = gr.Button("Adapter as .zip", elem_id="zip-adapter")
+                merge_btn = gr.Button("Merge the adapter into the model")
+            with gr.Row():
+                adapter_file = gr.File(label="adapter download", elem_id="adapter-file")
+                merge_msg = gr.Markdown()
             script_code = gr.Code(language="python", label="the same run as a Python script")
             yaml_code = gr.Code(language="yaml", label="the same run for Axolotl")
             timer = gr.Timer(1.0)
+        with gr.Tab("Chat"):
+            gr.Markdown("The selected run's adapter on its base model, and the base model alone (adapter "
+                        "disabled), answering the same message.")
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
+                max_tokens = gr.Slider(1, 1024, value=64, step=1, label="max new tokens")
+            message = gr.Textbox(label="message", elem_id="chat-message")
+            send_btn = gr.Button("Send", variant="primary", elem_id="chat-send")
+            with gr.Row():
+                tuned_answer = gr.Textbox(label="fine-tuned (base + adapter)", lines=8, elem_id="chat-tuned")
+                base_answer = gr.Textbox(label="base model", lines=8, elem_id="chat-base")
 
         inputs = [comps[n] for n in names]
 
@@ -168,6 +204,24 @@ def build_app(manager: RunManager, model: str = ""):
 
         report_btn.click(on_report, inputs, report_preview)
 
+        def on_estimate(*values):
+            from ..doctor import DoctorError
+            try:
+                config = form(values)
+            except ValueError as exc:
+                return f"**Cannot estimate:** {exc}", "", hardware.devices_text()
+            try:
+                estimate = hardware.estimate_memory(config).summary()
+            except (DoctorError, ValueError, OSError) as exc:
+                estimate = f"**Cannot estimate:** {exc}"
+            try:
+                report = hardware.run_patch_report(config)
+            except (DoctorError, ValueError) as exc:
+                report = f"cannot build the report: {exc}"
+            return estimate.replace("\n", "  \n"), report, hardware.devices_text()
+
+        estimate_btn.click(on_estimate, inputs, [estimate_md, estimate_report, hw_devices])
+
         def run_choices(selected=None):
             runs = manager.list()
             choices = [(f"{r['name']} ({r['state']})", r["id"]) for r in runs]
@@ -203,21 +257,27 @@ def build_app(manager: RunManager, model: str = ""):
 
         resume_btn.click(on_resume, run_pick, run_msg)
 
-        def on_tick(run_id):
+        shown_state = gr.State("")   # the run's state when the run list was last refreshed
+
+        def on_tick(run_id, shown):
             if not run_id:
-                return [gr.update()] * 7
+                return [gr.update()] * 8 + [shown]
             try:
                 status = manager.status(run_id)
             except StudioError:
-                return [gr.update()] * 7
+                return [gr.update()] * 8 + [shown]
             frame = pd.DataFrame(manager.metrics(run_id) or [], columns=["step", "loss", "learning_rate",
                                                                          "tokens_per_s", "peak_memory_gb"])
             steps = f", step {int(frame['step'].iloc[-1])}" if len(frame) else ""
             text = f"run {run_id}: **{status['state']}**{steps}" + (f" — {status['error']}" if status.get("error")
                                                                       else "")
-            return text, frame, frame, frame, frame, manager.log_tail(run_id), manager.patch_report(run_id)
+            state = f"{run_id}:{status['state']}"
+            pick = run_choices(run_id) if state != shown else gr.update()   # the list's labels show the state
+            return (text, frame, frame, frame, frame, manager.log_tail(run_id), manager.patch_report(run_id), pick,
+                    state)
 
-        timer.tick(on_tick, run_pick, [run_msg, loss_plot, lr_plot, tps_plot, mem_plot, log_tail, patch_text])
+        timer.tick(on_tick, [run_pick, shown_state], [run_msg, loss_plot, lr_plot, tps_plot, mem_plot, log_tail,
+                                                      patch_text, run_pick, shown_state])
 
         def on_export(run_id):
             from .export import axolotl_yaml, python_script
@@ -230,7 +290,52 @@ def build_app(manager: RunManager, model: str = ""):
                     axolotl_yaml(config, os.path.join(run_dir, "data", "train_text.jsonl")))
 
         export_btn.click(on_export, run_pick, [script_code, yaml_code])
-        app.load(lambda: run_choices(), None, run_pick)
+
+        def on_compare(run_a, run_b):
+            try:
+                rows = manager.loss_curves([run_a, run_b])
+            except StudioError as exc:
+                raise gr.Error(str(exc)) from None
+            return pd.DataFrame(rows, columns=["step", "loss", "run"])
+
+        compare_btn.click(on_compare, [compare_a, compare_b], compare_plot)
+
+        def on_zip(run_id):
+            from .export import adapter_zip
+            try:
+                return adapter_zip(manager.run_dir(run_id))
+            except StudioError as exc:
+                raise gr.Error(str(exc)) from None
+
+        zip_btn.click(on_zip, run_pick, adapter_file)
+
+        def on_merge(run_id):
+            from .export import merge_adapter
+            try:
+                return f"merged model saved to `{merge_adapter(manager.run_dir(run_id), manager.config(run_id))}`"
+            except StudioError as exc:
+                return f"**{exc}**"
+
+        merge_btn.click(on_merge, run_pick, merge_msg)
+
+        def on_send(run_id, text, temp, p, tokens):
+            try:
+                run_dir = manager.run_dir(run_id)
+                for tuned, base in chats.side_by_side(run_dir, manager.config(run_id), text, temperature=temp,
+                                                      top_p=p, max_new_tokens=tokens):
+                    yield tuned, base
+            except StudioError as exc:
+                raise gr.Error(str(exc)) from None
+
+        send_btn.click(on_send, [run_pick, message, temperature, top_p, max_tokens], [tuned_answer, base_answer])
+
+        def all_choices(selected=None):
+            runs = manager.list()
+            choices = [(f"{r['name']} ({r['state']})", r["id"]) for r in runs]
+            return gr.update(choices=choices)
+
+        app.load(lambda: (run_choices(), all_choices(), all_choices()), None, [run_pick, compare_a, compare_b])
+        run_msg.change(lambda: (all_choices(), all_choices()), None, [compare_a, compare_b])
     return app
 
 

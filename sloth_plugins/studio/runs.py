@@ -125,9 +125,11 @@ class RunManager:
             raise StudioError(f"run {run_id} is already running")
         if resume and not last_checkpoint(run_dir):
             raise StudioError(f"run {run_id} has no checkpoint to resume from")
+        self._procs.pop(run_id, None)   # the last worker's (a resume): status() must not read it as this one
         try:
-            if os.path.exists(os.path.join(run_dir, "STOP")):
-                os.remove(os.path.join(run_dir, "STOP"))
+            for stale in ("STOP", "pid"):
+                if os.path.exists(os.path.join(run_dir, stale)):
+                    os.remove(os.path.join(run_dir, stale))
             write_status(run_dir, "starting", resumed=resume, error=None)
             log = open(os.path.join(run_dir, "train.log"), "a")
         except OSError as exc:
@@ -171,10 +173,12 @@ class RunManager:
         status = read_json(os.path.join(run_dir, "status.json"), {}) or {"state": "unknown"}
         if status.get("state") in ACTIVE_STATES:
             proc = self._procs.get(run_id)
-            if proc is not None:
-                proc.poll()   # reap it, so a finished child is not a live zombie
             pid = self._pid(run_dir)
-            if pid is not None and not _process_alive(pid, run_dir):
+            if proc is not None and pid in (None, proc.pid):
+                ended = proc.poll() is not None   # our own child: waitpid says it (and reaps it), no guessing
+            else:
+                ended = pid is not None and not _process_alive(pid, run_dir)   # a worker of an earlier app
+            if ended:
                 status = read_json(os.path.join(run_dir, "status.json"), {}) or {}   # it may just have finished
                 if status.get("state") in ACTIVE_STATES:
                     code = proc.returncode if proc is not None else None
@@ -215,6 +219,16 @@ class RunManager:
                         pass   # a line being written
         except OSError:
             pass
+        return rows
+
+    def loss_curves(self, run_ids: List[str]) -> List[Dict[str, Any]]:
+        """Rows (step, loss, run) of each run's logged losses: one series per run, for one plot."""
+        rows = []
+        for run_id in run_ids:
+            if not run_id:
+                continue
+            label = f"{self.config(run_id).get('name') or run_id} ({run_id})"
+            rows += [{"step": m["step"], "loss": m["loss"], "run": label} for m in self.metrics(run_id)]
         return rows
 
     def log_tail(self, run_id: str, lines: int = 40) -> str:

@@ -74,7 +74,7 @@ def build_trainer(run_dir: str, config: dict):
     """The SFTTrainer for ``config`` (a checked run config), with SlothCallback."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from ..config import SlothConfig
@@ -109,6 +109,9 @@ def build_trainer(run_dir: str, config: dict):
                      disable_tqdm=True, **sft_config_kwargs(train))
     sloth = SlothCallback(SlothConfig(**config["sloth"]), verbose=False)
     stop = StopFileCallback(os.path.join(run_dir, "STOP"))
+    # PEFT draws LoRA A at random when SFTTrainer wraps the model: TRL >= 1.16 seeds first, older TRL
+    # (1.9, the Axolotl environment) does not, so seed here (the exported script does the same)
+    set_seed(train["seed"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config,
                          callbacks=[sloth, MetricsCallback(os.path.join(run_dir, "metrics.jsonl")), stop])
@@ -126,7 +129,7 @@ def run(run_dir: str, resume: bool) -> str:
         f.write(str(sloth.report))   # as re-asserted when training began
     trainer.save_model(os.path.join(run_dir, "adapter"))
     state = "stopped" if stop.stopped else "finished"
-    write_status(run_dir, state, step=trainer.state.global_step, pid=os.getpid())
+    write_status(run_dir, state, step=trainer.state.global_step, pid=os.getpid(), error=None)
     return state
 
 

@@ -89,3 +89,28 @@ def test_app_loads_data_starts_a_run_and_shows_it_finish(tmp_path, model_dir):
     finally:
         app.close()
 
+
+
+@pytest.mark.slow
+def test_app_estimates_compares_chats_and_exports_a_finished_run(tmp_path, finished_run, model_dir):
+    import zipfile
+    manager, run_id = finished_run
+    port = free_port()
+    app = launch(manager.runs_dir, port=port, model=model_dir, block=False)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        fields = config_to_fields(default_run_config(model_dir, dict(ALPACA)))
+        estimate, report, gpus = client.predict(*[fields[n] for n in field_names()], api_name="/on_estimate")
+        assert "estimated peak" in estimate and "decoder layers" in estimate
+        assert "lora_qkv" in report and "PatchReport" in report and gpus
+        plot = client.predict(run_id, None, api_name="/on_compare")
+        assert len(plot["data"]) == 10
+        job = client.submit(run_id, "Name a colour.", 0.0, 1.0, 6, api_name="/on_send")
+        tuned, base = job.result(timeout=120)
+        assert tuned and base and len(job.outputs()) > 2     # streamed
+        path = client.predict(run_id, api_name="/on_zip")
+        assert "adapter_config.json" in zipfile.ZipFile(path).namelist()
+        merged = client.predict(run_id, api_name="/on_merge")
+        assert f"{manager.run_dir(run_id)}/merged" in merged
+    finally:
+        app.close()

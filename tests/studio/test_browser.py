@@ -1,9 +1,15 @@
 """In a real browser (headless Chromium + Selenium): open the app, upload the shipped tiny dataset,
-start a 30-step run on the tiny model, watch the loss chart grow and the run finish."""
+estimate the memory, start a 30-step run on the tiny model, watch the loss chart grow and the run
+finish, download the adapter, chat with it.
+
+SLOTH_STUDIO_SCREENSHOTS=DIR saves the screenshots the README shows (hardware panel, finished run,
+chat) there: ``SLOTH_STUDIO_SCREENSHOTS=docs .venv-latest/bin/pytest tests/studio/test_browser.py``."""
 import os
 import shutil
 import socket
 import time
+import urllib.request
+import zipfile
 
 import pytest
 
@@ -28,12 +34,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_text(browser, css, predicate, timeout):
+def tab(browser, name):
+    browser.find_element(By.XPATH, f"//button[@role='tab' and contains(., '{name}')]").click()
+
+
+def shoot(browser, name):
+    folder = os.environ.get("SLOTH_STUDIO_SCREENSHOTS")
+    if folder:
+        browser.save_screenshot(os.path.join(folder, name))
+
+
+def wait_text(browser, css, predicate, timeout, value=False):
     deadline = time.monotonic() + timeout
     text = ""
     while time.monotonic() < deadline:
         elements = browser.find_elements(By.CSS_SELECTOR, css)
-        text = elements[0].text if elements else ""
+        text = (elements[0].get_attribute("value") if value else elements[0].text) if elements else ""
         if predicate(text):
             return text
         time.sleep(0.3)
@@ -61,7 +77,13 @@ def test_train_the_shipped_example_from_the_browser(tmp_path, model_dir, browser
         time.sleep(1.0)   # the upload finishes before Load reads it
         browser.find_element(By.CSS_SELECTOR, "#load-dataset").click()
         wait_text(browser, "#dataset-message", lambda t: "400 rows" in t, 60)
-        browser.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Runs')]").click()
+        tab(browser, "Model")
+        assert wait_text(browser, "#hw-devices textarea", bool, 10, value=True).startswith("no GPU: CPU run")
+        browser.find_element(By.CSS_SELECTOR, "#estimate").click()
+        wait_text(browser, "#memory-estimate", lambda t: "estimated peak" in t, 120)
+        assert "lora_qkv" in wait_text(browser, "#run-report textarea", bool, 30, value=True)
+        shoot(browser, "studio-hardware.png")
+        tab(browser, "Runs")
         browser.find_element(By.CSS_SELECTOR, "#start-run").click()
         seen = wait_text(browser, "#run-status", lambda t: "running" in t and "step" in t, 120)
         plot = browser.find_element(By.CSS_SELECTOR, "#loss-plot")
@@ -75,7 +97,21 @@ def test_train_the_shipped_example_from_the_browser(tmp_path, model_dir, browser
         assert os.path.isfile(tmp_path / "runs" / run_ids[0] / "adapter" / "adapter_config.json")
         uploaded = [f for _, _, files in os.walk(tmp_path / "runs" / ".uploads") for f in files]
         assert os.path.basename(DATA_FILE) in uploaded   # the upload landed inside the runs folder
-        browser.save_screenshot(str(tmp_path / "finished_run.png"))
+        time.sleep(1.5)   # the run list's next tick
+        shoot(browser, "studio-finished-run.png")
+
+        browser.find_element(By.CSS_SELECTOR, "#zip-adapter").click()
+        link = wait_for_element(browser, "#adapter-file a[href*='.zip']", 60)
+        archive = tmp_path / "adapter.zip"
+        archive.write_bytes(urllib.request.urlopen(link.get_attribute("href")).read())
+        assert "adapter_model.safetensors" in zipfile.ZipFile(archive).namelist()
+
+        tab(browser, "Chat")
+        browser.find_element(By.CSS_SELECTOR, "#chat-message textarea").send_keys("Name a colour.")
+        browser.find_element(By.CSS_SELECTOR, "#chat-send").click()
+        wait_text(browser, "#chat-base textarea", bool, 120, value=True)
+        assert wait_text(browser, "#chat-tuned textarea", bool, 5, value=True)
+        shoot(browser, "studio-chat.png")
     finally:
         app.close()
 

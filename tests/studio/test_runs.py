@@ -156,3 +156,14 @@ def test_read_only_runs_dir_gives_clear_error_and_keeps_runs(tmp_path, run_confi
     assert f"LISTED ['{kept}']" in out.stdout
     assert os.listdir(runs) == [kept]
     assert os.path.isfile(os.path.join(runs, kept, "config.json"))
+
+
+def test_loss_curves_of_two_runs_are_two_series(two_finished_runs):
+    manager, ids = two_finished_runs
+    rows = manager.loss_curves(ids)
+    series = {}
+    for row in rows:
+        series.setdefault(row["run"], []).append((row["step"], row["loss"]))
+    assert sorted(series) == sorted(f"seed {s} ({i})" for s, i in zip((0, 1), ids))
+    for label, run_id in zip(sorted(series), sorted(ids, key=lambda i: manager.config(i)["name"])):
+        assert series[label] == [(m["step"], m["loss"]) for m in manager.metrics(run_id)]
