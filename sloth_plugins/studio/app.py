@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from ..config import SlothConfig
+from ..config import OPTIONS, SlothConfig
 from .config import LORA, SLOTH_MEANINGS, TRAINING, default_run_config
 from .datasets import FORMATS, DatasetError, columns, guess_mapping, length_stats, load_rows, to_texts
 from .form import MAPPING_FIELDS, SLOTH_TEXT_KEYS, config_to_fields, field_names, fields_to_config
 from .runs import RunManager, StudioError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-CHOICES = {"sloth.loss": ("chunked", "off"), "sloth.gradient_checkpointing": ("auto", "offload", "recompute", "off"),
-           "sloth.attention": ("auto", "sloth", "sdpa"), "method": ("lora", "qlora", "full"),
-           "training.precision": ("fp32", "bf16", "fp16"), "mapping.format": tuple(FORMATS)}
+CHOICES = {**{f"sloth.{o.name}": o.choices for o in OPTIONS if o.kind == "choice"},
+           "method": ("lora", "qlora", "full"), "training.precision": ("fp32", "bf16", "fp16"),
+           "mapping.format": tuple(FORMATS)}
 
 
 def parse_auth(auth: Optional[str]) -> Optional[Tuple[str, str]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict
 
-from ..config import SlothConfig, SlothConfigError
+from ..config import OPTIONS, SlothConfig, SlothConfigError
 
 METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -38,17 +38,8 @@ TRAINING = {
     "report_to": ([], "trackers for the Trainer's logs: tensorboard, trackio, wandb"),
 }
 
-SLOTH_MEANINGS = {
-    "kernels": "Triton kernels to use: true (all), false (none), or a list (rms_norm, rope, ...)",
-    "loss": "chunked: the loss from hidden states in token chunks, never the full logits; off: the model's own",
-    "loss_chunk_size": "tokens per loss chunk; empty sizes chunks from free memory",
-    "return_logits": "also return full logits in training (costs the memory the chunked loss saves)",
-    "gradient_checkpointing": "auto (measure, then recompute only what the budget needs) | offload | recompute | off",
-    "memory_budget_gb": "device memory the auto plan may fill; empty means 90% of the device",
-    "strict": "raise instead of falling back when something cannot be patched",
-    "attention": "auto | sloth (varlen kernel) | sdpa (leave the model's attention alone)",
-    "padding_free": "pack padded batches into one row inside the model (same loss, no padding compute)",
-}
+# a sloth key's meaning, beside its field: from the one definition of the options
+SLOTH_MEANINGS = {o.name: o.help for o in OPTIONS}
 
 
 def default_run_config(model: str = "", mapping: Dict[str, Any] = None) -> Dict[str, Any]:
