@@ -125,15 +125,19 @@ def _dpo_data(rows):
                                    rejected=rows[(i + 7) % len(rows)]["response"]) for i, r in enumerate(rows[:40])])
 
 
-def _dpo(tokenizer, rows, tmp_path, patched, peft):
+def _dpo(tokenizer, rows, tmp_path, patched, reference):
+    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
     model = testing.tiny_model("llama", **_model_kw(tokenizer))
-    ref_model = None
-    if peft:
-        model = testing.with_lora(model)            # an existing adapter: TRL keeps a copy of it as the "ref" adapter
+    ref_model = peft_config = None
+    if reference == "disabled_adapter":     # TRL adds the adapter; the reference is the model with it disabled
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    elif reference == "ref_adapter":        # an existing adapter: TRL keeps a copy of it as the "ref" adapter
+        model = testing.with_lora(model)
     else:
         ref_model = testing.tiny_model("llama", seed=1, **_model_kw(tokenizer))
-    return _train(DPOTrainer, DPOConfig, patched, tmp_path, model=model, ref_model=ref_model,
+    return _train(DPOTrainer, DPOConfig, patched, tmp_path, model=model, ref_model=ref_model, peft_config=peft_config,
                   train_dataset=_dpo_data(rows), processing_class=tokenizer,
                   config=dict(per_device_train_batch_size=2, max_length=64, beta=0.1, gradient_checkpointing=True))
 
@@ -142,15 +146,16 @@ def _dpo_floors(beta):
     return {"rewards/": lambda row: beta * max(abs(row["logps/chosen"]), abs(row["logps/rejected"]))}
 
 
-@pytest.mark.parametrize("peft", [True, False], ids=["peft_reference", "separate_ref_model"])
-def test_dpo(tokenizer, rows, tmp_path, peft):
-    ref = _dpo(tokenizer, rows, tmp_path, False, peft)
-    run = _dpo(tokenizer, rows, tmp_path, True, peft)
+@pytest.mark.parametrize("reference", ["disabled_adapter", "ref_adapter", "ref_model"])
+def test_dpo(tokenizer, rows, tmp_path, reference):
+    peft = reference != "ref_model"
+    ref = _dpo(tokenizer, rows, tmp_path, False, reference)
+    run = _dpo(tokenizer, rows, tmp_path, True, reference)
     keys = _assert_same_training(ref, run, _dpo_floors(0.1))
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"} <= keys
     assert any(abs(log["rewards/margins"]) > 0 for log in ref.logs)
     notes = _loss_owner(run.report, "DPOTrainer")
-    assert ("fused LM head" in notes) == _fused_head()
+    assert ("add_fused_lm_head" in notes) == _fused_head()
     assert run.report.count("lora_mlp" if peft else "mlp") == 2 and run.report.count("rms_norm") == 5
     assert run.report.count("gradient_checkpointing") == 2
 
@@ -240,7 +245,7 @@ def test_grpo_and_rloo(tokenizer, rows, tmp_path, name):
     assert {"reward", "kl", "grad_norm"} <= keys
     assert any(log["kl"] > 0 for log in ref.logs[1:])
     notes = _loss_owner(run.report, name + "Trainer")
-    assert ("fused LM head" in notes) == _fused_head()
+    assert ("add_fused_lm_head" in notes) == _fused_head()
 
 
 def test_greedy_generate_of_a_patched_model_is_unchanged(tokenizer, rows):
@@ -258,3 +263,25 @@ def test_greedy_generate_of_a_patched_model_is_unchanged(tokenizer, rows):
     report = sloth.patch(model, sloth.SlothConfig(padding_free=True))
     assert report.count("lora_mlp") == 2 and report.count("loss") == 1
     assert torch.equal(generate(), want)
+
+
+# ---- Distillation (TRL >= 1.16: on-policy, the student generates; generalized JSD against a teacher) ----
+
+def _distill(tokenizer, rows, tmp_path, patched):
+    config_cls, trainer_cls = getattr(trl, "DistillationConfig"), getattr(trl, "DistillationTrainer")
+    student = testing.with_lora(testing.tiny_model("llama", **_model_kw(tokenizer)))
+    teacher = testing.tiny_model("llama", seed=3, **_model_kw(tokenizer))
+    data = Dataset.from_list([dict(prompt=_prompt(r)) for r in rows[:40]])
+    return _train(trainer_cls, config_cls, patched, tmp_path, model=student, teacher_model=teacher,
+                  train_dataset=data, processing_class=tokenizer,
+                  config=dict(per_device_train_batch_size=2, max_completion_length=6, gradient_checkpointing=True,
+                              lr=1e-1))
+
+
+@pytest.mark.skipif(not hasattr(trl, "DistillationTrainer"), reason="this TRL has no DistillationTrainer (< 1.16)")
+def test_distillation(tokenizer, rows, tmp_path):
+    ref = _distill(tokenizer, rows, tmp_path, False)
+    run = _distill(tokenizer, rows, tmp_path, True)
+    keys = _assert_same_training(ref, run)
+    assert "grad_norm" in keys
+    _loss_owner(run.report, "DistillationTrainer")
