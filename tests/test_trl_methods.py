@@ -137,7 +137,10 @@ def _dpo(tokenizer, rows, tmp_path, patched, reference):
         model = testing.with_lora(model)
     else:
         ref_model = testing.tiny_model("llama", seed=1, **_model_kw(tokenizer))
-    return _train(DPOTrainer, DPOConfig, patched, tmp_path, model=model, ref_model=ref_model, peft_config=peft_config,
+    # padding-free on one of the three: the chosen/rejected rows are right-padded, packed inside the decoder
+    options = {"padding_free": True} if reference == "ref_adapter" else None
+    return _train(DPOTrainer, DPOConfig, patched, tmp_path, sloth_options=options, model=model, ref_model=ref_model,
+                  peft_config=peft_config,
                   train_dataset=_dpo_data(rows), processing_class=tokenizer,
                   config=dict(per_device_train_batch_size=2, max_length=64, beta=0.1, gradient_checkpointing=True))
 
@@ -158,6 +161,9 @@ def test_dpo(tokenizer, rows, tmp_path, reference):
     assert ("add_fused_lm_head" in notes) == _fused_head()
     assert run.report.count("lora_mlp" if peft else "mlp") == 2 and run.report.count("rms_norm") == 5
     assert run.report.count("gradient_checkpointing") == 2
+    if reference == "ref_adapter":
+        assert run.report.count("padding_free") == 1
+        assert not [n for n in run.report.notes if n.startswith("padding_free")], run.report.notes
 
 
 # ---- Reward model -------------------------------------------------------------------------------
@@ -239,11 +245,14 @@ def _online(trainer_name, tokenizer, rows, tmp_path, patched, sloth_options=None
 @pytest.mark.parametrize("name", ["GRPO", "RLOO"])
 def test_grpo_and_rloo(tokenizer, rows, tmp_path, name):
     ref = _online(name, tokenizer, rows, tmp_path, False)
-    run = _online(name, tokenizer, rows, tmp_path, True)
+    # padding-free on: a batch is prompt (left-padded for generation) + completion (right-padded); left-padded
+    # batches stay padded (a note says so), others are packed, with the same log-probs either way
+    run = _online(name, tokenizer, rows, tmp_path, True, sloth_options={"padding_free": True})
     # same completions (sampled from the same RNG state on models that agree), same rewards
     keys = _assert_same_training(ref, run, {"kl": lambda row: 1e-2})
     assert {"reward", "kl", "grad_norm"} <= keys
     assert any(log["kl"] > 0 for log in ref.logs[1:])
+    assert run.report.count("padding_free") == 1
     notes = _loss_owner(run.report, name + "Trainer")
     assert ("add_fused_lm_head" in notes) == _fused_head()
 
@@ -268,7 +277,7 @@ def test_greedy_generate_of_a_patched_model_is_unchanged(tokenizer, rows):
 # ---- Distillation (TRL >= 1.16: on-policy, the student generates; generalized JSD against a teacher) ----
 
 def _distill(tokenizer, rows, tmp_path, patched):
-    config_cls, trainer_cls = getattr(trl, "DistillationConfig"), getattr(trl, "DistillationTrainer")
+    config_cls, trainer_cls = trl.DistillationConfig, trl.DistillationTrainer
     student = testing.with_lora(testing.tiny_model("llama", **_model_kw(tokenizer)))
     teacher = testing.tiny_model("llama", seed=3, **_model_kw(tokenizer))
     data = Dataset.from_list([dict(prompt=_prompt(r)) for r in rows[:40]])
