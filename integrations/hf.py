@@ -5,6 +5,12 @@ batches inside the model (``plugins/padding_free.py``); batches a collator alrea
 (``integrations.collators.PaddingFreeCollator``, TRL's ``padding_free``) reach the model as they
 are. An ``SFTConfig`` that makes TRL flatten its batches turns ``padding_free`` on by itself.
 
+TRL's other trainers (DPO, KTO, GRPO, RLOO, Reward, Distillation, the experimental ones) compute
+their own losses from per-token log-probs (TRL >= 1.16's fused LM head), full logits, hidden states
+or a reward head's scores, never from the model's causal-LM loss: sloth's chunked loss is off for
+them, the PatchReport notes which trainer computes the loss and how, and kernels, checkpointing and
+padding-free still apply. A reference or teacher model the trainer holds is not patched.
+
 The callback patches the Trainer's model when the Trainer finishes ``__init__`` (before any
 wrapping, optimizer or dataloader) and re-asserts the patch when training begins, after the
 Trainer has called ``gradient_checkpointing_enable()``. ``patch`` is idempotent, so the
