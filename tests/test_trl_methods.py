@@ -52,7 +52,7 @@ class GradientRecorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.grads.append(torch.cat([p.grad.detach().flatten().clone() if p.grad is not None
-                                     else torch.zeros(p.numel()) for p in model.parameters() if p.requires_grad]))
+                                     else p.new_zeros(p.numel()) for p in model.parameters() if p.requires_grad]).float().cpu())
 
 
 class Run:
@@ -66,13 +66,13 @@ class Run:
         return self.callback.report
 
 
-def _train(trainer_cls, config_cls, patched, tmp_path, *, sloth_options=None, **kwargs):
+def _train(trainer_cls, config_cls, patched, tmp_path, *, sloth_options=None, gpu=False, **kwargs):
     recorder_cls = type(f"Recording{trainer_cls.__name__}", (testing.MicroLossRecorder, trainer_cls), {})
     config_kw = kwargs.pop("config")
     args = config_cls(output_dir=str(tmp_path / f"{trainer_cls.__name__}-{patched}"), max_steps=STEPS,
                       gradient_accumulation_steps=ACCUMULATION, optim="sgd", learning_rate=config_kw.pop("lr", 1e-2),
-                      lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                      bf16=False, seed=0, disable_tqdm=True, **config_kw)
+                      lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=not gpu,
+                      bf16=gpu, seed=0, disable_tqdm=True, **config_kw)
     grads = GradientRecorder()
     callback = sloth.SlothCallback(verbose=False, **(sloth_options or {})) if patched else None
     trainer = recorder_cls(args=args, callbacks=[grads] + ([callback] if callback else []), **kwargs)
@@ -125,7 +125,7 @@ def _dpo_data(rows):
                                    rejected=rows[(i + 7) % len(rows)]["response"]) for i, r in enumerate(rows[:40])])
 
 
-def _dpo(tokenizer, rows, tmp_path, patched, reference):
+def _dpo(tokenizer, rows, tmp_path, patched, reference, gpu=False):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
     model = testing.tiny_model("llama", **_model_kw(tokenizer))
@@ -139,7 +139,8 @@ def _dpo(tokenizer, rows, tmp_path, patched, reference):
         ref_model = testing.tiny_model("llama", seed=1, **_model_kw(tokenizer))
     # padding-free on one of the three: the chosen/rejected rows are right-padded, packed inside the decoder
     options = {"padding_free": True} if reference == "ref_adapter" else None
-    return _train(DPOTrainer, DPOConfig, patched, tmp_path, sloth_options=options, model=model, ref_model=ref_model,
+    return _train(DPOTrainer, DPOConfig, patched, tmp_path, sloth_options=options, gpu=gpu, model=model,
+                  ref_model=ref_model,
                   peft_config=peft_config,
                   train_dataset=_dpo_data(rows), processing_class=tokenizer,
                   config=dict(per_device_train_batch_size=2, max_length=64, beta=0.1, gradient_checkpointing=True))
@@ -232,11 +233,11 @@ def _reward_vowels(completions, **kwargs):
     return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
 
 
-def _online(trainer_name, tokenizer, rows, tmp_path, patched, sloth_options=None):
+def _online(trainer_name, tokenizer, rows, tmp_path, patched, sloth_options=None, gpu=False):
     config_cls, trainer_cls = getattr(trl, trainer_name + "Config"), getattr(trl, trainer_name + "Trainer")
     model = testing.with_lora(testing.tiny_model("llama", **_model_kw(tokenizer)))      # the reference: the adapter disabled
     data = Dataset.from_list([dict(prompt=_prompt(r)) for r in rows[:40]])
-    return _train(trainer_cls, config_cls, patched, tmp_path, sloth_options=sloth_options, model=model,
+    return _train(trainer_cls, config_cls, patched, tmp_path, sloth_options=sloth_options, gpu=gpu, model=model,
                   reward_funcs=_reward_vowels, train_dataset=data, processing_class=tokenizer,
                   config=dict(per_device_train_batch_size=2, num_generations=2, max_completion_length=6, beta=0.04,
                               gradient_checkpointing=True, lr=1e-1))
@@ -294,3 +295,25 @@ def test_distillation(tokenizer, rows, tmp_path):
     keys = _assert_same_training(ref, run)
     assert "grad_norm" in keys
     _loss_owner(run.report, "DistillationTrainer")
+
+
+# ---- GPU (the H200: Triton kernels, bf16 autocast) ----------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["DPO", "GRPO"])
+def test_gpu_dpo_and_grpo_bf16(tokenizer, rows, tmp_path, name):
+    """The same runs on CUDA under bf16 autocast, sloth's Triton kernels in: losses and gradients agree
+    to bf16 accuracy (GRPO samples: its completions may part ways once logits differ in the last bit,
+    so only the first step's gradient and the first micro losses are held tight)."""
+    if name == "DPO":
+        ref = _dpo(tokenizer, rows, tmp_path, False, "disabled_adapter", gpu=True)
+        run = _dpo(tokenizer, rows, tmp_path, True, "disabled_adapter", gpu=True)
+        steps = STEPS
+    else:
+        ref = _online("GRPO", tokenizer, rows, tmp_path, False, gpu=True)
+        run = _online("GRPO", tokenizer, rows, tmp_path, True, gpu=True)
+        steps = 1
+    assert "Triton" not in " ".join(run.report.fallbacks().get("rms_norm", []))
+    assert run.micro_losses[:2 * steps] == pytest.approx(ref.micro_losses[:2 * steps], rel=2e-2, abs=1e-3)
+    for got, want in zip(run.grads[:steps], ref.grads[:steps]):
+        assert ((got - want).norm() / want.norm()).item() <= 5e-2
