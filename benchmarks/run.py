@@ -9,6 +9,7 @@ one random-init model per shape saved once (slothbench.models), one meter, one r
     python benchmarks/run.py --scenario e2e-8b --impls sloth,unsloth --sloth-config '{"gradient_checkpointing": "offload"}'
     python benchmarks/run.py --scenario e2e-8b-host --host-profile    # where a step's host time goes
     python benchmarks/run.py --scenario e2e-1b --smoke                # tiny model, fp32, CPU
+    python benchmarks/run.py --scenario dpo-8b,grpo-1b                # TRL's trainers (slothbench.rl)
 
 Every implementation runs the same step loop on the same batches: forward under autocast(bf16)
 (fp32 under --smoke), backward, AdamW (lr 1e-4), zero_grad, synchronized around every step.
@@ -73,6 +74,10 @@ def worker(job: dict) -> None:
     from slothbench.meter import GcTime, PeakMemory
     from slothbench.profile import host_profile_steps, profile_steps
     device, dtype = _device(job["device"]), getattr(torch, DTYPES[job["dtype"]])
+    if scn["run"] in ("dpo", "grpo"):        # TRL's trainer runs the steps (slothbench.rl)
+        from slothbench import rl
+        rl.run(job, spec, scn, device, dtype, M.load, emit, M.sloth_options)
+        return
     cuda, d = device.type == "cuda", scn["data"]
     seed, qlora = job["seed"], scn["mode"] == "qlora"
     cfg = json.loads((Path(job["model_dir"]) / "config.json").read_text())
@@ -391,7 +396,10 @@ def summary_table(rows: List[dict]) -> str:
 def smoke(scn: dict) -> dict:
     """The scenario on the tiny model, fp32, CPU, 1 warmup + 2 timed steps."""
     d = scn["data"]
-    data = S.fixed(min(d.get("batch", 2), 2), 32) if d["kind"] == "fixed" else S.longtail(4, 2, 20.0, 4, 64)
+    if d["kind"] == "grpo":
+        data = S.grpo(prompt=8, completion=8, generations=2)
+    else:
+        data = S.fixed(min(d.get("batch", 2), 2), 32) if d["kind"] == "fixed" else S.longtail(4, 2, 20.0, 4, 64)
     out = dict(scn, model="tiny", mode="bf16", data=data, warmup=min(scn["warmup"], 1), steps=min(scn["steps"], 2))
     if scn["run"] == "longest":
         out["longest"] = dict(scn["longest"], max_seq=256, start_seq=64, resolution=32, impl_budget_s=120.0)

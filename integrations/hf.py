@@ -5,6 +5,12 @@ batches inside the model (``plugins/padding_free.py``); batches a collator alrea
 (``integrations.collators.PaddingFreeCollator``, TRL's ``padding_free``) reach the model as they
 are. An ``SFTConfig`` that makes TRL flatten its batches turns ``padding_free`` on by itself.
 
+TRL's other trainers (DPO, KTO, GRPO, RLOO, Reward, Distillation, the experimental ones) compute
+their own losses from per-token log-probs (TRL >= 1.16's fused LM head), full logits, hidden states
+or a reward head's scores, never from the model's causal-LM loss: sloth's chunked loss is off for
+them, the PatchReport notes which trainer computes the loss and how, and kernels, checkpointing and
+padding-free still apply. A reference or teacher model the trainer holds is not patched.
+
 The callback patches the Trainer's model when the Trainer finishes ``__init__`` (before any
 wrapping, optimizer or dataloader) and re-asserts the patch when training begins, after the
 Trainer has called ``gradient_checkpointing_enable()``. ``patch`` is idempotent, so the
@@ -60,6 +66,10 @@ class SlothCallback(TrainerCallback):
             raise RuntimeError("SlothCallback got no model from the Trainer: pass model=... to the Trainer")
         _refuse_clashes(model, args, self.config)
         config, note = self.config, None
+        trainer = _trl_trainer(args)
+        if trainer not in (None, "SFTTrainer") and config.loss != "off":
+            config = config.replace(loss="off")
+            note = _trl_loss_note(trainer, args)
         if _trl_reads_full_logits(model, args) and config.loss != "off":
             config = config.replace(loss="off")
             note = (f"TRL SFTTrainer with loss_type={args.loss_type!r} computes its token metrics from the full "
@@ -71,7 +81,7 @@ class SlothCallback(TrainerCallback):
             config = config.replace(loss="off")
             notes.append(f"label_smoothing_factor={args.label_smoothing_factor:g}: the Trainer computes the "
                          f"label-smoothed loss from the full logits, so sloth's fused loss is off for this trainer")
-        if hasattr(args, "loss_type") and _trl_has_fused_head():
+        if trainer == "SFTTrainer" and _trl_has_fused_head():
             notes.append("TRL SFTTrainer (>= 1.16) computes the training loss with its own fused LM head "
                          "(trl add_fused_lm_head: no full logits), which it installs over the model's forward "
                          "after this callback patched it; sloth's chunked loss serves the other forward calls")
@@ -151,8 +161,9 @@ class SlothCallback(TrainerCallback):
 
 def _refuse_clashes(model, args, config: SlothConfig) -> None:
     """Other options that patch the modules sloth patches: one error naming both (never two patches on one)."""
-    # TRL's SFTTrainer turns Liger's fused loss off (its own fused LM head computes the loss)
-    liger_loss = not hasattr(args, "loss_type")
+    # TRL's trainers turn Liger's fused loss off or compute their own losses (sloth's is off for all but SFTTrainer,
+    # whose own fused LM head computes the loss)
+    liger_loss = _trl_trainer(args) is None
     ours = [name for name, on in (("kernels", bool(config.enabled_kernels)),
                                   ("loss", liger_loss and config.loss != "off")) if on]
     if getattr(args, "use_liger_kernel", False) and ours:
@@ -184,10 +195,45 @@ def _unsloth_patched(model) -> Optional[str]:
     return None
 
 
+def _trl_trainer(args) -> Optional[str]:
+    """The TRL trainer an args object configures ("DPOTrainer" for a ``DPOConfig`` or a subclass of it), or None."""
+    for cls in type(args).__mro__:
+        module = getattr(cls, "__module__", "") or ""
+        if module.startswith("trl.") and cls.__name__.endswith("Config") and cls.__name__ != "TrainingArguments":
+            return cls.__name__[:-len("Config")] + "Trainer"
+    return None
+
+
+def _trl_fused_head(args) -> bool:
+    """Whether the TRL trainer of ``args`` (its module, TRL >= 1.16) computes its losses through
+    ``add_fused_lm_head``, which it installs over the model's forward after the callbacks' ``on_init_end``."""
+    for cls in type(args).__mro__:
+        module = getattr(cls, "__module__", "") or ""
+        if module.startswith("trl.") and module.endswith("_config"):
+            trainer_module = sys.modules.get(module[:-len("_config")] + "_trainer")
+            return trainer_module is not None and hasattr(trainer_module, "add_fused_lm_head")
+    return False
+
+
+def _trl_loss_note(trainer: str, args) -> str:
+    """What computes the loss under a TRL trainer other than SFTTrainer: never the model's causal-LM loss."""
+    if trainer == "RewardTrainer":
+        how = ("computes its pairwise loss from the sequence-classification head's scores (no language-model "
+               "head, no causal-LM loss)")
+    elif _trl_fused_head(args):
+        how = ("computes its loss from the per-token log-probs of its own fused LM head (trl add_fused_lm_head, "
+               "installed over the model's forward: no full logits); sloth's kernels and checkpointing run inside "
+               "the backbone call of that head")
+    else:
+        how = ("computes its loss itself from the model's full logits or final hidden states (this TRL version has "
+               "no fused LM head for it), never from the model's causal-LM loss")
+    return f"TRL {trainer} {how}: sloth's chunked loss is off for this trainer"
+
+
 def _trl_padding_free(args) -> bool:
     """What SFTTrainer decides (TRL 1.9 - 1.16): padding_free, or packing with a best-fit-decreasing strategy."""
-    if not hasattr(args, "packing_strategy"):
-        return False    # not an SFTConfig
+    if _trl_trainer(args) != "SFTTrainer" or not hasattr(args, "packing_strategy"):
+        return False
     return bool(getattr(args, "padding_free", False)
                 or (getattr(args, "packing", False) and args.packing_strategy in ("bfd", "bfd_split")))
 
@@ -202,7 +248,8 @@ def _trl_has_fused_head() -> bool:
 
 def _trl_reads_full_logits(model, args) -> bool:
     """SFTTrainer (TRL < 1.16, loss_type 'nll'/'dft', no Liger) reads ``outputs.logits`` after the loss."""
-    if not hasattr(args, "loss_type") or getattr(args, "use_liger_kernel", False) or _trl_has_fused_head():
+    if (_trl_trainer(args) != "SFTTrainer" or getattr(args, "use_liger_kernel", False)
+            or _trl_has_fused_head()):
         return False
     from ..instance_patch import has_instance_override
     from ..manager import get_state

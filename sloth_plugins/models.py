@@ -7,7 +7,10 @@ import torch
 
 
 def resolve_causal_lm(model: Any) -> torch.nn.Module:
-    """Peel PEFT / DDP wrappers off to the transformers CausalLM, or raise a clear TypeError."""
+    """Peel PEFT / DDP wrappers off to the transformers CausalLM, or raise a clear TypeError.
+
+    A model with another head on a decoder (``LlamaForSequenceClassification``: reward models)
+    passes too: kernels and checkpointing patch its decoder; the loss plugin stands aside."""
     inner = model
     for _ in range(8):
         if hasattr(inner, "get_base_model") and callable(inner.get_base_model) and inner is not inner.get_base_model():
@@ -23,7 +26,13 @@ def resolve_causal_lm(model: Any) -> torch.nn.Module:
     if not isinstance(inner, PreTrainedModel):
         raise TypeError(f"sloth_plugins.patch expects a transformers causal LM (e.g. LlamaForCausalLM) or a PEFT "
                         f"model wrapping one; got {type(model).__name__}")
-    if inner.get_output_embeddings() is None:
+    if inner.get_output_embeddings() is None and not _has_decoder(inner):
         raise TypeError(f"{type(inner).__name__} has no language-model head (get_output_embeddings() is None): "
                         f"sloth_plugins patches causal LMs; load the model with AutoModelForCausalLM")
     return inner
+
+
+def _has_decoder(model) -> bool:
+    """A decoder module under ``base_model_prefix`` (``model.model`` of LlamaForSequenceClassification)."""
+    decoder = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    return isinstance(decoder, torch.nn.Module) and decoder is not model

@@ -85,3 +85,23 @@ def test_kernels_and_runner_smoke(tmp_path):
     # resumable: every cell is in the JSON, nothing runs again
     again = _finish(_start("run.py", "--scenario", "e2e-1b", "--impls", "hf_peft,sloth", *common), timeout=120)
     assert again.count("already (ok)") == 2 and "starting" not in again
+
+
+@pytest.mark.slow
+def test_trl_dpo_and_grpo_scenarios_smoke(tmp_path):
+    """dpo-8b and grpo-1b on the tiny model: TRL's trainers alone and with SlothCallback run, with the same
+    losses (fp32), TRL named as the loss's owner, and GRPO's generation timed apart from the rest."""
+    common = ["--out-dir", str(tmp_path / "r"), "--model-cache", str(tmp_path / "models"), "--name", "rl"]
+    out = _finish(_start("run.py", "--scenario", "dpo-8b,grpo-1b", "--impls", "trl,trl_sloth_offload", *common),
+                  timeout=600)
+    cells = {(r["scenario"], r["impl"]): r for r in json.loads((tmp_path / "r" / "rl.json").read_text())["rows"]}
+    for scenario, trainer in (("dpo-8b", "DPOTrainer"), ("grpo-1b", "GRPOTrainer")):
+        trl, ours = cells[(scenario, "trl")], cells[(scenario, "trl_sloth_offload")]
+        assert trl["ok"] and ours["ok"], out[-3000:]
+        assert trl["tok_s"] > 0 and len(trl["losses"]) == len(ours["losses"]) == 3
+        assert ours["losses"] == pytest.approx(trl["losses"], rel=1e-4, abs=1e-6)
+        assert any(f"TRL {trainer}" in n for n in ours["patch_notes"]), ours["patch_notes"]
+        assert ours["sloth_config"]["gradient_checkpointing"] == "offload"
+    grpo = cells[("grpo-1b", "trl")]
+    assert len(grpo["generate_s"]) == 3 and all(0 < g < t for g, t in zip(grpo["generate_s"], grpo["step_s"]))
+    assert grpo["train_s_mean"] > 0

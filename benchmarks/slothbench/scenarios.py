@@ -29,6 +29,11 @@ def longtail(samples: int, micro: int, mean_len: float = 350.0, min_len: int = 3
             "max_len": max_len, "sigma": sigma, "tokens": tokens}
 
 
+def grpo(prompt: int, completion: int, generations: int) -> dict:
+    """One prompt of ``prompt`` tokens a micro-batch, ``generations`` completions of ``completion`` tokens."""
+    return {"kind": "grpo", "prompt": prompt, "completion": completion, "generations": generations}
+
+
 def scenario(name: str, model: str, data: dict, impls: List[str], mode: str = "bf16", grad_ckpt: bool = True,
              **more) -> dict:
     return {"name": name, "model": shape_name(model), "mode": mode, "data": data, "grad_ckpt": grad_ckpt,
@@ -46,6 +51,12 @@ def _ckpt(name: str, model: str, data: dict, full: bool = False) -> dict:
         define[mode] = {"base": "hf", "sloth": {**stack, "gradient_checkpointing": mode}}
     define["auto-40g"] = {"base": "hf", "sloth": {**stack, "gradient_checkpointing": "auto", "memory_budget_gb": 40.0}}
     return scenario(name, model, data, list(define), define=define, settle=True, warmup=3, steps=5)
+
+
+def _rl(name: str, model: str, run: str, data: dict, mode: str = "bf16") -> dict:
+    """TRL's DPO / GRPO trainer alone, with use_liger_kernel, with SlothCallback (default, offload)."""
+    from .rl import IMPLS
+    return scenario(name, model, data, list(IMPLS), mode=mode, run=run, define=dict(IMPLS), warmup=2, steps=5)
 
 
 def _longest(name: str, model: str, mode: str = "bf16") -> dict:
@@ -74,6 +85,10 @@ NAMED: Dict[str, dict] = {s["name"]: s for s in [
     _ckpt("ckpt-8b", "llama-3.1-8b", fixed(2, 2048)),
     _longest("longest-8b", "llama-3.1-8b"),
     _longest("longest-8b-qlora", "llama-3.1-8b", mode="qlora"),
+    # preference / RL training through TRL's trainers (issue 20): PEFT reference, LoRA r16
+    _rl("dpo-8b", "llama-3.1-8b", "dpo", fixed(2, 2048)),
+    _rl("dpo-8b-qlora", "llama-3.1-8b", "dpo", fixed(2, 2048), mode="qlora"),
+    _rl("grpo-1b", "llama-3.2-1b", "grpo", grpo(prompt=256, completion=512, generations=8)),
     # 2 GPUs: HF Trainer + SlothCallback under torchrun DDP (benchmarks/multi_gpu_train.py), 2 x 2048 a GPU
     scenario("ddp-8b", "llama-3.1-8b", fixed(2, 2048), ["sloth"], gpus=2, warmup=3, steps=20),
 ]}

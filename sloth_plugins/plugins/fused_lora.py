@@ -214,19 +214,46 @@ def extract_lora(layer, cache: Optional["weakref.WeakKeyDictionary"] = None) -> 
     adapter, a merge, a disabled adapter or swapped parameters all show up there. ``cache``: the
     patched model's (its slot in the model's Stash, see ``new_cache``); calls from outside a patched
     model share one default cache.
+
+    A checkpoint recomputing its forward inside backward must compute what that forward did, without
+    the identity check: it takes the extraction made for the adapter selection in effect now (active
+    adapter, disabled flag). One is kept per selection, so a forward with another adapter between a
+    forward and its backward (TRL's reference pass: ``set_adapter("ref")`` and back) does not hand
+    the recompute the other adapter's weights. A selection never seen outside backward gets the last
+    extraction made.
     """
     cache = _default_cache if cache is None else cache
-    entry = cache.get(layer)
-    if entry is not None and _in_backward():
-        # a checkpoint recomputing its forward inside backward must compute what that forward did
+    entries = cache.get(layer)
+    selector = _selector(layer)
+    if entries is not None and _in_backward():
+        entry = entries.get(selector)
+        if entry is None:
+            entry = entries[next(reversed(entries))]
         return _current(entry[2])
     key = _identity(layer)
+    entry = entries.get(selector) if entries is not None else None
     if entry is not None and key is not None and tuple(map(id, key)) == entry[1]:
         return _current(entry[2])
     ex = _extract(layer)
     if key is not None:
-        cache[layer] = (key, tuple(map(id, key)), ex)   # the key keeps its objects (and ids) alive
+        if entries is None:
+            entries = cache[layer] = {}
+        entries.pop(selector, None)          # the newest extraction stays last
+        entries[selector] = (key, tuple(map(id, key)), ex)   # the key keeps its objects (and ids) alive
+        while len(entries) > _SELECTIONS_KEPT:
+            entries.pop(next(iter(entries)))
     return ex
+
+
+_SELECTIONS_KEPT = 4
+
+
+def _selector(layer):
+    """Which adapter a PEFT layer runs now (active adapter(s), disabled flag); None for other layers."""
+    active = getattr(layer, "_active_adapter", None)
+    if active is None:
+        return None
+    return (tuple(active) if isinstance(active, list) else active, bool(getattr(layer, "_disable_adapters", False)))
 
 
 def _current(ex: ExtractedLora) -> ExtractedLora:
@@ -237,7 +264,8 @@ def _current(ex: ExtractedLora) -> ExtractedLora:
 
 
 def new_cache() -> "weakref.WeakKeyDictionary":
-    """An extraction cache: layer (weakly held) -> (_identity(layer), its objects' ids, ExtractedLora)."""
+    """An extraction cache: layer (weakly held) -> {_selector(layer): (_identity(layer), its objects' ids,
+    ExtractedLora)}, the newest last."""
     return weakref.WeakKeyDictionary()
 
 

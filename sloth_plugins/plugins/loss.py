@@ -61,7 +61,7 @@ class LossPlugin:
                           patcher: InstancePatcher, context):
         if config.loss == "off":
             return
-        reason = (_unsupported_reason(model, arch) or _foreign_forward_reason(model)
+        reason = (_no_lm_head_reason(model) or _unsupported_reason(model, arch) or _foreign_forward_reason(model)
                   or _zero3_reason(model.get_output_embeddings())
                   or (_unproven_reason(model) if arch is None else None))
         semantics, how = (loss_semantics(type(model), arch.logit_softcap_attr) if arch is not None and arch.vision
@@ -224,6 +224,14 @@ def _out_features(head) -> int:
 def _generic_softcap(model_config) -> Optional[float]:
     value = getattr(model_config, "final_logit_softcapping", None)
     return float(value) if value else None
+
+
+def _no_lm_head_reason(model) -> Optional[str]:
+    if model.get_output_embeddings() is not None:
+        return None
+    heads = [n for n, m in model.named_children() if m is not find_decoder(model)]
+    return (f"{type(model).__name__} has no language-model head ({', '.join(heads) or 'another head'} on the "
+            f"decoder: a reward / classification model): its own forward and loss run")
 
 
 def _unsupported_reason(model, arch) -> Optional[str]:

@@ -1,0 +1,156 @@
+"""Preference and RL scenarios: TRL's own trainer runs the steps (``run: "dpo"`` / ``"grpo"``).
+
+Every implementation is TRL's trainer on the same HF + PEFT model (slothbench.models.load, LoRA r16,
+PEFT reference: TRL disables the adapter); what differs is TRL's ``use_liger_kernel`` (spec
+``liger``) or ``callbacks=[SlothCallback(**spec["sloth"])]`` (spec ``sloth``). ``trainer.train()``
+runs warmup + timed steps; a callback synchronizes and times each optimizer step.
+
+* DPO: ``batch`` pairs a step, each row ``seq`` tokens (half prompt, half completion; chosen and
+  rejected rows alike), random token ids: the dataset TRL tokenized at init is replaced by these
+  ids before training. Processed tokens a step: 2 x batch x seq.
+* GRPO: one prompt a micro-batch, ``generations`` completions of exactly ``completion`` tokens
+  (``min_new_tokens``), a python reward. Generation (transformers' ``generate``) is timed apart;
+  ``train_s`` is the rest of the step: old/ref log-probs, rewards, the loss and backward.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+IMPLS = {
+    "trl": {"base": "hf"},
+    "trl_liger": {"base": "hf", "liger": True},
+    "trl_sloth": {"base": "hf", "sloth": {}},
+    "trl_sloth_offload": {"base": "hf", "sloth": {"gradient_checkpointing": "offload"}},
+}
+
+
+def run(job: dict, spec: dict, scn: dict, device, dtype, load, emit, sloth_options) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from .meter import PeakMemory
+
+    cuda, d = device.type == "cuda", scn["data"]
+    model_dir = Path(job["model_dir"])
+    cfg = json.loads((model_dir / "config.json").read_text())
+    t0 = time.perf_counter()
+    base = {"base": "hf"}               # TRL / the callback apply Liger and sloth, not the loader
+    max_seq = d["seq"] if scn["run"] == "dpo" else d["prompt"] + d["completion"]
+    model, info = load(base, model_dir, device, dtype, qlora=scn["mode"] == "qlora", grad_ckpt=scn["grad_ckpt"],
+                       seed=job["seed"], max_seq=max_seq)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    memory = PeakMemory(device)
+    memory.start()
+    steps = scn["warmup"] + scn["steps"]
+    gen = torch.Generator().manual_seed(job["seed"])
+
+    def ids(n):
+        return torch.randint(3, cfg["vocab_size"], (n,), generator=gen).tolist()
+
+    callbacks = []
+    if spec.get("sloth") is not None:
+        import sloth_plugins as sloth
+        options = sloth_options(spec, job.get("sloth_extra"))
+        callbacks.append(sloth.SlothCallback(verbose=False, **options))
+        info["sloth_config"] = options
+    common = dict(output_dir=str(model_dir.parent / f"trl-{scn['name']}"), max_steps=steps, learning_rate=job["lr"],
+                  logging_steps=1, save_strategy="no", report_to=[], bf16=cuda and dtype == torch.bfloat16,
+                  use_cpu=not cuda, gradient_checkpointing=scn["grad_ckpt"], seed=job["seed"], disable_tqdm=True,
+                  use_liger_kernel=bool(spec.get("liger")), dataloader_num_workers=0)
+    times, gen_times, last_loss = [], [], [float("nan")]
+    if scn["run"] == "dpo":
+        tokens_per_step = 2 * d["batch"] * d["seq"]
+    else:
+        tokens_per_step = d["generations"] * (d["prompt"] + d["completion"])
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize(device)
+            self.t = time.perf_counter()
+            gen_times.append(0.0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - self.t)
+            if len(times) == scn["warmup"]:
+                memory.mark()
+            emit("step", step=len(times) - 1, warmup=len(times) <= scn["warmup"], step_s=times[-1],
+                 loss=last_loss[0], tok_s=tokens_per_step / times[-1], real_tok_s=tokens_per_step / times[-1])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                last_loss[0] = float(logs["loss"])      # the step before this one's (logs come after step end)
+
+    if scn["run"] == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        rows = steps * d["batch"]
+        half = d["seq"] // 2
+        dummy = Dataset.from_list([{"prompt": "The quick", "chosen": " fox", "rejected": " dog"}] * rows)
+        args = DPOConfig(per_device_train_batch_size=d["batch"], max_length=d["seq"], beta=0.1, **common)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tokenizer,
+                             callbacks=[Timer()] + callbacks)
+        trainer.train_dataset = Dataset.from_list([{"prompt_ids": ids(half), "chosen_ids": ids(d["seq"] - half),
+                                                    "rejected_ids": ids(d["seq"] - half)} for _ in range(rows)])
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+        prompt = tokenizer.decode(ids(d["prompt"]))
+        prompts = Dataset.from_list([{"prompt": prompt}] * (steps * 2))
+        args = GRPOConfig(per_device_train_batch_size=d["generations"], num_generations=d["generations"],
+                          max_completion_length=d["completion"], beta=0.04,
+                          generation_kwargs={"min_new_tokens": d["completion"]}, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=_reward_length, args=args, train_dataset=prompts,
+                              processing_class=tokenizer, callbacks=[Timer()] + callbacks)
+        _time_generate(trainer.model, gen_times, cuda, device)
+    load_s = time.perf_counter() - t0
+    emit("loaded", load_s=round(load_s, 1), **info)
+    trainer.train()
+
+    timed = times[scn["warmup"]:]
+    seconds = sum(timed)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    gib = lambda b: b / 2 ** 30 if b is not None else None      # noqa: E731
+    result = dict(ok=True, load_s=load_s, warmup_steps=scn["warmup"], step_s=times, losses=losses,
+                  loss_step0=losses[0] if losses else None, loss_final=losses[-1] if losses else None,
+                  tok_s=tokens_per_step * len(timed) / seconds if seconds else None,
+                  step_s_mean=seconds / len(timed) if timed else None, tokens_per_step=[tokens_per_step] * len(times),
+                  peak_gib=gib(memory.peak()), peak_timed_gib=gib(memory.window_peak()),
+                  trl_metrics=[{k: v for k, v in h.items() if isinstance(v, (int, float))}
+                               for h in trainer.state.log_history[-3:]], **info)
+    result["real_tok_s"] = result["tok_s"]
+    if scn["run"] == "grpo":
+        train_s = [t - g for t, g in zip(times, gen_times)]
+        result.update(generate_s=gen_times, train_s=train_s,
+                      train_s_mean=sum(train_s[scn["warmup"]:]) / len(timed) if timed else None,
+                      train_tok_s=tokens_per_step * len(timed) / sum(train_s[scn["warmup"]:]) if timed else None)
+    if callbacks:
+        report = callbacks[0].report
+        result.update(patch_report=report.summary(), patch_notes=list(report.notes))
+    emit("result", **result)
+
+
+def _reward_length(completions, **kwargs):
+    return [float(len(c)) / 100.0 for c in completions]
+
+
+def _time_generate(peft_model, gen_times, cuda, device):
+    """Time every ``generate`` of the trained model into the current step's slot."""
+    import torch
+    real = peft_model.generate
+
+    def generate(*args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        out = real(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if gen_times:
+            gen_times[-1] += time.perf_counter() - t
+        return out
+
+    peft_model.generate = generate
