@@ -1,10 +1,15 @@
 """Issue 21: sloth in each framework's own conventions — metrics in the user's tracker, decisions
 announced through logging, no silent clashes, output fields that name the option, names that agree."""
+import copy
+import dataclasses
 import logging
+import pickle
+import warnings
 
 import pytest
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import sloth_plugins as sloth
 from sloth_plugins.testing import format_example, load_instructions, tiny_model, train_tokenizer
@@ -236,3 +241,47 @@ def test_lightning_strategy_names_resolve_after_the_documented_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     # a plain `import sloth_plugins` imports no framework (README: the exact import to register them)
     assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+
+
+# ---- outputs.logits under the chunked loss names the option ---------------------------------------------------
+@pytest.fixture
+def logits_warning_armed():
+    from sloth_plugins.plugins import loss
+    loss._warned_no_logits.clear()
+    yield
+    loss._warned_no_logits.clear()
+
+
+def _chunked_output(tokenizer):
+    model = _model(tokenizer)
+    sloth.patch(model, sloth.SlothConfig())
+    model.train()
+    ids = torch.randint(0, len(tokenizer), (2, 8))
+    return model(input_ids=ids, labels=ids)
+
+
+def test_reading_logits_in_a_training_step_warns_naming_return_logits(tokenizer, logits_warning_armed):
+    out = _chunked_output(tokenizer)
+    with pytest.warns(UserWarning, match=r"SlothConfig\(return_logits=True\)"):
+        assert out.logits is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert out.logits is None                      # once
+    # otherwise the output answers as transformers' own with logits None
+    assert list(out.keys()) == ["loss"] and out.to_tuple() == (out.loss,) and out[0] is out.loss
+    assert isinstance(out, CausalLMOutputWithPast) and hasattr(out, "logits")
+
+
+def test_framework_copies_of_the_output_do_not_warn(tokenizer, logits_warning_armed):
+    """FSDP1 / FSDP2 copy a forward's output field by field (torch.distributed.utils._apply_to_tensors), as
+    do dataclasses.replace, copy and pickle: none of them is the user reading logits."""
+    from torch.distributed.utils import _apply_to_tensors
+    with torch.no_grad():                               # (deepcopy and pickle take graph leaves only)
+        out = _chunked_output(tokenizer)
+    assert type(out).__name__ == "SlothCausalLMOutputWithPast", "the chunked loss ran"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copied = _apply_to_tensors(lambda t: t * 1, out)
+        for dup in (copied, dataclasses.replace(out), copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+            assert type(dup) is type(out) and torch.equal(dup.loss, out.loss)
+            assert dup.__dict__.get("logits") is None and list(dup.keys()) == ["loss"]

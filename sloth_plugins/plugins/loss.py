@@ -526,15 +526,60 @@ def _rng_snapshot(model):
     return restore
 
 
+NO_LOGITS = ("sloth_plugins: outputs.logits of a training step is None: sloth's chunked loss computed the loss from "
+             "the hidden states in chunks and never formed the [tokens x vocab] logits. To read logits in training, "
+             "patch with SlothConfig(return_logits=True) (SlothCallback(return_logits=True), "
+             "SlothStrategy(return_logits=True), Axolotl sloth_return_logits: true), which costs the memory the "
+             "chunked loss saves; or loss='off'. Warned once.")
+# Readers of every field that are not the user's code: a missing logits is just None to them (FSDP1 and
+# FSDP2 copy a forward's output dataclass field by field, transformers' ModelOutput reads its fields).
+_FIELD_COPIERS = ("dataclasses", "torch.", "transformers.utils.generic", "copy", "pickle", "copyreg")
+_warned_no_logits = []
+
+
+def _get_logits(self):
+    value = self.__dict__.get("logits")
+    if value is None and not _warned_no_logits:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if not caller.startswith(_FIELD_COPIERS):
+            _warned_no_logits.append(True)
+            warnings.warn(NO_LOGITS, stacklevel=2)
+    return value
+
+
+def _set_logits(self, value):
+    self.__dict__["logits"] = value
+
+
+_OUTPUT_CLASSES: dict = {}
+
+
+def _output_class(base):
+    """``base`` (a transformers ModelOutput) whose ``logits`` are None as before but warn once, naming
+    ``return_logits=True``, when user code reads them: ``outputs.logits.argmax()`` otherwise fails on
+    None without pointing at sloth. Nothing raises (FSDP copies every field), ``keys()``,
+    ``to_tuple()``, ``hasattr`` and pickling behave as for ``base``."""
+    cls = _OUTPUT_CLASSES.get(base)
+    if cls is None:
+        name = f"Sloth{base.__name__}"
+        cls = type(name, (base,), {"logits": property(_get_logits, _set_logits), "__module__": __name__,
+                                   "__qualname__": name, "__doc__": _output_class.__doc__})
+        globals()[name] = _OUTPUT_CLASSES[base] = cls        # importable by name: outputs pickle
+    return cls
+
+
+def _output(base, loss, decoder_outputs, **extra):
+    cls = _output_class(base)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    carried = {k: v for k, v in decoder_outputs.items() if k in fields and k not in ("loss", "logits", *extra)}
+    return cls(loss=loss, logits=None, **extra, **carried)
+
+
 def _moe_output(loss, aux_loss, decoder_outputs):
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-    fields = {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
-    carried = {k: v for k, v in decoder_outputs.items() if k in fields and k not in ("loss", "logits", "aux_loss")}
-    return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, **carried)
+    return _output(MoeCausalLMOutputWithPast, loss, decoder_outputs, aux_loss=aux_loss)
 
 
 def _causal_lm_output(loss, decoder_outputs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    carried = {k: v for k, v in decoder_outputs.items() if k in fields and k not in ("loss", "logits")}
-    return CausalLMOutputWithPast(loss=loss, logits=None, **carried)
+    return _output(CausalLMOutputWithPast, loss, decoder_outputs)
