@@ -196,7 +196,7 @@ def test_gpu_bf16_training_parity(family):
     over.update(dict(num_local_experts=8) if family == "mixtral" else
                 dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512))
     models = [_lora(build(family, seed=3, dtype=torch.bfloat16, hidden_size=1024, layers=4, vocab_size=4096,
-                          **over).cuda(), experts=True) for _ in range(2)]
+                          **over), experts=True).cuda() for _ in range(2)]     # (with_lora seeds on the CPU)
     ref, model = models
     report = sloth.patch(model)
     layers = 4
