@@ -76,7 +76,10 @@ def test_the_wheel_alone_runs_the_quickstart(tmp_path):
                     str(wheel)], check=True)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    # (without the launcher variables an earlier in-process distributed test may leave: the quickstart's
+    # TrainingArguments would join that process group)
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "DO_NOT_TRACK": "1"}
     where = subprocess.run([python, "-c", "import sloth_plugins, sloth_plugins.testing as t; "
                                           "print(sloth_plugins.__file__); print(len(t.load_instructions()))"],
