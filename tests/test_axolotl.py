@@ -286,7 +286,7 @@ def test_keys_map_onto_sloth_config(model_dir, tmp_path):
                          | {"sloth_" + k for k in sloth.SlothConfig().enabled_kernels})
     # per-kernel booleans, as the Liger plugin's liger_rope / liger_rms_norm
     cfg = validated(base_config(model_dir, str(tmp_path), sloth_kernels=None, sloth_rope=False, sloth_mlp=False))
-    assert set(sloth_config_from(cfg).enabled_kernels) == {"rms_norm", "lora_mlp", "lora_qkv", "lora_o"}
+    assert set(sloth_config_from(cfg).enabled_kernels) == {"rms_norm", "lora_mlp", "lora_qkv", "lora_o", "moe_experts"}
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -191,7 +191,8 @@ def test_axolotl_sloth_kernels_as_a_map_switches_kernels_off(axolotl_model_dir, 
 
     cfg = _validated(_axolotl_config(axolotl_model_dir, str(tmp_path), sloth_kernels={"mlp": False,
                                                                                      "lora_mlp": False}))
-    assert sloth_config_from(cfg).enabled_kernels == ("rms_norm", "rope", "lora_qkv", "lora_o")
+    assert sloth_config_from(cfg).enabled_kernels == ("rms_norm", "rope", "lora_qkv", "lora_o",
+                                                         "moe_experts")
     # sloth takes over the attention modules only; the MLP is not its to switch off
     assert (cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (False, False) and cfg.lora_mlp_kernel is not False
     with pytest.raises(ValueError, match=re.escape("sloth_kernels: unknown kernel name(s) 'mpl'")):
