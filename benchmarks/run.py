@@ -413,7 +413,8 @@ def smoke(scn: dict) -> dict:
         data = S.image(min(d["batch"], 2), 8, image_tokens=4)
     else:
         data = S.fixed(min(d.get("batch", 2), 2), 32) if d["kind"] == "fixed" else S.longtail(4, 2, 20.0, 4, 64)
-    out = dict(scn, model=M.smoke_shape(scn["model"]), mode="bf16", data=data, warmup=min(scn["warmup"], 1), steps=min(scn["steps"], 2))
+    out = dict(scn, model=M.smoke_shape(scn["model"]), mode="bf16", data=data, warmup=min(scn["warmup"], 1),
+               steps=min(scn["steps"], 2))
     if scn["run"] == "longest":
         out["longest"] = dict(scn["longest"], max_seq=256, start_seq=64, resolution=32, impl_budget_s=120.0)
     return out
@@ -430,8 +431,9 @@ def parse_args(argv):
     p.add_argument("--impls", default="", help="comma-separated, replaces every scenario's list")
     p.add_argument("--define", action="append", default=[], metavar="NAME=JSON", help="an extra implementation")
     p.add_argument("--sloth-config", default=None, type=json.loads, help="SlothConfig keys for every sloth impl")
-    p.add_argument("--batch-size", type=int, default=None, help="fixed data: overrides the scenarios'")
-    p.add_argument("--seq-len", type=int, default=None, help="fixed data: overrides the scenarios'")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed / image data: overrides the scenarios'")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="fixed data: overrides the scenarios' (image data: the text tokens after the image)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps after the warmup")
     p.add_argument("--seed", type=int, default=0)
@@ -480,8 +482,9 @@ def scenarios_of(args) -> List[dict]:
     for scn in out:
         if args.impls:
             scn["impls"] = [i.strip() for i in args.impls.split(",") if i.strip()]
-        if scn["data"]["kind"] == "fixed":
-            scn["data"].update({k: v for k, v in (("batch", args.batch_size), ("seq", args.seq_len)) if v})
+        if scn["data"]["kind"] in ("fixed", "image"):
+            seq = "seq" if scn["data"]["kind"] == "fixed" else "text"
+            scn["data"].update({k: v for k, v in (("batch", args.batch_size), (seq, args.seq_len)) if v})
         scn.update({k: getattr(args, k) for k in ("warmup", "steps") if getattr(args, k) is not None})
         scn["define"] = {**defined, **scn["define"]}
         unknown = [i for i in scn["impls"] if i not in scn["define"]]

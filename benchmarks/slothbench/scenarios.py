@@ -1,6 +1,6 @@
-"""Scenarios as data: model shape x precision (bf16 | qlora) x batches (fixed | longtail | image) x
-gradient checkpointing x GPUs, the implementations to compare (image: vision-language), and how to measure (``run``:
-"train" = timed steps, "longest" = the longest batch-1 sequence within a memory budget).
+"""Scenarios as data: model shape x precision (bf16 | qlora) x batches (fixed | longtail | image:
+vision-language) x gradient checkpointing x GPUs, the implementations to compare, and how to measure
+(``run``: "train" = timed steps, "longest" = the longest batch-1 sequence within a memory budget).
 
 Named scenarios reproduce what the older scripts measured (e2e.py, padding_free.py,
 checkpointing.py, longest_seq.py); ``matrix`` builds the cross-family grid the same way for
@@ -30,7 +30,8 @@ def longtail(samples: int, micro: int, mean_len: float = 350.0, min_len: int = 3
 
 
 def image(batch: int, text: int, image_tokens: int = 256) -> dict:
-    """Vision-language rows: one image of ``image_tokens`` soft tokens, then ``text`` text tokens (slothbench.data)."""
+    """Vision-language rows: one image of ``image_tokens`` soft tokens, then ``text`` text tokens
+    (slothbench.data)."""
     return {"kind": "image", "batch": batch, "text": text, "image_tokens": image_tokens}
 
 
