@@ -20,6 +20,8 @@
 #   padding-free-8b  run.py --scenario padding-free-8b (~8 min; the budget may skip the last impl)
 #   ckpt-1b          run.py --scenario ckpt-1b: HF with/without checkpointing vs each sloth checkpointing mode
 #   longest-8b       run.py --scenario longest-8b: longest bs-1 sequence within 80 GiB, 4 impls (~10 min)
+#   vl-gemma3-4b     run.py --scenario vl-gemma3-4b: Gemma-3-4B multimodal, bs 2 x (256 image + 1792 text tokens), 4 impls
+#   vl-qwen2.5-vl-7b run.py --scenario vl-qwen2.5-vl-7b: Qwen2.5-VL-7B, the same batches (448 px images)
 #   matrix           run.py --families all --modes bf16,qlora: every family x precision, 6 impls (HF+PEFT, Liger,
 #                    Unsloth, sloth offload, sloth default, sloth default at HF+PEFT's measured peak); resumable
 #                    (cells already in results/matrix.json are skipped), so run it again until it is complete
@@ -62,12 +64,12 @@ run_phase() {
     attention)    "$PY" benchmarks/attention.py ${ATTN_ARGS:-} ;;
     e2e-8b-host)  "${run[@]}" --scenario "$phase" --host-profile ${RUN_ARGS:-${E2E_ARGS:-}} ;;
     e2e-1b|e2e-1b-nogc|e2e-8b|e2e-8b-qlora|e2e-8b-nogc|e2e-8b-offload|e2e-8b-qlora-offload|padding-free-1b|\
-    padding-free-8b|ckpt-1b|longest-8b)
+    padding-free-8b|ckpt-1b|longest-8b|vl-gemma3-4b|vl-qwen2.5-vl-7b)
                   "${run[@]}" --scenario "$phase" ${RUN_ARGS:-${E2E_ARGS:-}} ;;
     matrix)       "${run[@]}" --name matrix --families all --modes bf16,qlora ${MATRIX_ARGS:-} ${RUN_ARGS:-} ;;
     *) echo "unknown phase $phase (tests kernels attention e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
             "e2e-8b-offload e2e-8b-qlora-offload e2e-8b-host padding-free-1b padding-free-8b ckpt-1b longest-8b" \
-            "matrix)"; return 2 ;;
+            "vl-gemma3-4b vl-qwen2.5-vl-7b matrix)"; return 2 ;;
   esac 2>&1 | tee "$OUT/$phase.log"
   rc=${PIPESTATUS[0]}
   echo "=== $phase: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$phase.log"

@@ -10,6 +10,7 @@ one random-init model per shape saved once (slothbench.models), one meter, one r
     python benchmarks/run.py --scenario e2e-8b-host --host-profile    # where a step's host time goes
     python benchmarks/run.py --scenario e2e-1b --smoke                # tiny model, fp32, CPU
     python benchmarks/run.py --scenario dpo-8b,grpo-1b                # TRL's trainers (slothbench.rl)
+    python benchmarks/run.py --scenario vl-gemma3-4b,vl-qwen2.5-vl-7b  # image+text batches (vision-language)
 
 Every implementation runs the same step loop on the same batches: forward under autocast(bf16)
 (fp32 under --smoke), backward, AdamW (lr 1e-4), zero_grad, synchronized around every step.
@@ -66,6 +67,13 @@ def _device(name: str):
 
 # ------------------------------------------------------------------------------------------ worker
 
+def _to(value, device, dtype):
+    """A batch entry on the device; floating ones (images' pixel values) in the run's dtype."""
+    if not hasattr(value, "to"):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
 def worker(job: dict) -> None:
     spec, scn = job["spec"], job["scenario"]
     if spec["base"] == "unsloth":
@@ -80,7 +88,8 @@ def worker(job: dict) -> None:
         return
     cuda, d = device.type == "cuda", scn["data"]
     seed, qlora = job["seed"], scn["mode"] == "qlora"
-    cfg = json.loads((Path(job["model_dir"]) / "config.json").read_text())
+    full_cfg = json.loads((Path(job["model_dir"]) / "config.json").read_text())
+    cfg = M.text_config(full_cfg)           # a vision-language model's language model
     cap = None
     if scn["run"] == "longest":
         from slothbench import longest
@@ -116,10 +125,11 @@ def worker(job: dict) -> None:
 
     layout, longtail = spec.get("layout", "padded"), d["kind"] == "longtail"
     steps = []
-    for lengths, tokens in zip(plan, D.token_steps(d, plan, cfg["vocab_size"], seed)):
-        cpu = D.step_batches(d, tokens, layout, spec["base"] == "unsloth", cfg.get("pad_token_id") or 0)
+    for i, (lengths, tokens) in enumerate(zip(plan, D.token_steps(d, plan, D.token_limit(full_cfg), seed))):
+        cpu = D.step_batches(d, tokens, layout, spec["base"] == "unsloth", cfg.get("pad_token_id") or 0,
+                             cfg=full_cfg, seed=seed * 1_000_003 + i)
         real, processed, targets = D.count_tokens(cpu)
-        steps.append(dict(batches=[{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in cpu],
+        steps.append(dict(batches=[{k: _to(v, device, dtype) for k, v in b.items()} for b in cpu],
                           real=real, processed=processed, targets=targets, sq=sum(n * n for n in lengths),
                           n_items=torch.tensor(targets, device=device) if longtail else None))
     use_autocast = bool(dtype in (torch.bfloat16, torch.float16) and job["autocast"])
@@ -394,13 +404,17 @@ def summary_table(rows: List[dict]) -> str:
 
 
 def smoke(scn: dict) -> dict:
-    """The scenario on the tiny model, fp32, CPU, 1 warmup + 2 timed steps."""
+    """The scenario on the tiny model (vision-language: the tiny one of its family), fp32, CPU, 1 warmup +
+    2 timed steps."""
     d = scn["data"]
     if d["kind"] == "grpo":
         data = S.grpo(prompt=8, completion=8, generations=2)
+    elif d["kind"] == "image":                  # the tiny VL models: 4 soft tokens an image
+        data = S.image(min(d["batch"], 2), 8, image_tokens=4)
     else:
         data = S.fixed(min(d.get("batch", 2), 2), 32) if d["kind"] == "fixed" else S.longtail(4, 2, 20.0, 4, 64)
-    out = dict(scn, model="tiny", mode="bf16", data=data, warmup=min(scn["warmup"], 1), steps=min(scn["steps"], 2))
+    out = dict(scn, model=M.smoke_shape(scn["model"]), mode="bf16", data=data, warmup=min(scn["warmup"], 1),
+               steps=min(scn["steps"], 2))
     if scn["run"] == "longest":
         out["longest"] = dict(scn["longest"], max_seq=256, start_seq=64, resolution=32, impl_budget_s=120.0)
     return out
@@ -417,8 +431,9 @@ def parse_args(argv):
     p.add_argument("--impls", default="", help="comma-separated, replaces every scenario's list")
     p.add_argument("--define", action="append", default=[], metavar="NAME=JSON", help="an extra implementation")
     p.add_argument("--sloth-config", default=None, type=json.loads, help="SlothConfig keys for every sloth impl")
-    p.add_argument("--batch-size", type=int, default=None, help="fixed data: overrides the scenarios'")
-    p.add_argument("--seq-len", type=int, default=None, help="fixed data: overrides the scenarios'")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed / image data: overrides the scenarios'")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="fixed data: overrides the scenarios' (image data: the text tokens after the image)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps after the warmup")
     p.add_argument("--seed", type=int, default=0)
@@ -467,8 +482,9 @@ def scenarios_of(args) -> List[dict]:
     for scn in out:
         if args.impls:
             scn["impls"] = [i.strip() for i in args.impls.split(",") if i.strip()]
-        if scn["data"]["kind"] == "fixed":
-            scn["data"].update({k: v for k, v in (("batch", args.batch_size), ("seq", args.seq_len)) if v})
+        if scn["data"]["kind"] in ("fixed", "image"):
+            seq = "seq" if scn["data"]["kind"] == "fixed" else "text"
+            scn["data"].update({k: v for k, v in (("batch", args.batch_size), (seq, args.seq_len)) if v})
         scn.update({k: getattr(args, k) for k in ("warmup", "steps") if getattr(args, k) is not None})
         scn["define"] = {**defined, **scn["define"]}
         unknown = [i for i in scn["impls"] if i not in scn["define"]]

@@ -105,3 +105,34 @@ def test_trl_dpo_and_grpo_scenarios_smoke(tmp_path):
     grpo = cells[("grpo-1b", "trl")]
     assert len(grpo["generate_s"]) == 3 and all(0 < g < t for g, t in zip(grpo["generate_s"], grpo["step_s"]))
     assert grpo["train_s_mean"] > 0
+
+
+@pytest.mark.slow
+def test_vision_language_scenarios_smoke(tmp_path):
+    """vl-gemma3-4b and vl-qwen2.5-vl-7b on the tiny VL models: a row per implementation, with tokens/s and
+    peak memory for those that ran (sloth's per-step losses those of HF + PEFT), the CUDA-only ones recorded
+    as skipped with the reason, and one that cannot take image batches (packed) recorded as failed."""
+    common = ["--out-dir", str(tmp_path / "r"), "--model-cache", str(tmp_path / "models"), "--name", "vl"]
+    impls = ["hf_peft", "sloth", "liger", "unsloth", "hf_peft_packed"]
+    out = _finish(_start("run.py", "--scenario", "vl-gemma3-4b,vl-qwen2.5-vl-7b", "--impls", ",".join(impls), *common),
+                  timeout=240, rc=1)                       # rc 1: hf_peft_packed failed
+    payload = json.loads((tmp_path / "r" / "vl.json").read_text())
+    cells = {(r["scenario"], r["impl"]): r for r in payload["rows"]}
+    scenarios = {"vl-gemma3-4b": "tiny-gemma3-vl", "vl-qwen2.5-vl-7b": "tiny-qwen2.5-vl"}
+    assert set(cells) == {(s, i) for s in scenarios for i in impls}, out[-3000:]
+    for scenario, model in scenarios.items():
+        assert payload["scenarios"][scenario]["model"]["model"] == model
+        hf, ours = cells[(scenario, "hf_peft")], cells[(scenario, "sloth")]
+        assert hf["ok"] and ours["ok"], out[-3000:]
+        for r in (hf, ours):
+            assert r["tok_s"] > 0 and "peak_gib" in r and len(r["losses"]) == 3 and r["n_matmul"] > 0
+            assert r["tokens_per_step"] == [2 * (3 + 4 + 8)] * 3            # bos, markers, 4 image + 8 text tokens
+            assert r["label_tokens_per_step"] == [2 * 8] * 3                # image tokens and markers not labelled
+        assert _close(hf["losses"], ours["losses"]), (hf["losses"], ours["losses"])
+        assert hf["fingerprint"] == ours["fingerprint"]
+        assert ours["patch_report"]["loss"]["patched"] >= 1 and ours["patch_report"]["lora_qkv"]["patched"] >= 1
+        for impl in ("liger", "unsloth"):
+            assert not cells[(scenario, impl)]["ok"] and "CUDA GPU" in cells[(scenario, impl)]["skipped"]
+        packed = cells[(scenario, "hf_peft_packed")]
+        assert not packed["ok"] and "padded layout only" in packed["error"], packed
+    assert (tmp_path / "r" / "vl.png").stat().st_size > 0

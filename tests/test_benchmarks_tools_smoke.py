@@ -283,6 +283,11 @@ def test_shapes_cover_every_family_at_public_shapes():
     assert len(grid) == 2 * len(models.FAMILIES)
     assert {json.dumps(s["data"]) for s in grid} == {json.dumps(grid[0]["data"])}     # every shape alike
     assert models.lora_targets("phi3") != models.lora_targets("llama")
+    # vision-language shapes: the language model's linear layers (the vision tower not counted), not in the matrix
+    vl = {name: models.matmul_flops(models.build_config(name).to_dict())["n_matmul"] / 1e9 for name in models.VISION}
+    assert 3.8 < vl["gemma-3-4b-vl"] < 3.95 and 7.0 < vl["qwen2.5-vl-7b"] < 7.15, vl
+    assert vl["tiny-gemma3-vl"] < 1e-3 and not set(models.VISION) & set(models.FAMILIES)
+    assert models.smoke_shape("qwen2.5-vl-7b") == "tiny-qwen2.5-vl" and models.smoke_shape("qwen3-8b") == "tiny"
 
 
 def test_pareto_front():
@@ -297,10 +302,10 @@ def test_gpu_suite_phases_are_runner_scenarios():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_suite.sh")], check=True)
     cases = script[script.index("  case $phase in"):script.index("    *) echo")]
     named = set(scenarios.NAMED)
-    listed = set(re.findall(r"^#   ([a-z0-9-]+)\s", script, re.M)) - {"tests", "kernels", "attention", "matrix", "bash"}
+    listed = set(re.findall(r"^#   ([a-z0-9.-]+)\s", script, re.M)) - {"tests", "kernels", "attention", "matrix", "bash"}
     assert listed and listed <= named, listed - named
     assert all(re.search(rf"(^|[|\s]){re.escape(p)}[|)]", cases, re.M) for p in listed), cases
-    assert "e2e-8b-offload" in listed and "e2e-8b-qlora-offload" in listed
+    assert "e2e-8b-offload" in listed and "e2e-8b-qlora-offload" in listed and "vl-qwen2.5-vl-7b" in listed
 
 
 # ----------------------------------------------------------------------------- smoke runs

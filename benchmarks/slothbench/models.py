@@ -5,11 +5,15 @@ SHAPES: the public shapes of every family in the architecture table (DESIGN.md s
 the GPU always waits for the host, so a step's time is the host cost). RoPE is the default type
 with each model's theta everywhere (Llama-3's "llama3" and Gemma-3's linear scaling only change the
 cos/sin tables, not the cost, and keep every implementation on its default rotary path). Nothing
-here is tuned to a shape: every scenario treats every shape alike.
+here is tuned to a shape: every scenario treats every shape alike. Vision-language shapes (VISION:
+Gemma-3-4B multimodal = the 4B text shape + SigLIP-400M at 896 px, 256 soft tokens an image;
+Qwen2.5-VL-7B = the 7B text shape with multimodal RoPE + its 32-layer ViT) load through
+AutoModelForImageTextToText; their ``tiny-*`` shapes (--smoke) are sloth_plugins.testing.tiny_vl_config.
 
 IMPLS: how each implementation loads (base "hf" = transformers + PEFT, optionally Liger's
 patches or sloth_plugins.patch(model, SlothConfig(**sloth)); base "unsloth" = FastLanguageModel)
-and which batch layout it gets (padded or packed). LoRA r16 alpha16 dropout 0 on every projection;
+and which batch layout it gets (padded or packed). LoRA r16 alpha16 dropout 0 on every projection
+(vision-language models: the language model's only, the vision tower frozen; Unsloth: FastVisionModel);
 QLoRA = bitsandbytes NF4, double quant, bf16 compute (no prepare_model_for_kbit_training: norms
 and lm_head stay bf16, as Unsloth keeps them).
 """
@@ -26,6 +30,19 @@ from typing import List, Optional
 _LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                  max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0)
+_GEMMA3_4B = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256, vocab_size=262208, tie_word_embeddings=True,
+                  max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1e6, query_pre_attn_scalar=256,
+                  sliding_window=1024)
+_SIGLIP_400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=896, patch_size=14)
+_QWEN25_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                       rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+_QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                         spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
+                         fullatt_block_indexes=[7, 15, 23, 31])
+TESTING = "sloth_plugins.testing.tiny_vl_config"    # a shape's keys: that function's config of its model_type
 SHAPES = {   # name: (model_type, config keys)
     "llama-3.2-1b": ("llama", dict(_LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    head_dim=64, tie_word_embeddings=True)),
@@ -46,26 +63,35 @@ SHAPES = {   # name: (model_type, config keys)
                                   rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
                                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                                   hidden_activation="gelu_pytorch_tanh")),
-    "gemma-3-4b": ("gemma3_text", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
-                                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208,
-                                       tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-6,
-                                       rope_theta=1e6, query_pre_attn_scalar=256, sliding_window=1024)),
+    "gemma-3-4b": ("gemma3_text", _GEMMA3_4B),
     "phi-3-mini": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
                                 tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
                                 rope_theta=10000.0, sliding_window=2047)),
-    # not public shapes: the host-cost probe and the test model
+    # vision-language (image + text batches: slothbench.data's "image" kind)
+    "gemma-3-4b-vl": ("gemma3", dict(text_config=dict(_GEMMA3_4B, final_logit_softcapping=None),
+                                     vision_config=_SIGLIP_400M, mm_tokens_per_image=256, image_token_index=262144,
+                                     boi_token_index=255999, eoi_token_index=256000)),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", dict(text_config=_QWEN25_7B_TEXT, vision_config=_QWEN25_VL_VISION,
+                                         image_token_id=151655, vision_start_token_id=151652,
+                                         vision_end_token_id=151653)),
+    # not public shapes: the host-cost probe and the test models
     "llama-3.1-8b-host": ("llama", dict(_LLAMA_8B, hidden_size=256, intermediate_size=896, num_attention_heads=4,
                                         num_key_value_heads=1, head_dim=64, vocab_size=2048,
                                         max_position_embeddings=8192)),
     "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
                            max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500000.0)),
+    "tiny-gemma3-vl": ("gemma3", TESTING),
+    "tiny-qwen2.5-vl": ("qwen2_5_vl", TESTING),
 }
-FAMILIES = [n for n in SHAPES if n not in ("llama-3.1-8b-host", "tiny")]
+VISION = [n for n, (_, keys) in SHAPES.items() if keys == TESTING or "vision_config" in keys]
+FAMILIES = [n for n in SHAPES if n not in ("llama-3.1-8b-host", "tiny") and n not in VISION]
 ALIASES = {"llama-1b": "llama-3.2-1b", "llama-3b": "llama-3.2-3b", "llama-8b": "llama-3.1-8b",
            "llama-8b-host": "llama-3.1-8b-host"}
-LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+_LANGUAGE_MODEL = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "gemma3": _LANGUAGE_MODEL,
+                "qwen2_5_vl": _LANGUAGE_MODEL}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 IMPLS = {
@@ -92,22 +118,51 @@ def shape_name(name: str) -> str:
     return name
 
 
-def lora_targets(model_type: str) -> List[str]:
+def lora_targets(model_type: str):
     return LORA_TARGETS.get(model_type, DEFAULT_TARGETS)
 
 
+def smoke_shape(name: str) -> str:
+    """The test model standing in for a shape under --smoke: the tiny one of its model type, else ``tiny``."""
+    model_type = SHAPES[shape_name(name)][0]
+    return next((n for n, (t, keys) in SHAPES.items() if keys == TESTING and t == model_type), "tiny")
+
+
+def text_config(cfg: dict) -> dict:
+    """The language model's keys of a config dict (a vision-language config's text_config)."""
+    return cfg.get("text_config") or cfg
+
+
+def is_vision(cfg) -> bool:
+    return "vision_config" in (cfg if isinstance(cfg, dict) else cfg.to_dict())
+
+
 def build_config(name: str, **extra):
-    """The transformers config of a shape (``extra``: token ids, overrides)."""
+    """The transformers config of a shape (``extra``: token ids, overrides; a vision-language
+    shape's go into its text_config)."""
     from transformers import AutoConfig
     model_type, keys = SHAPES[shape_name(name)]
+    if keys == TESTING:
+        from sloth_plugins.testing import tiny_vl_config
+        return tiny_vl_config(model_type, **{k: v for k, v in extra.items() if v is not None})
+    if "text_config" in keys:
+        return AutoConfig.for_model(model_type, **{**keys, "text_config": {**keys["text_config"], **extra}})
     keys = {k: v for k, v in {**keys, **extra}.items() if v is not None or k == "sliding_window"}
     return AutoConfig.for_model(model_type, **keys)
+
+
+def auto_class(cfg):
+    """AutoModelForImageTextToText for a vision-language config, else AutoModelForCausalLM."""
+    import transformers
+    return transformers.AutoModelForImageTextToText if is_vision(cfg) else transformers.AutoModelForCausalLM
 
 
 def matmul_flops(cfg: dict, seq: int = 0) -> dict:
     """N_matmul = parameters of every linear layer incl. lm_head (LoRA adapters excluded); per-token
     LoRA training FLOPs = 4 N_matmul (forward + input gradients; frozen weights get no weight
-    gradient) + 6 L seq d (attention scores, as DESIGN.md counts them)."""
+    gradient) + 6 L seq d (attention scores, as DESIGN.md counts them). A vision-language config:
+    its language model's (the vision tower's FLOPs are not counted)."""
+    cfg = text_config(cfg)
     d, n_layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
     hq, hk = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or d // hq
@@ -143,7 +198,6 @@ def _tokenizer():
 def create(name: str, target: Path, device, dtype, seed: int = 0) -> dict:
     """Random-init model + tokenizer saved to ``target`` (with bench_meta.json), atomically."""
     import torch
-    from transformers import AutoModelForCausalLM
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not (target / "bench_meta.json").exists():
         raise SystemExit(f"refusing to replace {target}: it exists and was not made by this benchmark")
@@ -156,7 +210,7 @@ def create(name: str, target: Path, device, dtype, seed: int = 0) -> dict:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):          # random init on the GPU: minutes faster than CPU for 8B
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_class(config).from_config(config)
     finally:
         torch.set_default_dtype(old)
     tmp = target.with_name(target.name + ".partial")
@@ -200,8 +254,22 @@ def sloth_options(spec: dict, extra: Optional[dict] = None) -> dict:
 def load(spec: dict, model_dir, device, dtype, *, qlora: bool, grad_ckpt: bool, seed: int, max_seq: int,
          lora_r: int = 16, lora_alpha: int = 16, sloth_extra: Optional[dict] = None, unsloth_gc: str = "unsloth"):
     """(model in training mode with LoRA adapters, info dict) for one implementation spec."""
-    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    model_type, vision = cfg["model_type"], is_vision(cfg)
     targets = lora_targets(model_type)
+    if spec["base"] == "unsloth" and vision:
+        from unsloth import FastVisionModel
+        gc = (unsloth_gc if unsloth_gc == "unsloth" else True) if grad_ckpt else False
+        model, _tok = FastVisionModel.from_pretrained(
+            model_name=str(model_dir), max_seq_length=max_seq, dtype=dtype, load_in_4bit=qlora,
+            use_gradient_checkpointing=gc, random_state=seed)
+        model = FastVisionModel.get_peft_model(
+            model, finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
+            finetune_mlp_modules=True, r=lora_r, lora_alpha=lora_alpha, lora_dropout=0, bias="none",
+            use_gradient_checkpointing=gc, random_state=seed)
+        FastVisionModel.for_training(model, use_gradient_checkpointing=gc)
+        return model, {"gradient_checkpointing": f"unsloth use_gradient_checkpointing={gc!r}",
+                       "unsloth_max_seq_length": max_seq, "unsloth_loader": "FastVisionModel"}
     if spec["base"] == "unsloth":
         from unsloth import FastLanguageModel
         gc = (unsloth_gc if unsloth_gc == "unsloth" else True) if grad_ckpt else False
@@ -217,7 +285,6 @@ def load(spec: dict, model_dir, device, dtype, *, qlora: bool, grad_ckpt: bool, 
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
     info = {}
     if spec.get("liger"):
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
@@ -230,7 +297,7 @@ def load(spec: dict, model_dir, device, dtype, *, qlora: bool, grad_ckpt: bool, 
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     if qlora or device.type == "cuda":
         kw["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+    model = auto_class(cfg).from_pretrained(str(model_dir), **kw)
     if not qlora and device.type != "cuda":
         model.to(device)
     model.config.use_cache = False

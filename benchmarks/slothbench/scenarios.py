@@ -1,6 +1,6 @@
-"""Scenarios as data: model shape x precision (bf16 | qlora) x batch lengths (fixed | longtail) x
-gradient checkpointing x GPUs, the implementations to compare, and how to measure (``run``:
-"train" = timed steps, "longest" = the longest batch-1 sequence within a memory budget).
+"""Scenarios as data: model shape x precision (bf16 | qlora) x batches (fixed | longtail | image:
+vision-language) x gradient checkpointing x GPUs, the implementations to compare, and how to measure
+(``run``: "train" = timed steps, "longest" = the longest batch-1 sequence within a memory budget).
 
 Named scenarios reproduce what the older scripts measured (e2e.py, padding_free.py,
 checkpointing.py, longest_seq.py); ``matrix`` builds the cross-family grid the same way for
@@ -27,6 +27,12 @@ def longtail(samples: int, micro: int, mean_len: float = 350.0, min_len: int = 3
     """``samples`` a step (or as many as fit ``tokens`` real tokens), padded micro-batches of ``micro``."""
     return {"kind": "longtail", "samples": samples, "micro": micro, "mean_len": mean_len, "min_len": min_len,
             "max_len": max_len, "sigma": sigma, "tokens": tokens}
+
+
+def image(batch: int, text: int, image_tokens: int = 256) -> dict:
+    """Vision-language rows: one image of ``image_tokens`` soft tokens, then ``text`` text tokens
+    (slothbench.data)."""
+    return {"kind": "image", "batch": batch, "text": text, "image_tokens": image_tokens}
 
 
 def grpo(prompt: int, completion: int, generations: int) -> dict:
@@ -89,6 +95,10 @@ NAMED: Dict[str, dict] = {s["name"]: s for s in [
     _rl("dpo-8b", "llama-3.1-8b", "dpo", fixed(2, 2048)),
     _rl("dpo-8b-qlora", "llama-3.1-8b", "dpo", fixed(2, 2048), mode="qlora"),
     _rl("grpo-1b", "llama-3.2-1b", "grpo", grpo(prompt=256, completion=512, generations=8)),
+    # vision-language (issue 19): bs 2, each row a 256-token image (Gemma 3: 896 px; Qwen2.5-VL: 448 px) then
+    # 1792 text tokens; LoRA on the language model, the vision tower frozen
+    scenario("vl-gemma3-4b", "gemma-3-4b-vl", image(2, 1792), E2E_IMPLS),
+    scenario("vl-qwen2.5-vl-7b", "qwen2.5-vl-7b", image(2, 1792), E2E_IMPLS),
     # 2 GPUs: HF Trainer + SlothCallback under torchrun DDP (benchmarks/multi_gpu_train.py), 2 x 2048 a GPU
     scenario("ddp-8b", "llama-3.1-8b", fixed(2, 2048), ["sloth"], gpus=2, warmup=3, steps=20),
 ]}
