@@ -24,6 +24,9 @@ Hooks, in Axolotl's order:
   With ``sloth_padding_free`` (on by itself with ``sample_packing``), padded batches are trained
   as one packed row; Axolotl's packed batches reach the model as they are, and its mask of
   sample indices (kept when the attention cannot isolate packed samples) is split into samples.
+  With ``rl:`` (dpo, ipo, kto, orpo, simpo, grpo, ...) Axolotl trains with a TRL trainer that
+  computes its own loss: sloth's chunked loss is off (the report says so and, through
+  ``SlothCallback``, names the TRL trainer); kernels, fused LoRA and checkpointing apply.
 * sloth's own INFO announcements (``auto`` keeping every layer although checkpointing is on,
   offloading) reach Axolotl's console through the plugin's logger (``_ThroughAxolotl``).
 * ``add_callbacks_post_trainer``: ``SlothCallback`` re-asserts the patch when training begins.
@@ -90,6 +93,18 @@ def _packing_note(cfg, config: SlothConfig) -> Optional[str]:
     return f"padding_free follows sample_packing: Axolotl packs the rows (position ids restarting per sample) and {how}"
 
 
+def _rl_loss_note(cfg) -> Optional[str]:
+    """``rl: dpo``/``kto``/``grpo``/...: Axolotl builds a TRL preference/RL trainer (its ``Axolotl*Trainer``
+    subclasses), which computes its own loss from log-probs, logits or hidden states, never from the model's
+    causal-LM loss; SlothCallback then names that TRL trainer (``integrations.hf``)."""
+    rl = cfg.get("rl")
+    if not rl:
+        return None
+    rl = getattr(rl, "value", rl)
+    return (f"Axolotl rl: {rl} trains with its TRL-based trainer, which computes its own loss: sloth's chunked loss "
+            f"is off; kernels, fused LoRA and checkpointing apply")
+
+
 def _loss_curve_note(cfg, config: SlothConfig) -> Optional[str]:
     """Where the plugin's loss curve differs from plain Axolotl's on purpose: packed rows whose
     attention does not keep the samples apart (``attn_implementation`` unset or one that cannot)."""
@@ -145,10 +160,11 @@ class SlothPlugin(BasePlugin):
     def post_model_load(self, cfg, model) -> None:
         if self.config is None:
             self.config = sloth_config_from(cfg)
+        rl_note = _rl_loss_note(cfg)
+        if rl_note and self.config.loss != "off":
+            self.config = self.config.replace(loss="off")
         self.report = patch(model, self.config)
-        note = _packing_note(cfg, self.config)
-        if note and note not in self.report.notes:
-            self.report.note(note)
+        self._add_notes(cfg, self.report)
         if not self._logged:
             self._logged = True
             LOG.info("%s", self.report)
@@ -156,14 +172,23 @@ class SlothPlugin(BasePlugin):
             if curve:
                 LOG.info("sloth_plugins: %s", curve)
 
+    def _add_notes(self, cfg, report: PatchReport) -> None:
+        """The Axolotl-side notes, also onto the report SlothCallback made when it patched again."""
+        for note in (_rl_loss_note(cfg), self.config and _packing_note(cfg, self.config)):
+            if note and note not in report.notes:
+                report.note(note)
+
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         from .hf import SlothCallback
-        return [SlothCallback(self.config or sloth_config_from(cfg), verbose=False)]
+        # Under rl: the user's loss setting, so that the callback names the TRL trainer that owns the loss.
+        config = sloth_config_from(cfg) if cfg.get("rl") or self.config is None else self.config
+        return [SlothCallback(config, verbose=False)]
 
     def post_train(self, cfg, model) -> None:
         state = get_state(model)
         if state is not None:
             self.report = state.report
+            self._add_notes(cfg, self.report)
         if self.report is None or not cfg.output_dir or not _is_main_process():
             return
         os.makedirs(cfg.output_dir, exist_ok=True)

@@ -19,7 +19,7 @@ pytest.importorskip("axolotl")
 pytestmark = pytest.mark.axolotl
 
 from axolotl.cli.config import gpu_capabilities  # noqa: E402
-from axolotl.common.datasets import load_datasets  # noqa: E402
+from axolotl.common.datasets import load_datasets, load_preference_datasets  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
 from axolotl.train import train  # noqa: E402
 from axolotl.utils.config import normalize_config, prepare_plugins, validate_config  # noqa: E402
@@ -100,7 +100,7 @@ def run_training(raw):
     cfg = validated(raw)
     normalize_config(cfg)
     PluginManager.get_instance().cfg = cfg
-    meta = load_datasets(cfg=cfg)
+    meta = (load_preference_datasets if cfg.rl else load_datasets)(cfg=cfg)   # as `axolotl train` picks
     torch.manual_seed(0)  # Axolotl draws the LoRA init before anything seeds the RNG
     model, _, trainer = train(cfg=cfg, dataset_meta=meta)
     plugin = PluginManager.get_instance().plugins.get(PLUGIN)
@@ -408,3 +408,36 @@ def test_resume_from_a_checkpoint_matches_the_resumed_run_without_the_plugin(mod
     assert run.trainer.state.global_step == ref.trainer.state.global_step == 4
     assert sloth.get_state(run.model) is not None and sloth.get_state(ref.model) is None
     _check_parity(run, ref)
+
+
+# Preference training (Axolotl `rl: dpo` / `rl: kto`, TRL's trainers under Axolotl's subclasses)
+RL_DATA = Path(__file__).resolve().parent / "data"
+RL_DATASETS = {
+    "dpo": [dict(path=str(RL_DATA / "tiny_dpo.jsonl"), ds_type="json", split="train", type="passthrough")],
+    "kto": [dict(path=str(RL_DATA / "tiny_kto.jsonl"), ds_type="json", split="train",
+                 type=dict(field_prompt="prompt", field_completion="completion", field_label="label"))],
+}
+
+
+def rl_config(model_dir, out, rl, *, plugin=True):
+    cfg = base_config(model_dir, out, plugin=plugin, rl=rl, datasets=RL_DATASETS[rl], max_steps=3,
+                      gradient_accumulation_steps=1, micro_batch_size=2, sequence_len=64)
+    if rl == "kto":   # TRL's KTO needs more than one sample of each label in a batch for its KL term
+        cfg.update(micro_batch_size=4, remove_unused_columns=False)
+    return cfg
+
+
+@pytest.mark.parametrize("rl, trainer", [("dpo", "DPOTrainer"), ("kto", "KTOTrainer")])
+def test_preference_training_matches_the_run_without_the_plugin(model_dir, tmp_path, rl, trainer):
+    ref = run_training(rl_config(model_dir, str(tmp_path / "ref"), rl, plugin=False))
+    run = run_training(rl_config(model_dir, str(tmp_path / "sloth"), rl))
+    assert type(run.trainer).__name__.startswith("Axolotl") and trainer in [c.__name__ for c in type(run.trainer).__mro__]
+    assert len(ref.losses) == len(run.losses) == 3
+    assert run.losses == pytest.approx(ref.losses, rel=2e-5)
+    report = sloth.get_state(run.model).report
+    assert report.count("loss") == 0 and report.count("rms_norm") == 5 and report.count("rope") == 2
+    owner = [n for n in report.notes if f"TRL {trainer}" in n]
+    assert owner and "sloth's chunked loss is off for this trainer" in owner[0], str(report)
+    saved = json.loads((tmp_path / "sloth" / "out" / REPORT_FILE).read_text())
+    assert any(f"TRL {trainer}" in n for n in saved["report"]["notes"])
+    assert any(f"Axolotl rl: {rl} " in n for n in saved["report"]["notes"]) and saved["config"]["loss"] == "off"
