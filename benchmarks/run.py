@@ -82,7 +82,7 @@ def worker(job: dict) -> None:
     from slothbench.meter import GcTime, PeakMemory
     from slothbench.profile import host_profile_steps, profile_steps
     device, dtype = _device(job["device"]), getattr(torch, DTYPES[job["dtype"]])
-    if scn["run"] in ("dpo", "grpo"):        # TRL's trainer runs the steps (slothbench.rl)
+    if scn["run"] in ("dpo", "grpo", "sft"):   # TRL's / HF's trainer runs the steps (slothbench.rl)
         from slothbench import rl
         rl.run(job, spec, scn, device, dtype, M.load, emit, M.sloth_options)
         return

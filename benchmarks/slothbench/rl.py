@@ -1,4 +1,5 @@
-"""Preference and RL scenarios: TRL's own trainer runs the steps (``run: "dpo"`` / ``"grpo"``).
+"""Trainer-driven scenarios: TRL's DPO / GRPO trainer (``run: "dpo"`` / ``"grpo"``), or the HF Trainer under
+DeepSpeed (``run: "sft"`` with a ``deepspeed`` scenario key), runs the steps.
 
 Every implementation is TRL's trainer on the same HF + PEFT model (slothbench.models.load, LoRA r16,
 PEFT reference: TRL disables the adapter); what differs is TRL's ``use_liger_kernel`` (spec
@@ -11,6 +12,11 @@ runs warmup + timed steps; a callback synchronizes and times each optimizer step
 * GRPO: one prompt a micro-batch, ``generations`` completions of exactly ``completion`` tokens
   (``min_new_tokens``), a python reward. Generation (transformers' ``generate``) is timed apart;
   ``train_s`` is the rest of the step: old/ref log-probs, rewards, the loss and backward.
+* SFT under DeepSpeed: ``batch`` rows of ``seq`` random token ids a step (labels = inputs) through
+  ``Trainer(args=TrainingArguments(deepspeed=...))``, one process (world size 1; ZeRO-3 still partitions
+  and, with ``offload``, keeps parameters and optimizer state on the CPU). The model is loaded on the CPU
+  and DeepSpeed places it. Peak memory is the timed window's (after the warmup): DeepSpeed's init is
+  not part of a training step.
 """
 from __future__ import annotations
 
@@ -24,6 +30,39 @@ IMPLS = {
     "trl_sloth": {"base": "hf", "sloth": {}},
     "trl_sloth_offload": {"base": "hf", "sloth": {"gradient_checkpointing": "offload"}},
 }
+# the HF Trainer under DeepSpeed: alone, with SlothCallback (default), and with sloth's auto checkpointing held
+# to DeepSpeed-alone's measured peak (run "ds" first)
+DS_IMPLS = {
+    "ds": {"base": "hf"},
+    "ds_sloth": {"base": "hf", "sloth": {}},
+    "ds_sloth_at_ds_peak": {"base": "hf", "sloth": {"gradient_checkpointing": "auto"}, "budget_from": "ds"},
+}
+
+
+def deepspeed_config(stage: int, offload: bool) -> dict:
+    """A ZeRO config as HF's docs and Axolotl's deepspeed_configs/zero3_bf16_cpuoffload_all.json write it,
+    with the Trainer's torch AdamW (DeepSpeedCPUAdam needs DeepSpeed's compiled ops)."""
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    if stage == 3:
+        zero.update(sub_group_size=1e9, stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if offload:
+        zero.update(offload_optimizer={"device": "cpu", "pin_memory": True},
+                    offload_param={"device": "cpu", "pin_memory": True})
+    return {"bf16": {"enabled": "auto"}, "zero_optimization": zero, "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+
+
+def _single_process_rank(cuda: bool) -> None:
+    """DeepSpeed initializes a process group even for one process: rank 0 of 1 (gloo on the CPU accelerator)."""
+    import os
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000), "RANK": "0",
+                       "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def run(job: dict, spec: dict, scn: dict, device, dtype, load, emit, sloth_options) -> None:
@@ -34,13 +73,16 @@ def run(job: dict, spec: dict, scn: dict, device, dtype, load, emit, sloth_optio
     from .meter import PeakMemory
 
     cuda, d = device.type == "cuda", scn["data"]
+    ds = scn.get("deepspeed")
+    if ds:
+        _single_process_rank(cuda)
     model_dir = Path(job["model_dir"])
     cfg = json.loads((model_dir / "config.json").read_text())
     t0 = time.perf_counter()
     base = {"base": "hf"}               # TRL / the callback apply Liger and sloth, not the loader
-    max_seq = d["seq"] if scn["run"] == "dpo" else d["prompt"] + d["completion"]
-    model, info = load(base, model_dir, device, dtype, qlora=scn["mode"] == "qlora", grad_ckpt=scn["grad_ckpt"],
-                       seed=job["seed"], max_seq=max_seq)
+    max_seq = d["prompt"] + d["completion"] if scn["run"] == "grpo" else d["seq"]
+    model, info = load(base, model_dir, torch.device("cpu") if ds else device, dtype, qlora=scn["mode"] == "qlora",
+                       grad_ckpt=scn["grad_ckpt"], seed=job["seed"], max_seq=max_seq)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     memory = PeakMemory(device)
     memory.start()
@@ -59,10 +101,15 @@ def run(job: dict, spec: dict, scn: dict, device, dtype, load, emit, sloth_optio
     common = dict(output_dir=str(model_dir.parent / f"trl-{scn['name']}"), max_steps=steps, learning_rate=job["lr"],
                   logging_steps=1, save_strategy="no", report_to=[], bf16=cuda and dtype == torch.bfloat16,
                   use_cpu=not cuda, gradient_checkpointing=scn["grad_ckpt"], seed=job["seed"], disable_tqdm=True,
-                  use_liger_kernel=bool(spec.get("liger")), dataloader_num_workers=0)
+                  use_liger_kernel=bool(spec.get("liger")), dataloader_num_workers=0,
+                  deepspeed=deepspeed_config(ds["stage"], ds.get("offload", False)) if ds else None)
+    if ds:
+        info["deepspeed"] = common["deepspeed"]
     times, gen_times, last_loss = [], [], [float("nan")]
     if scn["run"] == "dpo":
         tokens_per_step = 2 * d["batch"] * d["seq"]
+    elif scn["run"] == "sft":
+        tokens_per_step = d["batch"] * d["seq"]
     else:
         tokens_per_step = d["generations"] * (d["prompt"] + d["completion"])
 
@@ -86,7 +133,13 @@ def run(job: dict, spec: dict, scn: dict, device, dtype, load, emit, sloth_optio
             if logs and "loss" in logs:
                 last_loss[0] = float(logs["loss"])      # the step before this one's (logs come after step end)
 
-    if scn["run"] == "dpo":
+    if scn["run"] == "sft":
+        from transformers import Trainer, TrainingArguments
+        args = TrainingArguments(per_device_train_batch_size=d["batch"], remove_unused_columns=False, **common)
+        rows = [{"input_ids": ids(d["seq"])} for _ in range(steps * d["batch"])]
+        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=_causal_batch,
+                          callbacks=[Timer()] + callbacks)
+    elif scn["run"] == "dpo":
         from trl import DPOConfig, DPOTrainer
         rows = steps * d["batch"]
         half = d["seq"] // 2
@@ -131,6 +184,12 @@ def run(job: dict, spec: dict, scn: dict, device, dtype, load, emit, sloth_optio
         report = callbacks[0].report
         result.update(patch_report=report.summary(), patch_notes=list(report.notes))
     emit("result", **result)
+
+
+def _causal_batch(rows):
+    import torch
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids.clone()}
 
 
 def _reward_length(completions, **kwargs):

@@ -65,6 +65,13 @@ def _rl(name: str, model: str, run: str, data: dict, mode: str = "bf16") -> dict
     return scenario(name, model, data, list(IMPLS), mode=mode, run=run, define=dict(IMPLS), warmup=2, steps=5)
 
 
+def _deepspeed(name: str, model: str, data: dict, stage: int, offload: bool) -> dict:
+    """The HF Trainer under DeepSpeed ZeRO, alone and with SlothCallback (slothbench.rl)."""
+    from .rl import DS_IMPLS
+    return scenario(name, model, data, list(DS_IMPLS), run="sft", define=dict(DS_IMPLS), warmup=2, steps=4,
+                    deepspeed={"stage": stage, "offload": offload})
+
+
 def _longest(name: str, model: str, mode: str = "bf16") -> dict:
     return scenario(name, model, fixed(1, 8192), ["sloth_offload", "sloth_auto", "unsloth", "hf_peft"], mode=mode,
                     run="longest", longest={"budget_gib": 80.0, "max_seq": 131072, "start_seq": 8192,
@@ -95,6 +102,8 @@ NAMED: Dict[str, dict] = {s["name"]: s for s in [
     _rl("dpo-8b", "llama-3.1-8b", "dpo", fixed(2, 2048)),
     _rl("dpo-8b-qlora", "llama-3.1-8b", "dpo", fixed(2, 2048), mode="qlora"),
     _rl("grpo-1b", "llama-3.2-1b", "grpo", grpo(prompt=256, completion=512, generations=8)),
+    # DeepSpeed (issue 22): ZeRO-3 with parameters and optimizer state offloaded to the CPU, LoRA r16
+    _deepspeed("zero3-offload-8b", "llama-3.1-8b", fixed(2, 2048), stage=3, offload=True),
     # vision-language (issue 19): bs 2, each row a 256-token image (Gemma 3: 896 px; Qwen2.5-VL: 448 px) then
     # 1792 text tokens; LoRA on the language model, the vision tower frozen
     scenario("vl-gemma3-4b", "gemma-3-4b-vl", image(2, 1792), E2E_IMPLS),
