@@ -441,3 +441,53 @@ def test_preference_training_matches_the_run_without_the_plugin(model_dir, tmp_p
     saved = json.loads((tmp_path / "sloth" / "out" / REPORT_FILE).read_text())
     assert any(f"TRL {trainer}" in n for n in saved["report"]["notes"])
     assert any(f"Axolotl rl: {rl} " in n for n in saved["report"]["notes"]) and saved["config"]["loss"] == "off"
+
+
+
+# Online RL (Axolotl `rl: grpo`): TRL's GRPOTrainer samples completions with transformers' generate (no vLLM),
+# scores them with a python reward named by module path, and computes its loss from the policy's log-probs.
+GRPO_TRL = dict(use_vllm=False, num_generations=2, max_completion_length=6, beta=0.04,
+                reward_funcs=["tiny_grpo_rewards.vowel_share"])
+GRPO_METRICS = ("reward", "reward_std", "rewards/vowel_share/mean", "kl", "entropy", "grad_norm")
+
+
+def grpo_config(model_dir, out, *, plugin=True):
+    datasets = [dict(path=str(RL_DATA / "tiny_grpo.jsonl"), ds_type="json", split="train", type="passthrough")]
+    # 2 prompts x 2 completions per optimizer step, one generation per step; a large lr so that a difference in
+    # the patched policy's log-probs or gradients would show in the next step's samples, rewards and KL
+    return base_config(model_dir, out, plugin=plugin, rl="grpo", datasets=datasets, trl=dict(GRPO_TRL), max_steps=3,
+                       gradient_accumulation_steps=2, micro_batch_size=2, sequence_len=64, learning_rate=1e-1,
+                       warmup_steps=0, gradient_checkpointing=True)
+
+
+def test_grpo_training_matches_the_run_without_the_plugin(model_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(RL_DATA))     # the reward module, as `axolotl train` imports it from the cwd
+    ref = run_training(grpo_config(model_dir, str(tmp_path / "ref"), plugin=False))
+    run = run_training(grpo_config(model_dir, str(tmp_path / "sloth")))
+    assert type(run.trainer).__name__ == "AxolotlGRPOTrainer" and not run.trainer.use_vllm
+    ref_logs, run_logs = ([h for h in r.trainer.state.log_history if "loss" in h] for r in (ref, run))
+    assert len(ref_logs) == len(run_logs) == 3
+    # Seeded sampling from policies that agree: the same completions, hence the same rewards, every step
+    assert list(run.trainer._logs["completion"]) == list(ref.trainer._logs["completion"])
+    for step, (got, want) in enumerate(zip(run_logs, ref_logs)):
+        for key in GRPO_METRICS:
+            assert got[key] == pytest.approx(want[key], rel=2e-5, abs=1e-7), f"step {step + 1} {key}"
+        # GRPO's loss is ~0 by construction (advantages of a group sum to zero): compared at the size of its terms
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), f"step {step + 1} loss"
+    assert any(log["kl"] > 0 for log in ref_logs) and any(log["reward_std"] > 0 for log in ref_logs)
+    ref_w, got_w = _trainable(ref.model), _trainable(run.model)
+    assert ref_w.keys() == got_w.keys() and len(ref_w) == 2 * 7 * 2
+    for name in ref_w:
+        torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-3, atol=2e-5, msg=_named(name))
+    # the plugin's kernels ran under GRPOTrainer; the loss is TRL's
+    report = sloth.get_state(run.model).report
+    assert report.fallbacks() == {}, str(report)
+    assert report.count("loss") == 0 and report.count("rms_norm") == 5 and report.count("rope") == 2
+    assert report.count("lora_mlp") == report.count("lora_qkv") == report.count("lora_o") == 2
+    assert report.count("gradient_checkpointing") == 2
+    owner = [n for n in report.notes if "TRL GRPOTrainer" in n]
+    assert owner and "sloth's chunked loss is off for this trainer" in owner[0], str(report)
+    saved = json.loads((tmp_path / "sloth" / "out" / REPORT_FILE).read_text())
+    assert saved["config"]["loss"] == "off"
+    assert any("Axolotl rl: grpo trains with its TRL-based trainer" in n for n in saved["report"]["notes"])
+    assert any("TRL GRPOTrainer" in n for n in saved["report"]["notes"])
