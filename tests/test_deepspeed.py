@@ -145,6 +145,7 @@ HF_CASES = {   # name: (stage, options)
     "z3_lora_zero_init": (3, dict(zero_init=True)),         # partitioned before sloth patches it
     "z3_lora_offload": (3, dict(offload=True)),             # offload_param + offload_optimizer (cpu)
     "z2_lora": (2, dict()),
+    "z1_lora": (1, dict()),
 }
 
 
