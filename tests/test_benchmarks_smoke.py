@@ -136,3 +136,21 @@ def test_vision_language_scenarios_smoke(tmp_path):
         packed = cells[(scenario, "hf_peft_packed")]
         assert not packed["ok"] and "padded layout only" in packed["error"], packed
     assert (tmp_path / "r" / "vl.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero3_offload_scenario_smoke(tmp_path):
+    """zero3-offload-8b on the tiny model: the HF Trainer under ZeRO-3 with CPU offload (DeepSpeed's CPU
+    accelerator here), alone and with SlothCallback: the same per-step losses, sloth's fused loss and LoRA
+    ran, and the budgeted row is skipped without a measured peak (CPU)."""
+    common = ["--out-dir", str(tmp_path / "r"), "--model-cache", str(tmp_path / "models"), "--name", "ds"]
+    out = _finish(_start("run.py", "--scenario", "zero3-offload-8b", *common), timeout=300)
+    cells = {r["impl"]: r for r in json.loads((tmp_path / "r" / "ds.json").read_text())["rows"]}
+    plain, ours = cells["ds"], cells["ds_sloth"]
+    assert plain["ok"] and ours["ok"], out[-3000:]
+    assert plain["deepspeed"]["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert len(plain["losses"]) == 3 and _close(plain["losses"], ours["losses"]), (plain["losses"], ours["losses"])
+    report = ours["patch_report"]
+    assert report["loss"]["patched"] == 1 and report["lora_mlp"]["patched"] >= 1 and report["lora_mlp"]["fallback"] == 0
+    assert not cells["ds_sloth_at_ds_peak"]["ok"] and "measured peak" in cells["ds_sloth_at_ds_peak"]["skipped"]

@@ -21,6 +21,7 @@ runs warmup + timed steps; a callback synchronizes and times each optimizer step
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +30,10 @@ IMPLS = {
     "trl_liger": {"base": "hf", "liger": True},
     "trl_sloth": {"base": "hf", "sloth": {}},
     "trl_sloth_offload": {"base": "hf", "sloth": {"gradient_checkpointing": "offload"}},
+    # Unsloth's preference path: FastLanguageModel + get_peft_model, TRL's trainer as `import unsloth` patches it
+    # (PatchDPOTrainer is a no-op in 2026.10); "fused": its opt-in chunked preference loss
+    "trl_unsloth": {"base": "unsloth"},
+    "trl_unsloth_fused": {"base": "unsloth", "env": {"UNSLOTH_FUSED_PREFERENCE_LOSS": "1"}},
 }
 # the HF Trainer under DeepSpeed: alone, with SlothCallback (default), and with sloth's auto checkpointing held
 # to DeepSpeed-alone's measured peak (run "ds" first)
@@ -57,7 +62,6 @@ def deepspeed_config(stage: int, offload: bool) -> dict:
 
 def _single_process_rank(cuda: bool) -> None:
     """DeepSpeed initializes a process group even for one process: rank 0 of 1 (gloo on the CPU accelerator)."""
-    import os
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000), "RANK": "0",
                        "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(key, value)
@@ -79,7 +83,8 @@ def run(job: dict, spec: dict, scn: dict, device, dtype, load, emit, sloth_optio
     model_dir = Path(job["model_dir"])
     cfg = json.loads((model_dir / "config.json").read_text())
     t0 = time.perf_counter()
-    base = {"base": "hf"}               # TRL / the callback apply Liger and sloth, not the loader
+    base = {"base": spec["base"]}      # TRL / the callback apply Liger and sloth, not the loader
+    os.environ.update(spec.get("env") or {})
     max_seq = d["prompt"] + d["completion"] if scn["run"] == "grpo" else d["seq"]
     model, info = load(base, model_dir, torch.device("cpu") if ds else device, dtype, qlora=scn["mode"] == "qlora",
                        grad_ckpt=scn["grad_ckpt"], seed=job["seed"], max_seq=max_seq)

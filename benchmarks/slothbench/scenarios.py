@@ -60,9 +60,11 @@ def _ckpt(name: str, model: str, data: dict, full: bool = False) -> dict:
 
 
 def _rl(name: str, model: str, run: str, data: dict, mode: str = "bf16") -> dict:
-    """TRL's DPO / GRPO trainer alone, with use_liger_kernel, with SlothCallback (default, offload)."""
+    """TRL's DPO / GRPO trainer alone, with use_liger_kernel, with SlothCallback (default, offload); DPO also
+    Unsloth's (GRPO's target is TRL alone, and Unsloth's GRPO path is built around vLLM generation)."""
     from .rl import IMPLS
-    return scenario(name, model, data, list(IMPLS), mode=mode, run=run, define=dict(IMPLS), warmup=2, steps=5)
+    impls = [i for i in IMPLS if run == "dpo" or IMPLS[i]["base"] != "unsloth"]
+    return scenario(name, model, data, impls, mode=mode, run=run, define=dict(IMPLS), warmup=2, steps=5)
 
 
 def _deepspeed(name: str, model: str, data: dict, stage: int, offload: bool) -> dict:
