@@ -205,8 +205,11 @@ def test_gpu_bf16_training_parity(family):
     losses = {"ref": [], "sloth": []}
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
             for k, m in (("ref", ref), ("sloth", model))}
-    for _ in range(20):
-        ids = torch.randint(3, 4096, (2, 512), device="cuda", generator=g)
+    # two fixed batches in turn: fresh random tokens every step have no signal to learn (the loss only wanders,
+    # as mixtral's did on the H200: 8.50 -> 8.54), repeated ones must be fitted
+    batches = [torch.randint(3, 4096, (2, 512), device="cuda", generator=g) for _ in range(2)]
+    for step in range(20):
+        ids = batches[step % 2]
         for key, m in (("ref", ref), ("sloth", model)):
             m.train()
             out = m(input_ids=ids, labels=ids)
@@ -217,7 +220,8 @@ def test_gpu_bf16_training_parity(family):
     assert use_triton(next(model.parameters()))
     for a, b in zip(losses["sloth"], losses["ref"]):
         assert abs(a - b) <= 2e-2 * abs(b) + 1e-2, (losses["sloth"], losses["ref"])
-    assert losses["sloth"][-1] < losses["sloth"][0]
+    for key in ("ref", "sloth"):
+        assert sum(losses[key][-2:]) < sum(losses[key][:2]), losses
 
 
 @pytest.mark.gpu
