@@ -7,6 +7,7 @@ merge, patch/unpatch/patch. Whatever sloth decides to patch on an unknown family
 must be the unpatched model's, and what the report calls patched must exist.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -83,9 +84,16 @@ def report_is_true(report, model):
             assert entry.path in names, f"report names {entry.path!r}, which the model does not have"
 
 
-@pytest.mark.parametrize("family", FAMILIES + ("qwen2_moe",) + UNKNOWN)   # one MoE family: CPU time
-def test_probe(family):
-    ref, model = pair(family)
+EXPERT_LORA = dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+
+
+@pytest.mark.parametrize("family,lora_kw", [(f, {}) for f in FAMILIES + MOE_FAMILIES + UNKNOWN]
+                         + [(f, EXPERT_LORA) for f in MOE_FAMILIES],
+                         ids=list(FAMILIES + MOE_FAMILIES + UNKNOWN) + [f"{f}-expert-lora" for f in MOE_FAMILIES])
+def test_probe(family, lora_kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # PEFT: the default alpha pattern names expert weights not targeted
+        ref, model = pair(family, **lora_kw)
     for m in (ref, model):
         m.gradient_checkpointing_enable()
     inputs = batch(model.config.vocab_size)
