@@ -179,7 +179,7 @@ def _rel_err(got, want):
 
 @pytest.mark.gpu
 @PER_KIND
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_matches_fp32_reference(kind, dtype):
     _, reference, public = KINDS[kind]
     tokens, intermediate = 4096, 14336

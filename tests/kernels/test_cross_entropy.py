@@ -293,6 +293,8 @@ GPU_CASES = [
     (torch.bfloat16, 8192, 4096, 128256, None, True, "tensor"),    # full fine-tune: 2 chunks
     (torch.bfloat16, 4096, 4096, 32000, 30.0, True, "float"),
     (torch.bfloat16, 512, 4096, 256000, 30.0, True, "tensor"),     # Gemma-2 vocab, softcap
+    (torch.float16, 8192, 4096, 128256, None, False, "none"),      # fp16 autocast (GPUs without bf16)
+    (torch.float16, 4096, 4096, 256000, 30.0, True, "tensor"),
     (torch.float32, 4096, 4096, 128256, None, True, "none"),
     (torch.float32, 8192, 4096, 128256, 30.0, False, "tensor"),
 ]

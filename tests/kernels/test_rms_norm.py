@@ -186,7 +186,7 @@ def _rel_err(got, want):
 
 @pytest.mark.gpu
 @FLAVOURS
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows,hidden", [(32768, 2048), (8192, 4096), (4096, 8192), (512, 16384),
                                          (1000, 3000)])
 def test_gpu_matches_fp32_reference(dtype, flavour, rows, hidden):

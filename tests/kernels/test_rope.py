@@ -203,7 +203,7 @@ def _rel_err(got, want):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rot", [128, 64], ids=["full_rotary", "partial_rotary"])
 @pytest.mark.parametrize("grad_layout", ["like_output", "contiguous"])
 def test_gpu_matches_fp32_reference(dtype, rot, grad_layout):
