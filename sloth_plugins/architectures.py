@@ -118,6 +118,11 @@ BUILTIN_ARCHITECTURES: Tuple[Architecture, ...] = (
                  router_aux_loss="load_balancing_loss_func"),
     Architecture("qwen2_moe", ("qwen2_moe",), experts="experts", shared_experts=("shared_expert",),
                  router_aux_loss="load_balancing_loss_func"),
+    # GLM-4.5 / 4.6 (DeepSeek-V3-style routing: sigmoid scores + correction bias, grouped top-k, the router
+    # stays transformers' own): a shared expert per MoE block, the first ``first_k_dense_replace`` layers
+    # dense gated MLPs, half-rotary RoPE, q/k norms when ``use_qk_norm``; no load-balancing loss in its forward.
+    Architecture("glm4_moe", ("glm4_moe",), qk_norm=("q_norm", "k_norm"), partial_rotary=True, experts="experts",
+                 shared_experts=("shared_experts",)),
 )
 
 

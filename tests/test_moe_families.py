@@ -14,7 +14,9 @@ from sloth_plugins.testing import MOE_FAMILIES, tiny_model, with_lora
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
-EXPECTED_NORMS = {"mixtral": 5, "qwen3_moe": 9, "qwen2_moe": 5}
+EXPECTED_NORMS = {"mixtral": 5, "qwen3_moe": 9, "qwen2_moe": 5, "glm4_moe": 9}
+# families whose forward adds a router load-balancing loss (GLM-4.5's router is balanced by its correction bias)
+AUX_LOSS = {"mixtral": True, "qwen3_moe": True, "qwen2_moe": True, "glm4_moe": False}
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
@@ -30,6 +32,27 @@ def _batch(vocab, seed=2):
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :3] = -100
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _gated_mlps(model):
+    """The gated MLPs of a tiny model beside its MoE blocks: shared experts and dense layers."""
+    layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+    blocks = [layer.mlp for layer in layers]
+    return [b for b in blocks if not hasattr(b, "experts")] + [
+        getattr(b, n) for b in blocks for n in ("shared_expert", "shared_experts") if hasattr(b, n)]
+
+
+def _moe_and_dense(model):
+    """(MoE blocks, gated MLPs: shared experts + dense layers) of a tiny model, from its modules."""
+    layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+    return sum(hasattr(layer.mlp, "experts") for layer in layers), len(_gated_mlps(model))
+
+
+def _with_adapters(model) -> int:
+    """How many of those gated MLPs PEFT wrapped. PEFT (0.21) maps gate_proj / up_proj / down_proj targets of
+    glm4_moe (its v4 -> v5 MoE conversion, transformers_weight_conversion.py) to the routed experts' 3-D
+    parameters, so its shared experts and dense layers get no adapters from a LoraConfig."""
+    return sum(hasattr(m.gate_proj, "lora_A") for m in _gated_mlps(model))
 
 
 def _step(model, inputs, **kw):
@@ -57,16 +80,18 @@ def test_moe_family_full_finetune_matches_unpatched(family, router_logits):
     model = _model(family, output_router_logits=router_logits)
     inputs = _batch(model.config.vocab_size)
     ref = _step(model, inputs)
-    assert (ref[0].aux_loss is not None) == router_logits
+    assert (ref[0].aux_loss is not None) == (router_logits and AUX_LOSS[family])
 
     report = sloth.patch(model)
     assert report.architecture == family
     assert not report.fallbacks(), report
     layers = model.config.num_hidden_layers
+    moe, dense = _moe_and_dense(model)               # glm4_moe: layer 0 dense (first_k_dense_replace)
+    assert moe >= 1 and dense == {"mixtral": 0, "qwen3_moe": 0, "qwen2_moe": 2, "glm4_moe": 2}[family]
     assert report.count("rms_norm") == EXPECTED_NORMS[family] and report.count("rope") == layers
-    assert report.count("moe_experts") == layers and report.count("loss") == 1
+    assert report.count("moe_experts") == moe and report.count("loss") == 1
     assert report.count("gradient_checkpointing") == layers
-    assert report.count("mlp") == (layers if family == "qwen2_moe" else 0)      # the shared expert
+    assert report.count("mlp") == dense                       # shared experts and dense layers
     _assert_same(_step(model, inputs), ref)
     assert sloth.unpatch(model)
     _assert_same(_step(model, inputs), ref)
@@ -83,6 +108,32 @@ def test_router_logits_asked_per_call_and_gradient_checkpointing():
     _assert_same(_step(model, inputs, output_router_logits=True), ref)
     (loss_entry,) = [e for e in report.entries if e.kind == "loss"]
     assert loss_entry.patched, loss_entry
+
+
+def test_glm4_moe_lora_with_gradient_checkpointing_and_router_logits_per_call():
+    """GLM-4.5's block (sigmoid router with correction bias, shared expert) and its dense first layer, LoRA
+    everywhere, checkpointing on, router logits asked per call (recorded, no load-balancing loss added)."""
+    ref, model = (_lora(_model("glm4_moe", layers=3, first_k_dense_replace=1), experts=True) for _ in range(2))
+    for m in (ref, model):
+        m.gradient_checkpointing_enable()
+        g = torch.Generator().manual_seed(5)
+        for name, bias in m.named_buffers():          # the correction bias steers the routing (zeros at init)
+            if name.endswith("e_score_correction_bias"):
+                bias.normal_(generator=g)
+    inputs = _batch(model.config.vocab_size)
+    want = _step(ref, inputs, output_router_logits=True)
+    report = sloth.patch(model)
+    assert not report.fallbacks(), report
+    assert report.count("moe_experts") == 2 and report.count("lora_mlp") + report.count("mlp") == 3, report
+    assert report.count("lora_mlp") == _with_adapters(model)                             # dense layer + 2 shared
+    assert report.count("gradient_checkpointing") == 3
+    got = _step(model, inputs, output_router_logits=True)
+    _assert_same(got, want)
+    assert got[0].aux_loss is None and len(got[0].router_logits) == 2
+    (loss_entry,) = [e for e in report.entries if e.kind == "loss"]
+    assert loss_entry.patched and "router logits carried" in loss_entry.detail, loss_entry   # the fast loss ran
+    for a, b in zip(got[0].router_logits, want[0].router_logits):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 @pytest.mark.parametrize("router_logits", [False, True], ids=["packed", "router_logits_unpacked"])
@@ -124,11 +175,14 @@ def test_moe_lora_on_attention_shared_and_expert_weights(family, tmp_path, monke
     inputs = _batch(model.config.vocab_size)
     report = sloth.patch(model)
     layers = model.config.num_hidden_layers
+    moe, dense = _moe_and_dense(model)
     assert not report.fallbacks(), report
     assert report.count("lora_qkv") == layers and report.count("lora_o") == layers
-    assert report.count("moe_experts") == layers
+    assert report.count("moe_experts") == moe
     assert all("fused" in e.detail for e in report.entries if e.kind == "moe_experts"), report
-    assert report.count("lora_mlp") == (layers if family == "qwen2_moe" else 0)
+    wrapped = _with_adapters(model)
+    assert wrapped == dense or family == "glm4_moe", (wrapped, dense)
+    assert report.count("lora_mlp") == wrapped and report.count("mlp") == dense - wrapped    # shared experts, dense
     want = _step(ref, inputs)
     activations = []                          # PEFT's parametrization (W + s·B·A): not on the fused path
     real = ParamWrapper._activate_lora
@@ -179,7 +233,7 @@ def test_doctor_lists_every_patch(family):
     assert report.architecture == family and not report.fallbacks(), report
     kinds = set(report.kinds())
     assert {"rms_norm", "rope", "moe_experts", "loss", "gradient_checkpointing"} <= kinds, kinds
-    assert ("mlp" in kinds) == (family == "qwen2_moe")
+    assert ("mlp" in kinds) == (family in ("qwen2_moe", "glm4_moe"))
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -194,13 +248,14 @@ def test_gpu_bf16_training_parity(family):
     from sloth_plugins.testing import tiny_model as build
     over = dict(num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048, output_router_logits=True)
     over.update(dict(num_local_experts=8) if family == "mixtral" else
-                dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512))
+                dict(n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512) if family == "glm4_moe"
+                else dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512))
     models = [_lora(build(family, seed=3, dtype=torch.bfloat16, hidden_size=1024, layers=4, vocab_size=4096,
                           **over), experts=True).cuda() for _ in range(2)]     # (with_lora seeds on the CPU)
     ref, model = models
     report = sloth.patch(model)
-    layers = 4
-    assert report.count("moe_experts") == layers and not report.fallbacks(), report
+    moe, _ = _moe_and_dense(model)                      # glm4_moe: layer 0 is dense
+    assert moe >= 3 and report.count("moe_experts") == moe and not report.fallbacks(), report
     g = torch.Generator(device="cuda").manual_seed(0)
     losses = {"ref": [], "sloth": []}
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)

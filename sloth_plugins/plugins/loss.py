@@ -74,8 +74,12 @@ class LossPlugin:
         impl = "fused linear CE" if _fused_head(head) else "chunked CE (module head)"
         detail = f"{impl}, chunk={config.loss_chunk_size or 'auto'}" + (f", softcap={softcap:g}" if softcap else "")
         aux = _router_aux_loss(model, arch)
+        # a MoE family whose forward adds no load-balancing loss (GLM-4.5): router logits are outputs only
+        router_outputs = aux is None and arch is not None and arch.experts is not None and not arch.router_aux_loss
         if aux is not None:
             detail += "; + the router load-balancing loss when output_router_logits"
+        elif router_outputs:
+            detail += "; router logits carried when output_router_logits (the model adds no loss term for them)"
         if how:
             detail += f"; the model's own loss is the {semantics} one ({how})"
         # A family without an entry, and a vision-language model (whose forward merges the image
@@ -85,7 +89,8 @@ class LossPlugin:
         pending, verified = _PENDING.format(what=what), _VERIFIED.format(what=what)
         entry = report.patched("loss", "", detail + (pending if verify else ""))
         _patch_forward(model, config, softcap, patcher, entry, verify=verify, hook=context.hook,
-                       decoder=decoder_path(model, arch), semantics=semantics, notes=(pending, verified), aux=aux)
+                       decoder=decoder_path(model, arch), semantics=semantics, notes=(pending, verified), aux=aux,
+                       router_outputs=router_outputs)
 
     @hookimpl(trylast=True)
     def sloth_causal_lm_loss(self, hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
@@ -304,13 +309,15 @@ def _foreign_forward_reason(model) -> Optional[str]:
 
 
 def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool, hook, decoder: str,
-                   semantics: str = STANDARD, notes=(_PENDING, _VERIFIED), aux=None) -> None:
+                   semantics: str = STANDARD, notes=(_PENDING, _VERIFIED), aux=None,
+                   router_outputs: bool = False) -> None:
     """Bind the fast forward. ``entry`` is the report's loss line, revised when a training call shows
     that the fast loss does not run (or, with ``verify``, that it differs from the model's own).
     ``hook``: the hook relay the loss is asked through (``sloth_causal_lm_loss``). ``decoder``: the
     path of the module run for the final hidden states. ``semantics`` (loss_semantics): the model's
     own loss, which the fast one reproduces. ``aux``: a MoE family's load-balancing loss function
-    (``_router_aux_loss``), added as the model's forward adds it."""
+    (``_router_aux_loss``), added as the model's forward adds it. ``router_outputs``: a MoE family whose
+    router logits are outputs only (no loss term): carried, in the model's MoE output class."""
     original = model.forward
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -330,7 +337,7 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         # from restarting position ids (padding-free batches would attend across samples).
         if arguments.get("use_cache") is None:
             arguments["use_cache"] = False
-        router = aux is not None and _router_logits_asked(arguments, self.config)
+        router = (aux is not None or router_outputs) and _router_logits_asked(arguments, self.config)
         if router:
             arguments["output_router_logits"] = True
         module = get_path(self, decoder)
@@ -359,9 +366,9 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
             warnings.warn(f"sloth_plugins: a training batch of {type(self).__name__} has no labels (every label "
                           f"is {IGNORE_INDEX}): its loss is 0.0 with zero gradients (transformers' own loss would "
                           f"be NaN). Warned once per model.", stacklevel=5)
-        if aux is not None:        # a MoE family: the model's output class, aux_loss None without router logits
+        if aux is not None or router_outputs:   # a MoE family: the model's output class, aux_loss None without it
             aux_loss = None
-            if router:
+            if router and aux is not None:
                 aux_loss = aux(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
                                arguments.get("attention_mask"))
                 loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
@@ -411,7 +418,7 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
                            "labels" if labels is not None else "shift_labels")
         if arguments.get("logits_to_keep", 0) not in (0, None):
             return original(*args, **kwargs)
-        asked = _extra_outputs(arguments, self.config, router_logits_ok=aux is not None)
+        asked = _extra_outputs(arguments, self.config, router_logits_ok=aux is not None or router_outputs)
         if asked:
             record_model_loss(f"a training call asked for {asked}, which sloth's loss does not produce (an extra "
                               f"loss term or outputs): the model's own forward runs for such calls")
