@@ -4,6 +4,7 @@ Same routing on both sides (same weights, fp32), so loss, router load-balancing 
 must agree; LoRA on attention, shared experts and (PEFT ``target_parameters``) the 3-D expert weights;
 saved adapters load in plain PEFT with the same logits; ``sloth doctor`` lists every patch.
 """
+import dataclasses
 import warnings
 
 import pytest
@@ -63,12 +64,24 @@ def _step(model, inputs, **kw):
     return out, grads
 
 
+def _fields(out):
+    """The fields of a forward's output class (the model's own, or sloth's subclass of it)."""
+    return {f.name for f in dataclasses.fields(out)}
+
+
+def _returns_router_logits(out) -> bool:
+    """Whether the installed transformers' model returned router logits (GLM-4.5: not in 5.16, later yes)."""
+    return "router_logits" in _fields(out)
+
+
 def _assert_same(a, b):
     (out_a, grads_a), (out_b, grads_b) = a, b
+    assert _fields(out_a) == _fields(out_b), (type(out_a), type(out_b))      # the model's own output class
     torch.testing.assert_close(out_a.loss, out_b.loss, **TOL)
-    assert (out_a.aux_loss is None) == (out_b.aux_loss is None)
-    if out_a.aux_loss is not None:
-        torch.testing.assert_close(out_a.aux_loss, out_b.aux_loss, **TOL)
+    aux_a, aux_b = getattr(out_a, "aux_loss", None), getattr(out_b, "aux_loss", None)
+    assert (aux_a is None) == (aux_b is None)
+    if aux_a is not None:
+        torch.testing.assert_close(aux_a, aux_b, **TOL)
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], **GRAD_TOL, msg=name)
@@ -80,7 +93,7 @@ def test_moe_family_full_finetune_matches_unpatched(family, router_logits):
     model = _model(family, output_router_logits=router_logits)
     inputs = _batch(model.config.vocab_size)
     ref = _step(model, inputs)
-    assert (ref[0].aux_loss is not None) == (router_logits and AUX_LOSS[family])
+    assert (getattr(ref[0], "aux_loss", None) is not None) == (router_logits and AUX_LOSS[family])
 
     report = sloth.patch(model)
     assert report.architecture == family
@@ -92,7 +105,12 @@ def test_moe_family_full_finetune_matches_unpatched(family, router_logits):
     assert report.count("moe_experts") == moe and report.count("loss") == 1
     assert report.count("gradient_checkpointing") == layers
     assert report.count("mlp") == dense                       # shared experts and dense layers
-    _assert_same(_step(model, inputs), ref)
+    got = _step(model, inputs)
+    _assert_same(got, ref)
+    (loss_entry,) = [e for e in report.entries if e.kind == "loss"]
+    assert loss_entry.patched and "logits" not in got[0].keys(), loss_entry     # the fast loss ran
+    if not _returns_router_logits(ref[0]):            # glm4_moe on transformers 5.16: the report says so
+        assert "router logits unavailable" in loss_entry.detail, loss_entry
     assert sloth.unpatch(model)
     _assert_same(_step(model, inputs), ref)
 
@@ -129,11 +147,15 @@ def test_glm4_moe_lora_with_gradient_checkpointing_and_router_logits_per_call():
     assert report.count("gradient_checkpointing") == 3
     got = _step(model, inputs, output_router_logits=True)
     _assert_same(got, want)
-    assert got[0].aux_loss is None and len(got[0].router_logits) == 2
     (loss_entry,) = [e for e in report.entries if e.kind == "loss"]
-    assert loss_entry.patched and "router logits carried" in loss_entry.detail, loss_entry   # the fast loss ran
-    for a, b in zip(got[0].router_logits, want[0].router_logits):
-        torch.testing.assert_close(a, b, **TOL)
+    assert loss_entry.patched and "logits" not in got[0].keys(), loss_entry          # the fast loss ran
+    if _returns_router_logits(want[0]):               # transformers > 5.16: recorded, no loss term from them
+        assert got[0].aux_loss is None and len(got[0].router_logits) == 2
+        assert "router logits carried" in loss_entry.detail, loss_entry
+        for a, b in zip(got[0].router_logits, want[0].router_logits):
+            torch.testing.assert_close(a, b, **TOL)
+    else:                                             # 5.16 returns none: asking changes nothing, and is reported
+        assert "router logits unavailable" in loss_entry.detail and "carried" not in loss_entry.detail, loss_entry
 
 
 @pytest.mark.parametrize("router_logits", [False, True], ids=["packed", "router_logits_unpacked"])
