@@ -158,6 +158,47 @@ def test_glm4_moe_lora_with_gradient_checkpointing_and_router_logits_per_call():
         assert "router logits unavailable" in loss_entry.detail and "carried" not in loss_entry.detail, loss_entry
 
 
+def test_moe_forward_without_a_readable_output_class_runs_its_own_forward_for_router_logits():
+    """A CausalLM subclass whose forward declares no output class (a user's wrapper, remote code): sloth cannot
+    tell what it returns of its router, so calls asking for router logits run the model's own forward (the
+    report's loss line then says so); calls that do not take the fast loss. The same numbers either way."""
+    model = _model("qwen3_moe")
+
+    class Wrapped(type(model)):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):     # no return annotation
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    model.__class__ = Wrapped
+    inputs = _batch(model.config.vocab_size)
+    plain, asked = _step(model, inputs), _step(model, inputs, output_router_logits=True)
+    assert asked[0].aux_loss is not None
+    report = sloth.patch(model)
+    (entry,) = [e for e in report.entries if e.kind == "loss"]
+    assert entry.patched and "declares no output class" in entry.detail, entry
+    got = _step(model, inputs)
+    _assert_same(got, plain)
+    assert "logits" not in got[0].keys() and entry.patched, entry                      # the fast loss ran
+    got = _step(model, inputs, output_router_logits=True)
+    _assert_same(got, asked)
+    assert "logits" in got[0].keys()                                                     # the model's own ran
+    assert not entry.patched and "output_router_logits" in entry.detail, entry
+
+
+def test_declared_output_reads_plain_and_union_annotations():
+    from typing import Optional, Tuple, Union
+
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    from sloth_plugins.plugins.router_outputs import declared_output
+
+    def new(x) -> MoeCausalLMOutputWithPast: ...
+    def old(x) -> Union[Tuple, MoeCausalLMOutputWithPast]: ...
+    def bare(x): ...
+    def other(x) -> Optional[torch.Tensor]: ...
+    assert declared_output(new) is declared_output(old) is MoeCausalLMOutputWithPast
+    assert declared_output(bare) is None and declared_output(other) is None
+
+
 @pytest.mark.parametrize("router_logits", [False, True], ids=["packed", "router_logits_unpacked"])
 def test_padding_free(router_logits):
     model = _model("qwen2_moe", output_router_logits=router_logits)
