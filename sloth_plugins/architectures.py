@@ -53,6 +53,8 @@ class Architecture:
     shared_experts: Tuple[str, ...] = ()         # dense gated MLPs beside the routed experts in the block
     router_aux_loss: Optional[str] = None        # function of the CausalLM's module the model adds to its loss:
     #   router_aux_loss_coef * f(router_logits, num_experts, num_experts_per_tok, attention_mask)
+    #   (whether the installed release returns router logits at all is read from its model class, not
+    #   stated here: plugins/router_outputs.py)
     # ---- vision-language models (issue 19) ----
     classes: Tuple[str, ...] = ()                # model classes this entry describes; () = every class of its types
     decoder: Optional[str] = None                # from the CausalLM: module returning the final hidden states
