@@ -40,7 +40,8 @@ from sloth_plugins.kernels.rope import apply_rope_reference
 
 KERNELS = ["rms_norm", "rms_norm_dw", "rope", "swiglu", "geglu", "geglu_tanh", "fused_ce"]
 # MoE experts blocks at their models' shapes (own shapes, not LLAMA3_8B); run with --kernels, not by default.
-MOE_KERNELS = ["moe_qwen3_30b_a3b", "moe_mixtral_8x7b", "moe_qwen3_30b_a3b_lora", "moe_mixtral_8x7b_lora"]
+MOE_KERNELS = ["moe_qwen3_30b_a3b", "moe_mixtral_8x7b", "moe_glm45_air", "moe_qwen3_30b_a3b_lora", "moe_mixtral_8x7b_lora",
+               "moe_glm45_air_lora"]
 IMPLS = ["sloth", "eager", "compile", "liger", "torch_chunked", "grouped_mm", "batched_mm"]
 MODES = ["fwd", "bwd", "fwdbwd"]
 
@@ -154,7 +155,8 @@ def build_cases(shape: dict, dtype, device, names: Sequence[str], compile_backen
 
 
 # tokens (batch x seq), hidden, expert intermediate, experts, top-k
-MOE_SHAPES = {"moe_qwen3_30b_a3b": (2 * 2048, 2048, 768, 128, 8), "moe_mixtral_8x7b": (4096, 4096, 14336, 8, 2)}
+MOE_SHAPES = {"moe_qwen3_30b_a3b": (2 * 2048, 2048, 768, 128, 8), "moe_mixtral_8x7b": (4096, 4096, 14336, 8, 2),
+              "moe_glm45_air": (2 * 2048, 4096, 1408, 128, 8)}     # GLM-4.5-Air's routed experts
 MOE_LORA_RANK = 16
 MOE_SMOKE = (48, 64, 32, 8, 2)
 _BATCHED_MM_LIMIT = 32 * 2**30      # batched_mm gathers one [2I, H] weight per (token, expert) pair

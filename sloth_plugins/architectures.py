@@ -53,6 +53,8 @@ class Architecture:
     shared_experts: Tuple[str, ...] = ()         # dense gated MLPs beside the routed experts in the block
     router_aux_loss: Optional[str] = None        # function of the CausalLM's module the model adds to its loss:
     #   router_aux_loss_coef * f(router_logits, num_experts, num_experts_per_tok, attention_mask)
+    #   (whether the installed release returns router logits at all is read from its model class, not
+    #   stated here: plugins/router_outputs.py)
     # ---- vision-language models (issue 19) ----
     classes: Tuple[str, ...] = ()                # model classes this entry describes; () = every class of its types
     decoder: Optional[str] = None                # from the CausalLM: module returning the final hidden states
@@ -118,6 +120,11 @@ BUILTIN_ARCHITECTURES: Tuple[Architecture, ...] = (
                  router_aux_loss="load_balancing_loss_func"),
     Architecture("qwen2_moe", ("qwen2_moe",), experts="experts", shared_experts=("shared_expert",),
                  router_aux_loss="load_balancing_loss_func"),
+    # GLM-4.5 / 4.6 (DeepSeek-V3-style routing: sigmoid scores + correction bias, grouped top-k, the router
+    # stays transformers' own): a shared expert per MoE block, the first ``first_k_dense_replace`` layers
+    # dense gated MLPs, half-rotary RoPE, q/k norms when ``use_qk_norm``; no load-balancing loss in its forward.
+    Architecture("glm4_moe", ("glm4_moe",), qk_norm=("q_norm", "k_norm"), partial_rotary=True, experts="experts",
+                 shared_experts=("shared_experts",)),
 )
 
 

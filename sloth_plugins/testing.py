@@ -12,7 +12,7 @@ import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 # Mixture-of-experts families of the table (tiny: 4 experts, top-2).
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe")
 # Causal LMs without an architecture entry: what the generic paths must get right.
 UNKNOWN_FAMILIES = ("gpt2", "opt", "custom")
 # package data (pyproject: tool.setuptools.package-data), so it is there in a wheel install too
@@ -64,6 +64,10 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, hidden_size: int =
         kw["head_dim"] = hidden_size // 4
     if family == "mixtral":
         kw.update(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
+    elif family == "glm4_moe":      # layer 0 dense (first_k_dense_replace), one shared expert, qk-norm on
+        kw.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, n_shared_experts=1,
+                  first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, use_qk_norm=True,
+                  head_dim=hidden_size // 4)
     elif family in MOE_FAMILIES:
         kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1,
                   mlp_only_layers=[], norm_topk_prob=True)

@@ -45,6 +45,7 @@ from ..report import PatchReport
 from . import zero3
 from ._modules import decoder_path, find_decoder, get_path
 from .loss_semantics import ATTENTION_MASKED_MEAN, STANDARD, loss_semantics
+from .router_outputs import RouterOutputs, router_outputs
 
 IGNORE_INDEX = -100
 # Config attributes of families that scale logits in ways the generic path does not know.
@@ -73,9 +74,13 @@ class LossPlugin:
         head = model.get_output_embeddings()
         impl = "fused linear CE" if _fused_head(head) else "chunked CE (module head)"
         detail = f"{impl}, chunk={config.loss_chunk_size or 'auto'}" + (f", softcap={softcap:g}" if softcap else "")
-        aux = _router_aux_loss(model, arch)
-        if aux is not None:
+        router = router_outputs(model, arch, find_decoder(model, arch))
+        if router is not None and router.aux is not None:
             detail += "; + the router load-balancing loss when output_router_logits"
+        elif router is not None and router.carried:
+            detail += "; router logits carried when output_router_logits (the model adds no loss term for them)"
+        elif router is not None:
+            detail += f"; {router.note}"
         if how:
             detail += f"; the model's own loss is the {semantics} one ({how})"
         # A family without an entry, and a vision-language model (whose forward merges the image
@@ -85,7 +90,7 @@ class LossPlugin:
         pending, verified = _PENDING.format(what=what), _VERIFIED.format(what=what)
         entry = report.patched("loss", "", detail + (pending if verify else ""))
         _patch_forward(model, config, softcap, patcher, entry, verify=verify, hook=context.hook,
-                       decoder=decoder_path(model, arch), semantics=semantics, notes=(pending, verified), aux=aux)
+                       decoder=decoder_path(model, arch), semantics=semantics, notes=(pending, verified), router=router)
 
     @hookimpl(trylast=True)
     def sloth_causal_lm_loss(self, hidden_states, lm_head, labels, num_items_in_batch, config, softcap):
@@ -279,19 +284,6 @@ def _unproven_reason(model) -> Optional[str]:
     return None
 
 
-def _router_aux_loss(model, arch):
-    """The table's load-balancing loss function of a MoE family, from the model's own module, when the
-    CausalLM carries what its forward passes to it; else None (router-logit calls run the model's forward)."""
-    name = arch.router_aux_loss if arch is not None else None
-    if not name:
-        return None
-    fn = getattr(sys.modules.get(type(model).__module__), name, None)
-    if not callable(fn) or any(not hasattr(model, a) for a in ("num_experts", "num_experts_per_tok",
-                                                               "router_aux_loss_coef")):
-        return None
-    return fn
-
-
 def _foreign_forward_reason(model) -> Optional[str]:
     if not has_instance_override(model):
         return None
@@ -304,13 +296,15 @@ def _foreign_forward_reason(model) -> Optional[str]:
 
 
 def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, verify: bool, hook, decoder: str,
-                   semantics: str = STANDARD, notes=(_PENDING, _VERIFIED), aux=None) -> None:
+                   semantics: str = STANDARD, notes=(_PENDING, _VERIFIED),
+                   router: Optional[RouterOutputs] = None) -> None:
     """Bind the fast forward. ``entry`` is the report's loss line, revised when a training call shows
     that the fast loss does not run (or, with ``verify``, that it differs from the model's own).
     ``hook``: the hook relay the loss is asked through (``sloth_causal_lm_loss``). ``decoder``: the
     path of the module run for the final hidden states. ``semantics`` (loss_semantics): the model's
-    own loss, which the fast one reproduces. ``aux``: a MoE family's load-balancing loss function
-    (``_router_aux_loss``), added as the model's forward adds it."""
+    own loss, which the fast one reproduces. ``router``: what a MoE family returns of its router
+    (``router_outputs``): its output class, whether router logits are carried, the load-balancing loss
+    added as the model's forward adds it."""
     original = model.forward
     signature = inspect.signature(original)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -330,8 +324,8 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         # from restarting position ids (padding-free batches would attend across samples).
         if arguments.get("use_cache") is None:
             arguments["use_cache"] = False
-        router = aux is not None and _router_logits_asked(arguments, self.config)
-        if router:
+        carry = router is not None and router.carried and _router_logits_asked(arguments, self.config)
+        if carry:
             arguments["output_router_logits"] = True
         module = get_path(self, decoder)
         if _takes_labels(module):
@@ -359,13 +353,13 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
             warnings.warn(f"sloth_plugins: a training batch of {type(self).__name__} has no labels (every label "
                           f"is {IGNORE_INDEX}): its loss is 0.0 with zero gradients (transformers' own loss would "
                           f"be NaN). Warned once per model.", stacklevel=5)
-        if aux is not None:        # a MoE family: the model's output class, aux_loss None without router logits
-            aux_loss = None
-            if router:
-                aux_loss = aux(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
-                               arguments.get("attention_mask"))
-                loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
-            return _moe_output(loss, aux_loss, outputs), hidden.dtype
+        if router is not None:          # a MoE family: the model's own output class, aux_loss None without it
+            extra = {"aux_loss": None} if "aux_loss" in router.fields() else {}
+            if carry and router.aux is not None:
+                extra["aux_loss"] = router.aux(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                                               arguments.get("attention_mask"))
+                loss = loss + self.router_aux_loss_coef * extra["aux_loss"].to(loss.device)
+            return _output(router.output_class, loss, outputs, **extra), hidden.dtype
         return _causal_lm_output(loss, outputs), hidden.dtype
 
     def forward(self, *args, **kwargs):
@@ -411,7 +405,7 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
                            "labels" if labels is not None else "shift_labels")
         if arguments.get("logits_to_keep", 0) not in (0, None):
             return original(*args, **kwargs)
-        asked = _extra_outputs(arguments, self.config, router_logits_ok=aux is not None)
+        asked = _extra_outputs(arguments, self.config, router_logits_ok=router is not None and router.asking_is_safe)
         if asked:
             record_model_loss(f"a training call asked for {asked}, which sloth's loss does not produce (an extra "
                               f"loss term or outputs): the model's own forward runs for such calls")
@@ -480,7 +474,8 @@ def _check_label_shape(arguments, labels, name) -> None:
 
 def _extra_outputs(arguments, model_config, router_logits_ok: bool = False) -> Optional[str]:
     """The output_* options of this call (or the config's router logits) that the fast path would drop.
-    ``router_logits_ok``: a MoE family whose load-balancing loss the fast path adds."""
+    ``router_logits_ok``: a MoE family whose router logits the fast path returns as the model does (or
+    that returns none, so asking for them changes nothing)."""
     carried = _CARRIED_OUTPUTS + (("output_router_logits",) if router_logits_ok else ())
     asked = [k for k, v in arguments.items() if k.startswith("output_") and k not in carried and v]
     if (not router_logits_ok and "output_router_logits" not in arguments
@@ -573,11 +568,6 @@ def _output(base, loss, decoder_outputs, **extra):
     fields = {f.name for f in dataclasses.fields(cls)}
     carried = {k: v for k, v in decoder_outputs.items() if k in fields and k not in ("loss", "logits", *extra)}
     return cls(loss=loss, logits=None, **extra, **carried)
-
-
-def _moe_output(loss, aux_loss, decoder_outputs):
-    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-    return _output(MoeCausalLMOutputWithPast, loss, decoder_outputs, aux_loss=aux_loss)
 
 
 def _causal_lm_output(loss, decoder_outputs):
