@@ -24,7 +24,8 @@ setup() {
     # CPU accelerator over gloo and builds its one small C++ op on first use
     latest)  "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[hf,lightning,qlora,dev,studio,deepspeed]" "selenium>=4.20"
              browser ;;
-    axolotl) "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[axolotl,lightning,dev]" ;;
+    # deepspeed here too: Axolotl's `deepspeed:` key with the plugin (tests/test_deepspeed.py, ~4 min of CPU)
+    axolotl) "$venv/bin/pip" install -q -c tests/constraints-cpu.txt -e ".[axolotl,lightning,dev,deepspeed]" ;;
   esac
 }
 
