@@ -15,8 +15,8 @@ runs warmup + timed steps; a callback synchronizes and times each optimizer step
 * SFT under DeepSpeed: ``batch`` rows of ``seq`` random token ids a step (labels = inputs) through
   ``Trainer(args=TrainingArguments(deepspeed=...))``, one process (world size 1; ZeRO-3 still partitions
   and, with ``offload``, keeps parameters and optimizer state on the CPU). The model is loaded on the CPU
-  and DeepSpeed places it. Peak memory is the timed window's (after the warmup): DeepSpeed's init is
-  not part of a training step.
+  and DeepSpeed places it. ``peak_gib`` is the whole run's, which includes DeepSpeed's conversion of that
+  model (it passes through the GPU once); ``peak_timed_gib`` is the timed steps' alone.
 """
 from __future__ import annotations
 
