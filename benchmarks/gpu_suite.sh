@@ -20,6 +20,12 @@
 #   padding-free-8b  run.py --scenario padding-free-8b (~8 min; the budget may skip the last impl)
 #   ckpt-1b          run.py --scenario ckpt-1b: HF with/without checkpointing vs each sloth checkpointing mode
 #   longest-8b       run.py --scenario longest-8b: longest bs-1 sequence within 80 GiB, 4 impls (~10 min)
+#   dpo-8b           run.py --scenario dpo-8b: TRL DPOTrainer, Llama-3.1-8B, 2 pairs x 2048, PEFT reference: TRL alone,
+#                    + Liger, + SlothCallback (default, offload), Unsloth (its default and fused preference loss)
+#   dpo-8b-qlora     the same in QLoRA NF4
+#   grpo-1b          run.py --scenario grpo-1b: TRL GRPOTrainer, Llama-3.2-1B, 8 x 512 completion tokens (HF generate)
+#   zero3-offload-8b run.py --scenario zero3-offload-8b: HF Trainer under DeepSpeed ZeRO-3 + CPU offload, alone
+#                    and with SlothCallback (~4 min on an H100)
 #   vl-gemma3-4b     run.py --scenario vl-gemma3-4b: Gemma-3-4B multimodal, bs 2 x (256 image + 1792 text tokens), 4 impls
 #   vl-qwen2.5-vl-7b run.py --scenario vl-qwen2.5-vl-7b: Qwen2.5-VL-7B, the same batches (448 px images)
 #   matrix           run.py --families all --modes bf16,qlora: every family x precision, 6 impls (HF+PEFT, Liger,
@@ -64,12 +70,12 @@ run_phase() {
     attention)    "$PY" benchmarks/attention.py ${ATTN_ARGS:-} ;;
     e2e-8b-host)  "${run[@]}" --scenario "$phase" --host-profile ${RUN_ARGS:-${E2E_ARGS:-}} ;;
     e2e-1b|e2e-1b-nogc|e2e-8b|e2e-8b-qlora|e2e-8b-nogc|e2e-8b-offload|e2e-8b-qlora-offload|padding-free-1b|\
-    padding-free-8b|ckpt-1b|longest-8b|vl-gemma3-4b|vl-qwen2.5-vl-7b)
+    padding-free-8b|ckpt-1b|longest-8b|vl-gemma3-4b|vl-qwen2.5-vl-7b|dpo-8b|dpo-8b-qlora|grpo-1b|zero3-offload-8b)
                   "${run[@]}" --scenario "$phase" ${RUN_ARGS:-${E2E_ARGS:-}} ;;
     matrix)       "${run[@]}" --name matrix --families all --modes bf16,qlora ${MATRIX_ARGS:-} ${RUN_ARGS:-} ;;
     *) echo "unknown phase $phase (tests kernels attention e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
             "e2e-8b-offload e2e-8b-qlora-offload e2e-8b-host padding-free-1b padding-free-8b ckpt-1b longest-8b" \
-            "vl-gemma3-4b vl-qwen2.5-vl-7b matrix)"; return 2 ;;
+            "vl-gemma3-4b vl-qwen2.5-vl-7b dpo-8b dpo-8b-qlora grpo-1b zero3-offload-8b matrix)"; return 2 ;;
   esac 2>&1 | tee "$OUT/$phase.log"
   rc=${PIPESTATUS[0]}
   echo "=== $phase: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$phase.log"
