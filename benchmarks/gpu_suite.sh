@@ -5,7 +5,9 @@
 #
 # Phases (rough H200 wall times, measured numbers go in benchmarks/RESULTS.md). Every training phase
 # is one configuration of benchmarks/run.py (`python benchmarks/run.py --list` shows the scenarios):
-#   tests            pytest -m gpu -q
+#   tests            pytest -m gpu -q (over 10 min on an H100: use the two halves below, one call each)
+#   tests-kernels    pytest -m gpu tests/kernels (the kernels against their torch references)
+#   tests-rest       pytest -m gpu, the rest (models, adapters, DeepSpeed, TRL, MoE, VL, fp16 Trainer runs)
 #   kernels          benchmarks/kernels.py: all kernels x sloth/eager/compile/liger            (< 4 min)
 #   attention        benchmarks/attention.py: varlen kernel vs SDPA / flex, full and packed rows (< 3 min)
 #   e2e-1b           run.py --scenario e2e-1b: Llama-3.2-1B bf16, bs 8 x 2048, checkpointing on, 4 impls
@@ -66,6 +68,8 @@ run_phase() {
   echo "=== $phase ($(date -u +%H:%M:%S))"
   case $phase in
     tests)        pytest -m gpu -q -rs ;;   # never `python -m pytest`: it puts the root (kernels/) on sys.path
+    tests-kernels) pytest -m gpu -rA --tb=short tests/kernels ;;
+    tests-rest)   pytest -m gpu -rA --tb=short tests --ignore=tests/kernels ;;
     kernels)      "$PY" benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
     attention)    "$PY" benchmarks/attention.py ${ATTN_ARGS:-} ;;
     e2e-8b-host)  "${run[@]}" --scenario "$phase" --host-profile ${RUN_ARGS:-${E2E_ARGS:-}} ;;
@@ -73,7 +77,7 @@ run_phase() {
     padding-free-8b|ckpt-1b|longest-8b|vl-gemma3-4b|vl-qwen2.5-vl-7b|dpo-8b|dpo-8b-qlora|grpo-1b|zero3-offload-8b)
                   "${run[@]}" --scenario "$phase" ${RUN_ARGS:-${E2E_ARGS:-}} ;;
     matrix)       "${run[@]}" --name matrix --families all --modes bf16,qlora ${MATRIX_ARGS:-} ${RUN_ARGS:-} ;;
-    *) echo "unknown phase $phase (tests kernels attention e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
+    *) echo "unknown phase $phase (tests tests-kernels tests-rest kernels attention e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
             "e2e-8b-offload e2e-8b-qlora-offload e2e-8b-host padding-free-1b padding-free-8b ckpt-1b longest-8b" \
             "vl-gemma3-4b vl-qwen2.5-vl-7b dpo-8b dpo-8b-qlora grpo-1b zero3-offload-8b matrix)"; return 2 ;;
   esac 2>&1 | tee "$OUT/$phase.log"

@@ -302,7 +302,7 @@ def test_gpu_suite_phases_are_runner_scenarios():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_suite.sh")], check=True)
     cases = script[script.index("  case $phase in"):script.index("    *) echo")]
     named = set(scenarios.NAMED)
-    listed = set(re.findall(r"^#   ([a-z0-9.-]+)\s", script, re.M)) - {"tests", "kernels", "attention", "matrix", "bash"}
+    listed = set(re.findall(r"^#   ([a-z0-9.-]+)\s", script, re.M)) - {"tests", "tests-kernels", "tests-rest", "kernels", "attention", "matrix", "bash"}
     assert listed and listed <= named, listed - named
     assert all(re.search(rf"(^|[|\s]){re.escape(p)}[|)]", cases, re.M) for p in listed), cases
     assert "e2e-8b-offload" in listed and "e2e-8b-qlora-offload" in listed and "vl-qwen2.5-vl-7b" in listed
