@@ -67,6 +67,19 @@ def browser():
     driver.quit()
 
 
+def load_after_the_upload(browser, timeout=90):
+    """Click Load until the dataset is read: the browser's upload finishes in its own time (a fixed sleep
+    was too short on a busy CI machine, and Load then found no file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        browser.find_element(By.CSS_SELECTOR, "#load-dataset").click()
+        try:
+            return wait_text(browser, "#dataset-message", lambda t: "400 rows" in t, 5)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
 def test_train_the_shipped_example_from_the_browser(tmp_path, model_dir, browser):
     port = free_port()
     app = launch(str(tmp_path / "runs"), port=port, model=model_dir, block=False)
@@ -74,9 +87,7 @@ def test_train_the_shipped_example_from_the_browser(tmp_path, model_dir, browser
         browser.get(f"http://127.0.0.1:{port}/")
         upload = wait_for_element(browser, "input[type=file]")
         upload.send_keys(DATA_FILE)
-        time.sleep(1.0)   # the upload finishes before Load reads it
-        browser.find_element(By.CSS_SELECTOR, "#load-dataset").click()
-        wait_text(browser, "#dataset-message", lambda t: "400 rows" in t, 60)
+        load_after_the_upload(browser)
         tab(browser, "Model")
         assert wait_text(browser, "#hw-devices textarea", bool, 10, value=True).startswith("no GPU: CPU run")
         browser.find_element(By.CSS_SELECTOR, "#estimate").click()
