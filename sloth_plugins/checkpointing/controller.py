@@ -175,7 +175,7 @@ class CheckpointController:
             meter.probe(index, function, args, kwargs)
         if decision == KEEP:
             out = function(*args, **kwargs)
-        elif (self.one_node and not self.parameters[index].foreign
+        elif (self.one_node and not self.parameters[index].fallback
               and layer_node.usable(function, kwargs)):
             offload, watch = decision == OFFLOAD, self.parameters[index]
             out = layer_node.checkpoint_layer(function, args, watch.trainable(),

@@ -15,9 +15,12 @@ they give without checkpointing, also when no input requires grad (frozen embedd
 PEFT). A trainable tensor the layer reaches other than through its arguments or its own
 parameters (another module's parameter, a shared weight) is looked for once per layer, in the
 recompute's graph: if there is one, it gets its gradient accumulated that time, with a warning,
-and the layer goes to torch's checkpoint from then on (``LayerParameters.foreign``). Not supported, with an error
-that says so: ``create_graph=True`` (double backward) and a second backward through the same
-graph (``retain_graph=True``).
+and the layer goes to torch's checkpoint from then on (``LayerParameters.fallback``). So does a
+layer whose own code runs a reentrant checkpoint (torch's ``use_reentrant=True``, DeepSpeed's),
+which refuses the capturing backward: that backward is redone as the reentrant checkpoint wants it,
+accumulating in ``.grad``, with a warning. Not supported, with an error that says so:
+``create_graph=True`` (double backward) and a second backward through the same graph
+(``retain_graph=True``).
 
 ``usable`` routes to torch's non-reentrant checkpoint what this does not cover:
 calls whose per-layer outputs transformers records (``recording_outputs``), torch.distributed
@@ -116,7 +119,7 @@ class LayerParameters:
     ``requires_grad`` flags.
     """
 
-    __slots__ = ("module", "version", "params", "checked", "foreign")
+    __slots__ = ("module", "version", "params", "checked", "fallback")
 
     def __init__(self, module: torch.nn.Module):
         global _registration_hooks
@@ -126,7 +129,9 @@ class LayerParameters:
                                    nn_module.register_module_module_registration_hook(_registered))
         self.module, self.version, self.params = module, None, ()
         self.checked = None     # the version whose recompute graph was searched for foreign leaves
-        self.foreign = False    # the layer reaches a trainable tensor that is not one of its inputs
+        # torch's checkpoint from now on: the layer reaches a trainable tensor that is not one of its
+        # inputs, or runs a reentrant checkpoint of its own
+        self.fallback = False
 
     def trainable(self) -> list:
         if self.version != _registrations:
@@ -143,7 +148,7 @@ def checkpoint_layer(function: Callable, args: tuple, params: Sequence[torch.Ten
                      key: Optional[Tuple[Hashable, int]] = None, watch: Optional[LayerParameters] = None) -> Any:
     """``function(*args)``, checkpointed; ``params``: the trainable parameters ``function`` uses
     (``LayerParameters.trainable()``), which get their gradients from the node; ``watch``: that
-    ``LayerParameters``, whose ``foreign`` the first backward sets. With an offloader,
+    ``LayerParameters``, whose ``fallback`` a backward may set. With an offloader,
     large tensor inputs wait in host memory under ``key`` (``offloader.prefetch(*key)`` starts
     their copy back)."""
     slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
@@ -262,38 +267,83 @@ class _LayerCheckpoint(torch.autograd.Function):
             inputs.append(t.requires_grad_(need))
         # the graph outlives its backward as long as the loss tensor lives: keep nothing in it
         job.parked = ()
-        with torch.enable_grad(), job.replay():
-            out = job.call(inputs)
-        outs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
-        pairs = [(o, g) for o, g in zip(outs, grads)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        targets = tuple([t for t, need in zip(inputs, needs) if need] + list(job.params))
-        watch, foreign = job.watch, ()
-        if watch is not None and watch.checked != watch.version and pairs:
-            watch.checked = watch.version
-            foreign = _foreign_leaves([o for o, _ in pairs], targets)
-            if foreign:
-                watch.foreign = True
-                warnings.warn(f"sloth_plugins gradient checkpointing: {type(watch.module).__name__} uses "
-                              f"{len(foreign)} trainable tensor(s) that are neither its arguments nor its own "
-                              f"parameters; they get their gradient in .grad this time, and the layer runs under "
-                              f"torch's checkpoint from now on", stacklevel=2)
-        # Returned, not accumulated here: the engine puts them in .grad, hands them to
-        # autograd.grad, or drops those that backward(inputs=...) did not ask for.
-        if pairs:
-            # torch.autograd.grad(..., allow_unused=True) without its Python checks of each
-            # tensor: a few Python calls per parameter per layer
-            outputs, seeds = zip(*pairs)
-            found = torch.autograd.Variable._execution_engine.run_backward(
-                outputs, seeds, False, False, targets + foreign, True, False)
-        else:
-            found = (None,) * len(targets)
-        for leaf, grad in zip(foreign, found[len(targets):]):
-            if grad is not None:      # what the old nested backward did: accumulate in .grad
-                leaf.grad = grad if leaf.grad is None else leaf.grad + grad
-        found = iter(found[:len(targets)])
-        input_grads = [next(found) if need else None for need in needs]
-        return (None, *input_grads, *found)
+        try:
+            return _differentiate(job, inputs, needs, grads)
+        except RuntimeError as error:
+            if not _refused_by_a_nested_reentrant_checkpoint(error):
+                raise
+        return _differentiate_as_reentrant(job, inputs, needs, grads)
+
+
+def _differentiate(job: _Job, inputs: list, needs: Sequence[bool], grads: tuple) -> tuple:
+    """The recompute's gradients for the node's inputs, returned (none accumulated here)."""
+    with torch.enable_grad(), job.replay():
+        out = job.call(inputs)
+    pairs = _seeded_outputs(out, grads)
+    targets = tuple([t for t, need in zip(inputs, needs) if need] + list(job.params))
+    watch, foreign = job.watch, ()
+    if watch is not None and watch.checked != watch.version and pairs:
+        watch.checked = watch.version
+        foreign = _foreign_leaves([o for o, _ in pairs], targets)
+        if foreign:
+            watch.fallback = True
+            warnings.warn(f"sloth_plugins gradient checkpointing: {type(watch.module).__name__} uses "
+                          f"{len(foreign)} trainable tensor(s) that are neither its arguments nor its own "
+                          f"parameters; they get their gradient in .grad this time, and the layer runs under "
+                          f"torch's checkpoint from now on", stacklevel=3)
+    # Returned, not accumulated here: the engine puts them in .grad, hands them to
+    # autograd.grad, or drops those that backward(inputs=...) did not ask for.
+    if pairs:
+        # torch.autograd.grad(..., allow_unused=True) without its Python checks of each
+        # tensor: a few Python calls per parameter per layer
+        outputs, seeds = zip(*pairs)
+        found = torch.autograd.Variable._execution_engine.run_backward(
+            outputs, seeds, False, False, targets + foreign, True, False)
+    else:
+        found = (None,) * len(targets)
+    for leaf, grad in zip(foreign, found[len(targets):]):
+        if grad is not None:      # what the old nested backward did: accumulate in .grad
+            leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+    found = iter(found[:len(targets)])
+    input_grads = [next(found) if need else None for need in needs]
+    return (None, *input_grads, *found)
+
+
+def _refused_by_a_nested_reentrant_checkpoint(error: RuntimeError) -> bool:
+    """A reentrant checkpoint inside the layer's own code (torch's ``use_reentrant=True``,
+    DeepSpeed's ``checkpoint`` and ``non_reentrant_checkpoint``) refuses a backward that captures
+    gradients, as ``_differentiate`` does: "... not compatible with .grad() ...". It refuses before
+    it computes anything. Under an outer ``.grad()`` / ``backward(inputs=...)`` it refuses without
+    sloth as well: that error stands."""
+    return ".grad()" in str(error) and torch.autograd._is_checkpoint_valid()
+
+
+def _differentiate_as_reentrant(job: _Job, inputs: list, needs: Sequence[bool], grads: tuple) -> tuple:
+    """What a reentrant checkpoint does: a nested backward that accumulates the parameters'
+    gradients in ``.grad``. Once per layer: it runs under torch's checkpoint from then on."""
+    watch = job.watch
+    if watch is not None:
+        watch.fallback = True
+    name = type(watch.module).__name__ if watch is not None else "a checkpointed layer"
+    warnings.warn(f"sloth_plugins gradient checkpointing: {name} runs a reentrant checkpoint of its own "
+                  f"(torch's use_reentrant=True or DeepSpeed's); its parameters get their gradient in .grad "
+                  f"this time, as that checkpoint gives them, and the layer runs under torch's non-reentrant "
+                  f"checkpoint from now on", stacklevel=3)
+    for t in inputs:
+        t.grad = None
+    with torch.enable_grad(), job.replay():
+        out = job.call(inputs)
+    pairs = _seeded_outputs(out, grads)
+    if pairs:
+        outputs, seeds = zip(*pairs)
+        torch.autograd.backward(outputs, seeds)
+    input_grads = [t.grad if need else None for t, need in zip(inputs, needs)]
+    return (None, *input_grads, *(None,) * len(job.params))
+
+
+def _seeded_outputs(out, grads: tuple) -> list:
+    outs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
+    return [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
 
 
 def _foreign_leaves(outputs, targets) -> tuple:

@@ -180,6 +180,17 @@ def test_gpu_engine_checkpointing_is_detected_and_not_doubled(impl, mode):
             assert torch.isfinite(grads[name]).all() and err < 1e-2, f"{name}: relative error {err:.3g}"
 
 
+class _Checkpointed(torch.nn.Module):
+    """A decoder layer inside an engine's checkpoint function (as ``checkpoint_wrapper`` wraps it)."""
+
+    def __init__(self, layer, fn):
+        super().__init__()
+        self.layer, self.fn = layer, fn
+
+    def forward(self, hidden, *args, **kwargs):
+        return self.fn(lambda h: self.layer(h, *args, **kwargs), hidden)
+
+
 def _deepspeed_checkpointing():
     pytest.importorskip("deepspeed")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -204,10 +215,12 @@ def test_deepspeed_checkpointed_layers_run_once_plainly_inside_it(impl):
     fn = getattr(_deepspeed_checkpointing(), impl)
 
     def engine(model):
+        # around the layer's call, as the engine's wrapper puts it (transformers < 5.17 checkpoints in
+        # the layer's __call__: wrapping its forward would put the engine's checkpoint inside ours)
         model.config.use_cache = False   # a reentrant recompute would append to the KV cache a second time
-        for layer in model.model.layers:
-            inner = layer.forward
-            layer.forward = lambda hidden, *a, _inner=inner, **k: fn(lambda h: _inner(h, *a, **k), hidden)
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = _Checkpointed(layer, fn)
         return model
 
     ref = _steps(engine(_model()))
@@ -217,3 +230,42 @@ def test_deepspeed_checkpointed_layers_run_once_plainly_inside_it(impl):
     controller = get_checkpoint_controller(model)
     assert controller.engine_layers == set(range(len(model.model.layers)))
     assert any("already checkpoints every decoder layer" in n and "DeepSpeed" in n for n in report.notes)
+
+
+def _reentrant_checkpoint(impl):
+    if impl == "torch":
+        return lambda f, h: checkpoint(f, h, use_reentrant=True)
+    return getattr(_deepspeed_checkpointing(), impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "checkpoint", "non_reentrant_checkpoint"])
+def test_a_layer_running_a_reentrant_checkpoint_of_its_own_goes_to_torchs_checkpoint(impl):
+    """The model's own code checkpoints a part of the layer with a reentrant checkpoint (torch's
+    use_reentrant=True, DeepSpeed's two), inside sloth's checkpoint of the layer: it refuses sloth's
+    capturing backward, which is redone as it wants it, once, with a warning; the layer runs under
+    torch's checkpoint from then on. The numbers are those without sloth."""
+    fn = _reentrant_checkpoint(impl)
+
+    def nest(model):
+        for layer in model.model.layers:
+            inner = layer.mlp.forward
+            layer.mlp.forward = lambda h, _inner=inner: fn(_inner, h)
+        return model
+
+    ref = _steps(nest(_model()))
+    model = nest(_model())
+    sloth.patch(model, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing="recompute"))
+    with pytest.warns(UserWarning, match="runs a reentrant checkpoint of its own") as caught:
+        got = _steps(model)
+    assert sum("reentrant checkpoint of its own" in str(w.message) for w in caught) == len(model.model.layers)
+    _assert_identical(got, ref)
+    assert all(p.fallback for p in get_checkpoint_controller(model).parameters)
+
+    # under backward(inputs=...) such a checkpoint refuses without sloth too: its error stands
+    fresh = nest(_model())
+    sloth.patch(fresh, sloth.SlothConfig(kernels=False, loss="off", gradient_checkpointing="recompute"))
+    ids = torch.randint(3, 300, (2, 8))
+    for m in (nest(_model()), fresh):
+        loss = m(input_ids=ids, labels=ids).loss
+        with pytest.raises(RuntimeError, match=r"\.grad\(\)"):
+            loss.backward(inputs=[m.model.embed_tokens.weight])

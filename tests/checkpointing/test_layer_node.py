@@ -249,7 +249,7 @@ def test_a_trainable_tensor_the_layer_does_not_own_gets_its_gradient_and_reroute
     y = layer_node.checkpoint_layer(block, (x, gate, 1.0), watch.trainable(), watch=watch)[0]
     with pytest.warns(UserWarning, match="neither its arguments nor its own parameters"):
         y.square().sum().backward()
-    assert watch.foreign
+    assert watch.fallback
     got = {"shared": shared.grad, "x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, msg=name)
@@ -273,5 +273,5 @@ def test_model_layers_reaching_a_foreign_tensor_go_to_torchs_checkpoint():
             grads.append({n: p.grad for n, p in m.named_parameters()})
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], msg=f"step {step}: {name}")
-    assert all(p.foreign for p in get_checkpoint_controller(model).parameters)
+    assert all(p.fallback for p in get_checkpoint_controller(model).parameters)
     assert _layer_nodes(model, ids) == 0          # rerouted: no one-node checkpoint left
