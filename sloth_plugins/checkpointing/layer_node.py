@@ -277,9 +277,7 @@ class _LayerCheckpoint(torch.autograd.Function):
 
 def _differentiate(job: _Job, inputs: list, needs: Sequence[bool], grads: tuple) -> tuple:
     """The recompute's gradients for the node's inputs, returned (none accumulated here)."""
-    with torch.enable_grad(), job.replay():
-        out = job.call(inputs)
-    pairs = _seeded_outputs(out, grads)
+    pairs = _recompute(job, inputs, grads)
     targets = tuple([t for t, need in zip(inputs, needs) if need] + list(job.params))
     watch, foreign = job.watch, ()
     if watch is not None and watch.checked != watch.version and pairs:
@@ -329,11 +327,7 @@ def _differentiate_as_reentrant(job: _Job, inputs: list, needs: Sequence[bool], 
                   f"(torch's use_reentrant=True or DeepSpeed's); its parameters get their gradient in .grad "
                   f"this time, as that checkpoint gives them, and the layer runs under torch's non-reentrant "
                   f"checkpoint from now on", stacklevel=3)
-    for t in inputs:
-        t.grad = None
-    with torch.enable_grad(), job.replay():
-        out = job.call(inputs)
-    pairs = _seeded_outputs(out, grads)
+    pairs = _recompute(job, inputs, grads)
     if pairs:
         outputs, seeds = zip(*pairs)
         torch.autograd.backward(outputs, seeds)
@@ -341,7 +335,11 @@ def _differentiate_as_reentrant(job: _Job, inputs: list, needs: Sequence[bool], 
     return (None, *input_grads, *(None,) * len(job.params))
 
 
-def _seeded_outputs(out, grads: tuple) -> list:
+def _recompute(job: _Job, inputs: list, grads: tuple) -> list:
+    """The layer's forward again, with grad, under the forward's RNG and autocast state: its outputs
+    to differentiate, each with the gradient that came for it."""
+    with torch.enable_grad(), job.replay():
+        out = job.call(inputs)
     outs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
     return [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
 
