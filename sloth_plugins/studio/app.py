@@ -44,16 +44,16 @@ def check_bind(host: str, auth: Optional[str]) -> Optional[Tuple[str, str]]:
 def _component(gr, name: str, value: Any):
     section, _, key = name.rpartition(".")
     info = {"sloth": SLOTH_MEANINGS.get(key), "training": TRAINING.get(key, (None, None))[1]}.get(section)
-    label = key.replace("_", " ")
+    common = dict(label=key.replace("_", " "), info=info, elem_id=name.replace(".", "-"))   # training-max_steps
     if name in CHOICES:
-        return gr.Dropdown(list(CHOICES[name]), value=value, label=label, info=info)
+        return gr.Dropdown(list(CHOICES[name]), value=value, **common)
     if section == "sloth" and key in SLOTH_TEXT_KEYS:
-        return gr.Textbox(value=value, label=label, info=info, placeholder="empty: default")
+        return gr.Textbox(value=value, placeholder="empty: default", **common)
     if isinstance(value, bool):
-        return gr.Checkbox(value=value, label=label, info=info)
+        return gr.Checkbox(value=value, **common)
     if isinstance(value, (int, float)):
-        return gr.Number(value=value, label=label, info=info)
-    return gr.Textbox(value=value if value is not None else "", label=label, info=info)
+        return gr.Number(value=value, **common)
+    return gr.Textbox(value=value if value is not None else "", **common)
 
 
 def build_app(manager: RunManager, model: str = ""):

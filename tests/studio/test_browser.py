@@ -1,5 +1,5 @@
 """In a real browser (headless Chromium + Selenium): open the app, upload the shipped tiny dataset,
-estimate the memory, start a 30-step run on the tiny model, watch the loss chart grow and the run
+estimate the memory, start a 120-step run on the tiny model, watch the loss chart grow and the run
 finish, download the adapter, chat with it.
 
 SLOTH_STUDIO_SCREENSHOTS=DIR saves the screenshots the README shows (hardware panel, finished run,
@@ -21,11 +21,13 @@ if not (CHROMIUM and DRIVER):
     pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 from sloth_plugins.studio.app import launch  # noqa: E402
 from sloth_plugins.testing import DATA_FILE  # noqa: E402
 
 pytestmark = pytest.mark.slow
+STEPS = 120
 
 
 def free_port():
@@ -94,13 +96,19 @@ def test_train_the_shipped_example_from_the_browser(tmp_path, model_dir, browser
         wait_text(browser, "#memory-estimate", lambda t: "estimated peak" in t, 120)
         assert "lora_qkv" in wait_text(browser, "#run-report textarea", bool, 30, value=True)
         shoot(browser, "studio-hardware.png")
+        # long enough that the status tick sees it running: on a busy CI runner a 30-step run went from
+        # started to finished between two ticks the browser got through
+        tab(browser, "Training")
+        steps = browser.find_element(By.CSS_SELECTOR, "#training-max_steps input")
+        steps.clear()
+        steps.send_keys(str(STEPS), Keys.TAB)
         tab(browser, "Runs")
         browser.find_element(By.CSS_SELECTOR, "#start-run").click()
         seen = wait_text(browser, "#run-status", lambda t: "running" in t and "step" in t, 120)
         plot = browser.find_element(By.CSS_SELECTOR, "#loss-plot")
         assert plot.find_elements(By.CSS_SELECTOR, "canvas, svg"), "the loss chart has nothing drawn"
         final = wait_text(browser, "#run-status", lambda t: "finished" in t or "failed" in t, 240)
-        assert "finished, step 30" in final, final
+        assert f"finished, step {STEPS}" in final, final
         assert seen != final   # the status (and chart) updated while the run trained
         runs = os.listdir(tmp_path / "runs")
         run_ids = [r for r in runs if not r.startswith(".")]
