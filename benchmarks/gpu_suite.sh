@@ -30,6 +30,8 @@
 #                    and with SlothCallback (~4 min on an H100)
 #   vl-gemma3-4b     run.py --scenario vl-gemma3-4b: Gemma-3-4B multimodal, bs 2 x (256 image + 1792 text tokens), 4 impls
 #   vl-qwen2.5-vl-7b run.py --scenario vl-qwen2.5-vl-7b: Qwen2.5-VL-7B, the same batches (448 px images)
+#   moe-qwen3-30b-a3b run.py --scenario moe-qwen3-30b-a3b: Qwen3-30B-A3B bf16, bs 2 x 2048, LoRA on attention and
+#                    experts, 4 impls (the 57 GiB model folder replaces the other cached models on a 64 GiB disk)
 #   matrix           run.py --families all --modes bf16,qlora: every family x precision, 6 impls (HF+PEFT, Liger,
 #                    Unsloth, sloth offload, sloth default, sloth default at HF+PEFT's measured peak); resumable
 #                    (cells already in results/matrix.json are skipped), so run it again until it is complete
@@ -74,12 +76,12 @@ run_phase() {
     attention)    "$PY" benchmarks/attention.py ${ATTN_ARGS:-} ;;
     e2e-8b-host)  "${run[@]}" --scenario "$phase" --host-profile ${RUN_ARGS:-${E2E_ARGS:-}} ;;
     e2e-1b|e2e-1b-nogc|e2e-8b|e2e-8b-qlora|e2e-8b-nogc|e2e-8b-offload|e2e-8b-qlora-offload|padding-free-1b|\
-    padding-free-8b|ckpt-1b|longest-8b|vl-gemma3-4b|vl-qwen2.5-vl-7b|dpo-8b|dpo-8b-qlora|grpo-1b|zero3-offload-8b)
+    padding-free-8b|ckpt-1b|longest-8b|vl-gemma3-4b|vl-qwen2.5-vl-7b|moe-qwen3-30b-a3b|dpo-8b|dpo-8b-qlora|grpo-1b|zero3-offload-8b)
                   "${run[@]}" --scenario "$phase" ${RUN_ARGS:-${E2E_ARGS:-}} ;;
     matrix)       "${run[@]}" --name matrix --families all --modes bf16,qlora ${MATRIX_ARGS:-} ${RUN_ARGS:-} ;;
     *) echo "unknown phase $phase (tests tests-kernels tests-rest kernels attention e2e-1b e2e-1b-nogc e2e-8b e2e-8b-qlora e2e-8b-nogc" \
             "e2e-8b-offload e2e-8b-qlora-offload e2e-8b-host padding-free-1b padding-free-8b ckpt-1b longest-8b" \
-            "vl-gemma3-4b vl-qwen2.5-vl-7b dpo-8b dpo-8b-qlora grpo-1b zero3-offload-8b matrix)"; return 2 ;;
+            "vl-gemma3-4b vl-qwen2.5-vl-7b moe-qwen3-30b-a3b dpo-8b dpo-8b-qlora grpo-1b zero3-offload-8b matrix)"; return 2 ;;
   esac 2>&1 | tee "$OUT/$phase.log"
   rc=${PIPESTATUS[0]}
   echo "=== $phase: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$phase.log"

@@ -139,6 +139,21 @@ def test_vision_language_scenarios_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_moe_scenario_smoke(tmp_path):
+    """moe-qwen3-30b-a3b on the tiny Qwen3-MoE: LoRA on attention and on the experts' 3-D weights for both
+    implementations, sloth's grouped-GEMM experts with the expert LoRA fused, the same per-step losses."""
+    common = ["--out-dir", str(tmp_path / "r"), "--model-cache", str(tmp_path / "models"), "--name", "moe"]
+    out = _finish(_start("run.py", "--scenario", "moe-qwen3-30b-a3b", "--impls", "hf_peft,sloth", *common))
+    cells = {r["impl"]: r for r in json.loads((tmp_path / "r" / "moe.json").read_text())["rows"]}
+    hf, ours = cells["hf_peft"], cells["sloth"]
+    assert hf["ok"] and ours["ok"], out[-3000:]
+    assert len(hf["losses"]) == 3 and _close(hf["losses"], ours["losses"]), (hf["losses"], ours["losses"])
+    assert hf["trainable_params"] == ours["trainable_params"]
+    experts = ours["patch_report"]["moe_experts"]
+    assert experts["patched"] == 2 and experts["fallback"] == 0 and "LoRA on down_proj/gate_up_proj fused" in experts["how"][0]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
 def test_deepspeed_zero3_offload_scenario_smoke(tmp_path):
     """zero3-offload-8b on the tiny model: the HF Trainer under ZeRO-3 with CPU offload (DeepSpeed's CPU

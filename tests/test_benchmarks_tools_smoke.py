@@ -5,7 +5,9 @@ the shapes table, the Pareto front, and gpu_suite.sh's phases naming runner scen
 import importlib
 import importlib.util
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -288,6 +290,40 @@ def test_shapes_cover_every_family_at_public_shapes():
     assert 3.8 < vl["gemma-3-4b-vl"] < 3.95 and 7.0 < vl["qwen2.5-vl-7b"] < 7.15, vl
     assert vl["tiny-gemma3-vl"] < 1e-3 and not set(models.VISION) & set(models.FAMILIES)
     assert models.smoke_shape("qwen2.5-vl-7b") == "tiny-qwen2.5-vl" and models.smoke_shape("qwen3-8b") == "tiny"
+    # MoE: the active parameters a token runs through (top-8 of 128 experts, router, attention, head), not the 30 B
+    cfg = models.build_config("qwen3-30b-a3b")
+    assert 2.95 < models.matmul_flops(cfg.to_dict())["n_matmul"] / 1e9 < 3.1 and models.MOE == ["qwen3-30b-a3b"]
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        total = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) / 1e9
+    assert 30.4 < total < 30.6, total
+    assert not set(models.MOE) & set(models.FAMILIES) and models.smoke_shape("qwen3-30b-a3b") == "tiny-qwen3-moe"
+    assert models.lora_parameters("qwen3_moe") and models.lora_parameters("llama") is None
+
+
+def test_make_room_deletes_only_this_benchmarks_models_least_recently_used_first(tmp_path, monkeypatch):
+    models = _slothbench("models")
+    cache = tmp_path / "models"
+    for i, name in enumerate(["old", "new"]):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "bench_meta.json").write_text("{}")
+        os.utime(cache / name / "bench_meta.json", (1000 + i, 1000 + i))
+    (cache / "old-maxpos131072").mkdir()            # its long-context view goes with it
+    (cache / "mine").mkdir()                        # not made by the benchmark: never deleted
+    free = {"gib": 10}
+    sizes = {"old": 20, "new": 30}
+
+    def usage(path):
+        gone = sum(n for name, n in sizes.items() if not (cache / name).exists())
+        return shutil._ntuple_diskusage(100 << 30, 0, (free["gib"] + gone) << 30)
+
+    monkeypatch.setattr(models.shutil, "disk_usage", usage)
+    assert models.make_room(cache, 25 << 30) == ["old"]
+    assert not (cache / "old-maxpos131072").exists() and (cache / "new").exists() and (cache / "mine").exists()
+    assert models.make_room(cache, 25 << 30) == []
+    with pytest.raises(SystemExit, match="not enough disk"):
+        models.make_room(cache, 90 << 30)
+    assert (cache / "mine").exists() and not (cache / "new").exists()
 
 
 def test_pareto_front():

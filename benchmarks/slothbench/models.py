@@ -42,7 +42,14 @@ _QWEN25_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_lay
 _QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                          spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
                          fullatt_block_indexes=[7, 15, 23, 31])
+# Mixture of experts (issue 19): the public configs' shapes; transformers' fused 3-D expert weights
+_QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                      num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=40960,
+                      rms_norm_eps=1e-6, rope_theta=1e6)
 TESTING = "sloth_plugins.testing.tiny_vl_config"    # a shape's keys: that function's config of its model_type
+TINY_TEXT = "sloth_plugins.testing.tiny_config"     # the same for the text families' test models
 SHAPES = {   # name: (model_type, config keys)
     "llama-3.2-1b": ("llama", dict(_LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    head_dim=64, tie_word_embeddings=True)),
@@ -75,6 +82,7 @@ SHAPES = {   # name: (model_type, config keys)
     "qwen2.5-vl-7b": ("qwen2_5_vl", dict(text_config=_QWEN25_7B_TEXT, vision_config=_QWEN25_VL_VISION,
                                          image_token_id=151655, vision_start_token_id=151652,
                                          vision_end_token_id=151653)),
+    "qwen3-30b-a3b": ("qwen3_moe", _QWEN3_30B_A3B),
     # not public shapes: the host-cost probe and the test models
     "llama-3.1-8b-host": ("llama", dict(_LLAMA_8B, hidden_size=256, intermediate_size=896, num_attention_heads=4,
                                         num_key_value_heads=1, head_dim=64, vocab_size=2048,
@@ -84,15 +92,21 @@ SHAPES = {   # name: (model_type, config keys)
                            max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500000.0)),
     "tiny-gemma3-vl": ("gemma3", TESTING),
     "tiny-qwen2.5-vl": ("qwen2_5_vl", TESTING),
+    "tiny-qwen3-moe": ("qwen3_moe", TINY_TEXT),
 }
 VISION = [n for n, (_, keys) in SHAPES.items() if keys == TESTING or "vision_config" in keys]
-FAMILIES = [n for n in SHAPES if n not in ("llama-3.1-8b-host", "tiny") and n not in VISION]
+MOE = [n for n, (_, keys) in SHAPES.items() if isinstance(keys, dict) and "num_experts_per_tok" in keys]
+FAMILIES = [n for n, (_, keys) in SHAPES.items()
+            if n not in ("llama-3.1-8b-host", "tiny") and n not in VISION + MOE and keys != TINY_TEXT]
 ALIASES = {"llama-1b": "llama-3.2-1b", "llama-3b": "llama-3.2-3b", "llama-8b": "llama-3.1-8b",
            "llama-8b-host": "llama-3.1-8b-host"}
 _LANGUAGE_MODEL = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "gemma3": _LANGUAGE_MODEL,
-                "qwen2_5_vl": _LANGUAGE_MODEL}
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                "qwen2_5_vl": _LANGUAGE_MODEL, "qwen3_moe": _ATTENTION}
+DEFAULT_TARGETS = _ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+# MoE: LoRA on the 3-D expert weights too, through PEFT's target_parameters (the router stays frozen)
+LORA_PARAMETERS = {"qwen3_moe": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 
 IMPLS = {
     "hf_peft": dict(base="hf"),
@@ -122,10 +136,14 @@ def lora_targets(model_type: str):
     return LORA_TARGETS.get(model_type, DEFAULT_TARGETS)
 
 
+def lora_parameters(model_type: str) -> Optional[List[str]]:
+    return LORA_PARAMETERS.get(model_type)
+
+
 def smoke_shape(name: str) -> str:
     """The test model standing in for a shape under --smoke: the tiny one of its model type, else ``tiny``."""
     model_type = SHAPES[shape_name(name)][0]
-    return next((n for n, (t, keys) in SHAPES.items() if keys == TESTING and t == model_type), "tiny")
+    return next((n for n, (t, keys) in SHAPES.items() if keys in (TESTING, TINY_TEXT) and t == model_type), "tiny")
 
 
 def text_config(cfg: dict) -> dict:
@@ -145,6 +163,9 @@ def build_config(name: str, **extra):
     if keys == TESTING:
         from sloth_plugins.testing import tiny_vl_config
         return tiny_vl_config(model_type, **{k: v for k, v in extra.items() if v is not None})
+    if keys == TINY_TEXT:
+        from sloth_plugins.testing import tiny_config
+        return tiny_config(model_type, **{k: v for k, v in extra.items() if v is not None})
     if "text_config" in keys:
         return AutoConfig.for_model(model_type, **{**keys, "text_config": {**keys["text_config"], **extra}})
     keys = {k: v for k, v in {**keys, **extra}.items() if v is not None or k == "sliding_window"}
@@ -158,7 +179,8 @@ def auto_class(cfg):
 
 
 def matmul_flops(cfg: dict, seq: int = 0) -> dict:
-    """N_matmul = parameters of every linear layer incl. lm_head (LoRA adapters excluded); per-token
+    """N_matmul = parameters of every linear layer incl. lm_head (LoRA adapters excluded; MoE: the top-k
+    experts a token runs through, and the router); per-token
     LoRA training FLOPs = 4 N_matmul (forward + input gradients; frozen weights get no weight
     gradient) + 6 L seq d (attention scores, as DESIGN.md counts them). A vision-language config:
     its language model's (the vision tower's FLOPs are not counted)."""
@@ -166,7 +188,13 @@ def matmul_flops(cfg: dict, seq: int = 0) -> dict:
     d, n_layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
     hq, hk = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or d // hq
-    n_matmul = n_layers * (d * hq * hd + 2 * d * hk * hd + hq * hd * d + 3 * d * inter) + vocab * d
+    if cfg.get("num_experts_per_tok"):       # MoE: the experts a token runs through, and its router
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        inter = cfg.get("moe_intermediate_size") or inter
+        mlp = cfg["num_experts_per_tok"] * 3 * d * inter + d * experts
+    else:
+        mlp = 3 * d * inter
+    n_matmul = n_layers * (d * hq * hd + 2 * d * hk * hd + hq * hd * d + mlp) + vocab * d
     return {"n_matmul": n_matmul, "flops_per_token": 4 * n_matmul + 6 * n_layers * seq * d}
 
 
@@ -215,15 +243,37 @@ def create(name: str, target: Path, device, dtype, seed: int = 0) -> dict:
         torch.set_default_dtype(old)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    make_room(target.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
     model.save_pretrained(tmp, max_shard_size="5GB")
     tok.save_pretrained(tmp)
     meta = {"model": shape_name(name), "model_type": SHAPES[shape_name(name)][0], "shape": SHAPES[shape_name(name)][1],
             "seed": seed, "dtype": str(dtype).replace("torch.", ""),
             "params": sum(p.numel() for p in model.parameters()), "created_s": round(time.perf_counter() - t0, 1)}
     (tmp / "bench_meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return meta
+
+
+def make_room(cache: Path, need: int, margin: int = 2 << 30) -> List[str]:
+    """Free ``need`` bytes (+ margin) on ``cache``'s disk for a new model folder by deleting the other
+    folders this benchmark made there (they have a bench_meta.json), least recently used first; the names
+    deleted. A 30B model's folder is most of a 64 GiB disk: the 8B one cached beside it has to go."""
+    cache.mkdir(parents=True, exist_ok=True)
+    ours = sorted((d for d in cache.iterdir() if (d / "bench_meta.json").is_file()),
+                  key=lambda d: (d / "bench_meta.json").stat().st_atime)
+    removed = []
+    while shutil.disk_usage(cache).free < need + margin and ours:
+        victim = ours.pop(0)
+        for view in cache.glob(f"{victim.name}-maxpos*"):      # long_context_view's symlink folders
+            shutil.rmtree(view, ignore_errors=True)
+        shutil.rmtree(victim, ignore_errors=True)
+        removed.append(victim.name)
+        print(f"model: deleted {victim} to make room ({need / 2**30:.1f} GiB needed)", flush=True)
+    if shutil.disk_usage(cache).free < need + margin:
+        raise SystemExit(f"not enough disk under {cache} for a {need / 2**30:.1f} GiB model: "
+                         f"{shutil.disk_usage(cache).free / 2**30:.1f} GiB free after deleting {removed or 'nothing'}")
+    return removed
 
 
 def long_context_view(model_dir: Path, max_seq: int) -> Path:
@@ -278,7 +328,7 @@ def load(spec: dict, model_dir, device, dtype, *, qlora: bool, grad_ckpt: bool, 
             use_gradient_checkpointing=gc, random_state=seed)
         model = FastLanguageModel.get_peft_model(
             model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=0, bias="none", target_modules=targets,
-            use_gradient_checkpointing=gc, random_state=seed)
+            target_parameters=lora_parameters(model_type), use_gradient_checkpointing=gc, random_state=seed)
         FastLanguageModel.for_training(model, use_gradient_checkpointing=gc)
         return model, {"gradient_checkpointing": f"unsloth use_gradient_checkpointing={gc!r}",
                        "unsloth_max_seq_length": max_seq}
@@ -306,7 +356,8 @@ def load(spec: dict, model_dir, device, dtype, *, qlora: bool, grad_ckpt: bool, 
         info["gradient_checkpointing"] = "HF gradient_checkpointing_enable(use_reentrant=False)"
     torch.manual_seed(seed)                # the same LoRA A init for every HF-based impl
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, bias="none",
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+                                             target_modules=targets, target_parameters=lora_parameters(model_type),
+                                             task_type="CAUSAL_LM"))
     if spec.get("sloth") is not None:
         import sloth_plugins as sloth
         options = sloth_options(spec, sloth_extra)
