@@ -7,6 +7,12 @@ Per chunk of valid tokens:
   3. ``grad_h = dlogits @ W`` and, for a trainable head, ``grad_W += dlogits^T @ h``.
 Only one chunk of logits ever exists. The whole computation is a ``torch.library`` custom op:
 torch.compile sees one opaque node, and its backward is a multiply by the incoming scalar.
+
+fp16 (``deferred``): dlogits / divisor underflows fp16 (a 1e-5 probability over 4096 tokens is below
+its smallest subnormal) and a GradScaler's incoming 65536 overflows it. So in fp16 the forward
+computes the loss only and the backward runs the same op again with the incoming scalar folded into
+the divisor: dlogits = (p - y) * grad / divisor, in fp32, rounded to fp16 once — what autograd gives
+the model's own loss under loss scaling — at the cost of a second ``h @ W^T`` per chunk.
 """
 from __future__ import annotations
 
@@ -221,18 +227,20 @@ def _forward_with_grads(hidden, weight, labels, divisor, divisor_value, ignore_i
 def _fused_linear_cross_entropy_op(
         hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, divisor: Optional[torch.Tensor],
         divisor_value: Optional[float], ignore_index: int, softcap: Optional[float], chunk_size: Optional[int],
-        grad_hidden: bool, grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, d loss/d hidden, d loss/d weight); a gradient not asked for is an empty tensor."""
+        grad_hidden: bool, grad_weight: bool, deferred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, d loss/d hidden, d loss/d weight); a gradient not asked for is an empty tensor.
+    ``deferred``: the loss only, the gradients computed in backward (fp16)."""
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward_with_grads(hidden, weight, labels, divisor, divisor_value, ignore_index, softcap,
-                                   chunk_size, grad_hidden, grad_weight)
+                                   chunk_size, grad_hidden and not deferred, grad_weight and not deferred)
 
 
 @_fused_linear_cross_entropy_op.register_fake
-def _(hidden, weight, labels, divisor, divisor_value, ignore_index, softcap, chunk_size, grad_hidden, grad_weight):
+def _(hidden, weight, labels, divisor, divisor_value, ignore_index, softcap, chunk_size, grad_hidden, grad_weight,
+      deferred):
     loss = hidden.new_empty((), dtype=torch.float32)
-    grad_h = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
-    grad_w = torch.empty_like(weight) if grad_weight else weight.new_empty(0)
+    grad_h = torch.empty_like(hidden) if grad_hidden and not deferred else hidden.new_empty(0)
+    grad_w = torch.empty_like(weight) if grad_weight and not deferred else weight.new_empty(0)
     return loss, grad_h, grad_w
 
 
@@ -241,18 +249,39 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_h, grad_w)
     ctx.set_materialize_grads(False)  # no zero-filled V x H tensor for the unused outputs
     ctx.has_grad_hidden, ctx.has_grad_weight = inputs[8], inputs[9]
-    ctx.save_for_backward(grad_h, grad_w)
+    ctx.deferred = inputs[10]
+    if ctx.deferred:
+        hidden, weight, labels, divisor, divisor_value, ignore_index, softcap, chunk_size = inputs[:8]
+        ctx.save_for_backward(hidden, weight, labels, divisor)
+        ctx.args = (divisor_value, ignore_index, softcap, chunk_size)
+    else:
+        ctx.save_for_backward(grad_h, grad_w)
 
 
 def _backward(ctx, grad_loss, _grad_h_unused, _grad_w_unused):
     first_order_only()
-    nones = (None,) * 8
+    nones = (None,) * 9
     if grad_loss is None:
         return (None, None) + nones
+    if ctx.deferred:
+        return _deferred_backward(ctx, grad_loss) + nones
     grad_h, grad_w = ctx.saved_tensors
     gh = grad_h * grad_loss.to(grad_h.dtype) if ctx.has_grad_hidden and ctx.needs_input_grad[0] else None
     gw = grad_w * grad_loss.to(grad_w.dtype) if ctx.has_grad_weight and ctx.needs_input_grad[1] else None
     return (gh, gw) + nones
+
+
+def _deferred_backward(ctx, grad_loss):
+    hidden, weight, labels, divisor = ctx.saved_tensors
+    divisor_value, ignore_index, softcap, chunk_size = ctx.args
+    if divisor is None:
+        divisor = (torch.tensor(divisor_value, dtype=torch.float32, device=hidden.device) if divisor_value is not None
+                   else (labels != ignore_index).sum().clamp(min=1).float())
+    want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    _loss, gh, gw = _fused_linear_cross_entropy_op(
+        hidden, weight, labels, divisor / grad_loss.float(), None, ignore_index, softcap, chunk_size,
+        want_h, want_w, False)
+    return (gh if want_h else None), (gw if want_w else None)
 
 
 _fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -289,5 +318,5 @@ def fused_linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor
     loss, _grad_h, _grad_w = _fused_linear_cross_entropy_op(
         hidden, weight, labels, divisor, divisor_value, int(ignore_index),
         None if softcap is None else float(softcap), None if chunk_size is None else int(chunk_size),
-        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad)
+        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad, hidden.dtype == torch.float16)
     return loss

@@ -10,6 +10,11 @@ Reduction follows Hugging Face's causal-LM contract: ``sum / num_items_in_batch`
 (gradient accumulation), else the mean over non-ignored tokens; all-ignored gives 0.
 Logit soft-capping (Gemma 2/3) is ``cap * tanh(logits / cap)`` before the softmax.
 
+In fp16 (the hidden states or the autocast dtype) the gradients are computed in backward instead,
+with the incoming scalar folded in before anything is rounded to fp16: dlogits / divisor underflows
+fp16 and a GradScaler's scale (65536) overflows it, so the forward-time gradient would be silently
+wrong (``_cross_entropy_triton.py`` says more). The cost is a second pass of logits per chunk.
+
 CUDA tensors take the Triton path (``_cross_entropy_triton.py``, same signature); the torch
 function here is the reference that defines the semantics.
 
@@ -54,37 +59,66 @@ def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     return sum((t.sum() * 0.0).float() for t in tensors)
 
 
+def _chunks(hidden, weight, labels, divisor, softcap, chunk_size, want_h: bool, want_w: bool):
+    """(loss sum, d(loss sum / divisor)/d hidden, the same for the weight in fp32), chunk by chunk."""
+    n = hidden.shape[0]
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_size):
+        h = hidden[start:start + chunk_size]
+        y = labels[start:start + chunk_size]
+        raw = (h @ weight.t()).float()
+        logits = _softcap(raw, softcap)
+        lse = torch.logsumexp(logits, dim=-1)
+        target = logits.gather(1, y[:, None]).squeeze(1)
+        loss_sum += (lse - target).sum()
+        if not (want_h or want_w):
+            continue
+        g = torch.exp(logits - lse[:, None])
+        g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+        if softcap is not None:
+            g *= 1.0 - (logits / softcap) ** 2
+        g = (g / divisor).to(hidden.dtype)
+        if want_h:
+            torch.matmul(g, weight, out=grad_h[start:start + chunk_size])
+        if want_w:
+            grad_w.addmm_(g.t().float(), h.float())
+    return loss_sum, grad_h, grad_w
+
+
+def half_range(hidden: torch.Tensor) -> bool:
+    """fp16 anywhere in the head's math: its gradients are then computed in backward (module docstring)."""
+    device_type = hidden.device.type
+    return hidden.dtype == torch.float16 or (torch.is_autocast_enabled(device_type)
+                                             and torch.get_autocast_dtype(device_type) == torch.float16)
+
+
 class _FusedLinearCrossEntropyTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, divisor, softcap, chunk_size):
-        n = hidden.shape[0]
-        grad_h = torch.empty_like(hidden)
-        want_dw = weight.requires_grad
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size]
-            y = labels[start:start + chunk_size]
-            raw = (h @ weight.t()).float()
-            logits = _softcap(raw, softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, y[:, None]).squeeze(1)
-            loss_sum += (lse - target).sum()
-            g = torch.exp(logits - lse[:, None])
-            g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
-            if softcap is not None:
-                g *= 1.0 - (logits / softcap) ** 2
-            g = (g / divisor).to(hidden.dtype)
-            torch.matmul(g, weight, out=grad_h[start:start + chunk_size])
-            if want_dw:
-                grad_w.addmm_(g.t().float(), h.float())
-        ctx.save_for_backward(grad_h, grad_w if want_dw else None)
-        ctx.weight_dtype = weight.dtype
+        ctx.deferred, ctx.weight_dtype = half_range(hidden), weight.dtype
+        want_h, want_w = not ctx.deferred, weight.requires_grad and not ctx.deferred
+        loss_sum, grad_h, grad_w = _chunks(hidden, weight, labels, divisor, softcap, chunk_size, want_h, want_w)
+        if ctx.deferred:
+            ctx.save_for_backward(hidden, weight, labels)
+            device_type = hidden.device.type
+            ctx.args = (divisor, softcap, chunk_size)
+            ctx.autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        else:
+            ctx.save_for_backward(grad_h, grad_w)
         return loss_sum / divisor
 
     @staticmethod
     def backward(ctx, grad_out):
         first_order_only()
+        if ctx.deferred:       # the incoming scalar (a GradScaler's scale) in fp32, before anything is fp16
+            hidden, weight, labels = ctx.saved_tensors
+            divisor, softcap, chunk_size = ctx.args
+            with torch.autocast(hidden.device.type, dtype=ctx.autocast or torch.float16, enabled=bool(ctx.autocast)):
+                _, gh, gw = _chunks(hidden, weight, labels, divisor / grad_out.float(), softcap, chunk_size,
+                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            return gh, gw.to(ctx.weight_dtype) if gw is not None else None, None, None, None, None
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype)
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None

@@ -266,10 +266,70 @@ def test_triton_torch_compile_and_opcheck(small_blocks):
     assert_matches(run(lambda h, w, y: compiled(h, w, y), hidden, weight, labels), expected, 1e-5)
 
     op = torch.ops.sloth.fused_linear_cross_entropy.default
-    args = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True), labels, divisor, None,
-            IGNORE, 2.0, 10, True, True)
-    results = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in results.values()), results
+    for deferred in (False, True):
+        args = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True), labels, divisor, None,
+                IGNORE, 2.0, 10, True, True, deferred)
+        results = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in results.values()), (deferred, results)
+
+
+# ----------------------------------------------------------------------------- CPU: fp16 and loss scaling
+
+def _scaled_grads(fn, hidden, weight, labels, scale, **kw):
+    """What a GradScaler does: backward of loss * scale, then the gradients divided by scale (in fp32)."""
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss = fn(h, w, labels, **kw)
+    (loss * scale).backward()
+    return loss.detach(), h.grad.float() / scale, w.grad.float() / scale
+
+
+@pytest.mark.parametrize("scale", [1.0, 32768.0, 65536.0])     # plain backward; GradScaler scales
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_fp16_gradients_survive_loss_scaling_and_small_probabilities(path, scale):
+    """fp16: d loss/d logits / divisor is below fp16's smallest subnormal for most of a large vocabulary
+    (32k, over 4096 tokens of gradient accumulation: 95% of the entries), and a GradScaler's 65536 is above
+    fp16's largest value. Computed in the forward, the hidden states' gradient was 4.7% off (silently) at
+    any scale and inf at 65536; sloth computes fp16 gradients in backward, with the scale folded in in fp32,
+    as autograd does for the model's own loss: as close as that is at every scale (unscaled, both lose the
+    small entries: that is what loss scaling is for), and close to fp32 under a GradScaler's scales."""
+    torch.manual_seed(0)
+    hidden, weight, labels = make_inputs(256, 32, 32000, dtype=torch.float16, logit_std=2.0, ignore_every=0)
+    fn = ce.fused_linear_cross_entropy_reference if path == "reference" else triton_fn
+    kw = dict(num_items_in_batch=4096)
+    loss, gh, gw = _scaled_grads(fn, hidden, weight, labels, scale, chunk_size=128, **kw)
+    expected = run(ce.fused_linear_cross_entropy_reference, hidden.float(), weight.float(), labels, **kw)
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    if scale > 1:
+        assert_matches((loss, gh, gw), expected, 2e-3)
+    # what autograd gives the model's own loss in fp16 (the full logits, then fp32): no closer than sloth
+    _, eh, ew = _scaled_grads(eager_loss, hidden, weight, labels, scale, **kw)
+    assert rel_err(gh, expected[1]) <= 1.1 * rel_err(eh, expected[1]) + 1e-4
+    assert rel_err(gw, expected[2]) <= 1.1 * rel_err(ew, expected[2]) + 1e-4
+
+
+def test_fp16_deferred_gradients_under_autocast_and_accumulation(small_blocks):
+    """fp32 weights under fp16 autocast (HF Trainer(fp16=True)): the same gradients on both paths, two
+    backward calls accumulate, and an incoming 0 gives zero gradients."""
+    hidden, weight, labels = make_inputs(96, 32, 300, logit_std=2.0)
+    results = []
+    for fn in (ce.fused_linear_cross_entropy_reference, triton_fn):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            first = fn(h, w, labels, chunk_size=40, num_items_in_batch=torch.tensor(200.0))
+            second = fn(h, w, labels, chunk_size=40, num_items_in_batch=torch.tensor(200.0))
+        (first * 1024.0).backward()
+        (second * 1024.0).backward()
+        assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+        results.append((first.detach() + second.detach(), h.grad / 1024.0, w.grad / 1024.0))
+        hz = hidden.half().requires_grad_(True)
+        (fn(hz, weight.half(), labels) * 0.0).backward()
+        assert torch.equal(hz.grad, torch.zeros_like(hz))
+    expected = run(ce.fused_linear_cross_entropy_reference, hidden.half().float(), weight.half().float(), labels,
+                   num_items_in_batch=100.0)
+    for got in results:
+        assert_matches(got, expected, 2e-3)
 
 
 # ----------------------------------------------------------------------------- GPU: real shapes
@@ -306,8 +366,15 @@ def test_gpu_matches_fp32_reference(exact_fp32_matmul, dtype, n, hidden_size, vo
     hidden, weight, labels = make_inputs(n, hidden_size, vocab, dtype=dtype, device="cuda", ignore_every=9)
     assert ce.use_triton(hidden, weight), "the Triton path is off (SLOTH_DISABLE_TRITON?)"
     kw = dict(softcap=softcap, num_items_in_batch=divisor_for(divisor, labels, "cuda"))
-    loss, gh, gw = run(ce.fused_linear_cross_entropy, hidden, weight, labels, trainable=trainable, **kw)
-    assert gh.dtype == dtype and (gw is None or gw.dtype == dtype)
+    if dtype == torch.float16:      # fp16 trains under a GradScaler: unscaled, its gradients are fp16 subnormals
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(trainable)
+        loss = ce.fused_linear_cross_entropy(h, w, labels, **kw)
+        (loss * 65536.0).backward()
+        assert h.grad.dtype == dtype and (w.grad is None or w.grad.dtype == dtype)
+        gh, gw = h.grad.float() / 65536.0, None if w.grad is None else w.grad.float() / 65536.0
+    else:
+        loss, gh, gw = run(ce.fused_linear_cross_entropy, hidden, weight, labels, trainable=trainable, **kw)
+        assert gh.dtype == dtype and (gw is None or gw.dtype == dtype)
     assert torch.isfinite(gh).all() and (gw is None or torch.isfinite(gw).all())
     expected = fp32_reference(hidden, weight, labels, trainable=trainable, **kw)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
