@@ -13,7 +13,8 @@ one random-init model per shape saved once (slothbench.models), one meter, one r
     python benchmarks/run.py --scenario vl-gemma3-4b,vl-qwen2.5-vl-7b  # image+text batches (vision-language)
 
 Every implementation runs the same step loop on the same batches: forward under autocast(bf16)
-(fp32 under --smoke), backward, AdamW (lr 1e-4), zero_grad, synchronized around every step.
+(fp32 under --smoke; an fp16 row: fp16 with a GradScaler), backward, AdamW (lr 1e-4), zero_grad,
+synchronized around every step.
 Rows (one per scenario x implementation, in <out-dir>/<name>.json, rewritten after each):
 scenario, impl, ok, tok_s (processed tokens/s over the timed steps), real_tok_s (non-pad tokens),
 peak_gib (max_memory_allocated from after loading, weights included, kept across other code's
@@ -133,6 +134,8 @@ def worker(job: dict) -> None:
                           real=real, processed=processed, targets=targets, sq=sum(n * n for n in lengths),
                           n_items=torch.tensor(targets, device=device) if longtail else None))
     use_autocast = bool(dtype in (torch.bfloat16, torch.float16) and job["autocast"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)     # the fp16 rows' loss scaling
+    skipped = [0]
 
     def step(s: dict):
         total = None
@@ -140,9 +143,13 @@ def worker(job: dict) -> None:
             with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
                 kw = {"num_items_in_batch": s["n_items"]} if s["n_items"] is not None else {}
                 loss = model(**b, **kw).loss
-            loss.backward()
+            scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        optimizer.step()
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)
+        scaler.update()
+        if scale is not None and scaler.get_scale() < scale:     # inf/nan gradients: the step was skipped
+            skipped[0] += 1
         optimizer.zero_grad(set_to_none=True)
         return total
 
@@ -194,7 +201,9 @@ def worker(job: dict) -> None:
         peak_gib=gib(memory.peak()), peak_timed_gib=gib(memory.window_peak()) if timed else None,
         peak_reserved_gib=gib(memory.peak(reserved=True)), peak_resets_by_others=memory.resets_by_others,
         mfu=work / seconds / job["peak_flops"] if seconds else None, n_matmul=flops["n_matmul"],
-        autocast=use_autocast, **info)
+        autocast=use_autocast, dtype=job["dtype"], **info)
+    if scaler.is_enabled():
+        result.update(scaler_skipped_steps=skipped[0], scaler_final_scale=scaler.get_scale())
     if controller is not None and getattr(controller, "plan", None) is not None:
         result["plan"] = controller.plan.summary()
     emit("result", **result)
@@ -300,9 +309,16 @@ def ensure_model(args, model: str, work: Path) -> tuple:
     return target, created
 
 
+def run_dtype(args, scn: dict) -> str:
+    """The dtype an implementation loads and autocasts in: fp16 for an fp16 row (the model folder's bf16
+    weights cast on load; fp32 LoRA weights and a GradScaler, as HF Trainer(fp16=True) trains on GPUs
+    without bf16), else the run's (bf16; fp32 under --smoke)."""
+    return "fp16" if scn["mode"] == "fp16" else args.dtype
+
+
 def run_impl(args, scn: dict, impl: str, spec: dict, model_dir: Path, work: Path, budget_s: float) -> dict:
     job = dict(scenario=scn, impl=impl, spec=spec, model_dir=str(model_dir.resolve()), device=args.device,
-               dtype=args.dtype, seed=args.seed, lr=args.lr, autocast=args.autocast, peak_flops=args.peak_tflops * 1e12,
+               dtype=run_dtype(args, scn), seed=args.seed, lr=args.lr, autocast=args.autocast, peak_flops=args.peak_tflops * 1e12,
                unsloth_gc=args.unsloth_gc, sloth_extra=args.sloth_config, profile=args.profile,
                host_profile=args.host_profile, search_budget_s=budget_s, fake_oom_above=args.fake_oom_above)
     state: dict = {}
@@ -404,8 +420,8 @@ def summary_table(rows: List[dict]) -> str:
 
 
 def smoke(scn: dict) -> dict:
-    """The scenario on the tiny model (vision-language: the tiny one of its family), fp32, CPU, 1 warmup +
-    2 timed steps."""
+    """The scenario on the tiny model (vision-language: the tiny one of its family), fp32 (an fp16 row: fp16
+    with its GradScaler), CPU, 1 warmup + 2 timed steps."""
     d = scn["data"]
     if d["kind"] == "grpo":
         data = S.grpo(prompt=8, completion=8, generations=2)
@@ -413,7 +429,7 @@ def smoke(scn: dict) -> dict:
         data = S.image(min(d["batch"], 2), 8, image_tokens=4)
     else:
         data = S.fixed(min(d.get("batch", 2), 2), 32) if d["kind"] == "fixed" else S.longtail(4, 2, 20.0, 4, 64)
-    out = dict(scn, model=M.smoke_shape(scn["model"]), mode="bf16", data=data, warmup=min(scn["warmup"], 1),
+    out = dict(scn, model=M.smoke_shape(scn["model"]), mode="fp16" if scn["mode"] == "fp16" else "bf16", data=data, warmup=min(scn["warmup"], 1),
                steps=min(scn["steps"], 2))
     if scn["run"] == "longest":
         out["longest"] = dict(scn["longest"], max_seq=256, start_seq=64, resolution=32, impl_budget_s=120.0)
@@ -425,7 +441,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", default="", help="comma-separated named scenarios (--list)")
     p.add_argument("--families", default="", help="matrix: comma-separated model shapes, or all")
-    p.add_argument("--modes", default="bf16", help="matrix: bf16,qlora")
+    p.add_argument("--modes", default="bf16", help="matrix: bf16,qlora,fp16")
     p.add_argument("--data", default="fixed", choices=["fixed", "longtail"], help="matrix: batch lengths")
     p.add_argument("--grad-ckpt", default="on", choices=["on", "off"], help="matrix: gradient checkpointing")
     p.add_argument("--impls", default="", help="comma-separated, replaces every scenario's list")

@@ -139,11 +139,16 @@ def test_vision_language_scenarios_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_moe_scenario_smoke(tmp_path):
+def test_moe_scenario_and_fp16_matrix_row_smoke(tmp_path):
     """moe-qwen3-30b-a3b on the tiny Qwen3-MoE: LoRA on attention and on the experts' 3-D weights for both
-    implementations, sloth's grouped-GEMM experts with the expert LoRA fused, the same per-step losses."""
-    common = ["--out-dir", str(tmp_path / "r"), "--model-cache", str(tmp_path / "models"), "--name", "moe"]
-    out = _finish(_start("run.py", "--scenario", "moe-qwen3-30b-a3b", "--impls", "hf_peft,sloth", *common))
+    implementations, sloth's grouped-GEMM experts with the expert LoRA fused, the same per-step losses.
+    An fp16 matrix row: the model in fp16, fp32 LoRA weights, fp16 autocast and a GradScaler, whose skipped
+    steps are sloth's too (they were not: the fused loss's fp16 gradient overflowed at the scaler's 65536)."""
+    moe = _start("run.py", "--scenario", "moe-qwen3-30b-a3b", "--impls", "hf_peft,sloth", "--out-dir",
+                 str(tmp_path / "r"), "--model-cache", str(tmp_path / "models"), "--name", "moe")
+    fp16 = _start("run.py", "--families", "llama-3.2-1b", "--modes", "fp16", "--impls", "hf_peft,sloth",
+                  "--out-dir", str(tmp_path / "r"), "--model-cache", str(tmp_path / "models16"), "--name", "fp16")
+    out, out16 = _finish(moe), _finish(fp16)
     cells = {r["impl"]: r for r in json.loads((tmp_path / "r" / "moe.json").read_text())["rows"]}
     hf, ours = cells["hf_peft"], cells["sloth"]
     assert hf["ok"] and ours["ok"], out[-3000:]
@@ -151,6 +156,15 @@ def test_moe_scenario_smoke(tmp_path):
     assert hf["trainable_params"] == ours["trainable_params"]
     experts = ours["patch_report"]["moe_experts"]
     assert experts["patched"] == 2 and experts["fallback"] == 0 and "LoRA on down_proj/gate_up_proj fused" in experts["how"][0]
+
+    cells = {r["impl"]: r for r in json.loads((tmp_path / "r" / "fp16.json").read_text())["rows"]}
+    hf, ours = cells["hf_peft"], cells["sloth"]
+    assert hf["ok"] and ours["ok"], out16[-3000:]
+    for r in (hf, ours):
+        assert r["scenario"] == "llama-3.2-1b-fp16" and r["dtype"] == "fp16" and r["lora_param_dtype"] == "torch.float32"
+        assert r["autocast"] and r["scaler_final_scale"] > 0
+    assert ours["scaler_skipped_steps"] == hf["scaler_skipped_steps"], (hf, ours)
+    assert all(abs(a - b) <= 3e-3 * abs(b) for a, b in zip(ours["losses"], hf["losses"])), (hf["losses"], ours["losses"])
 
 
 @pytest.mark.slow

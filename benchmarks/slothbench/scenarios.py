@@ -126,8 +126,8 @@ def matrix(families: List[str], modes: List[str], data: str = "fixed", grad_ckpt
     out = []
     for family in families:
         for mode in modes:
-            if mode not in ("bf16", "qlora"):
-                raise SystemExit(f"unknown mode {mode!r}: bf16 or qlora")
+            if mode not in ("bf16", "qlora", "fp16"):
+                raise SystemExit(f"unknown mode {mode!r}: bf16, qlora or fp16")
             name = f"{family}-{mode}" + ("-longtail" if data == "longtail" else "") + ("" if grad_ckpt else "-nogc")
             shape = fixed(batch, seq) if data == "fixed" else longtail(12, 4, max_len=seq)
             out.append(scenario(name, family, shape, list(impls), mode=mode, grad_ckpt=grad_ckpt))
