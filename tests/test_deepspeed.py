@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO under the adapters: the same DeepSpeed run with and without sloth.
 
 ZeRO-3 partitions every parameter even at world size 1, so one process exercises the gathers:
-the lm_head read by the fused loss (frozen: gathered around the loss; trainable: registered as an
+the lm_head read by the fused loss (frozen: the loss runs as the head's forward; trainable: registered as an
 external parameter of the CausalLM, so DeepSpeed gathers it for its forward and backward), and the
 projections' weights read by the fused LoRA functions (registered with the module that runs them).
 Each case trains the same tiny model on the same batches under DeepSpeed twice, without and with

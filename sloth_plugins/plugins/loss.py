@@ -102,10 +102,13 @@ class LossPlugin:
         if _plain_linear(lm_head):
             weight = zero3.own_param(lm_head, "weight")
             if zero3.is_partitioned(weight) and not (weight.requires_grad and torch.is_grad_enabled()):
-                # A frozen head under ZeRO-3 (LoRA): whole for the loss only; nothing of it is saved
-                # for backward (the fused loss computes the hidden states' gradient now).
-                with zero3.gathered([weight]):
-                    return fused_linear_cross_entropy(hidden_states, weight, labels, **kw)
+                # A frozen head under ZeRO-3 (LoRA): the loss runs as the head's own forward, so DeepSpeed
+                # gathers and releases its weight where the unpatched model calls the head, through its own
+                # hooks and prefetch bookkeeping (a tied head is also the embedding, which DeepSpeed fetches
+                # and prefetches: a gather of our own beside that raced it on a GPU), and again for backward.
+                def head_loss(h, y):
+                    return fused_linear_cross_entropy(h, zero3.own_param(lm_head, "weight"), y, **kw)
+                return _run_as_forward(lm_head, lm_head, head_loss, hidden_states, labels)
             return fused_linear_cross_entropy(hidden_states, lm_head.weight, labels, **kw)
         return chunked_cross_entropy(hidden_states, lm_head, labels, _out_features(lm_head), **kw)
 
@@ -380,7 +383,7 @@ def _patch_forward(model, config, softcap, patcher: InstancePatcher, entry, veri
         if zero3.under_zero3(head) and zero3.own_param(head, "weight").requires_grad and torch.is_grad_enabled():
             # A trainable head's weight, read by the loss from this forward: gathered with this model's
             # parameters in its forward and backward, where its gradient reaches DeepSpeed as usual.
-            # (A frozen head is gathered around the loss alone: sloth_causal_lm_loss.)
+            # (A frozen head's loss runs as the head's own forward: sloth_causal_lm_loss.)
             try:
                 zero3.gather_for(self, zero3.partitioned_params(head))
             except zero3.NotGathered as e:

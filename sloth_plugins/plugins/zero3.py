@@ -18,7 +18,6 @@ process that never imported DeepSpeed has no partitioned parameter.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Iterable, List, Optional
 
@@ -95,17 +94,6 @@ def gather_for(owner: torch.nn.Module, params: Iterable[torch.nn.Parameter]) -> 
     if missing:
         raise NotGathered(f"DeepSpeed ZeRO-3 parameter {missing[0].ds_id} is {missing[0].ds_status.name} "
                           f"where sloth needs it whole")
-
-
-def gathered(params: Iterable[torch.nn.Parameter]):
-    """A context in which the ZeRO-3 ``params`` are whole, released on exit (one all-gather, none in
-    backward): for weights that only the forward reads, like a frozen lm_head under the fused loss,
-    which computes its input gradient in the forward. ``deepspeed.zero.GatheredParameters``."""
-    params = [p for p in params if is_partitioned(p)]
-    if not params:
-        return contextlib.nullcontext()
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-    return GatheredParameters(params, modifier_rank=None)
 
 
 def only_zero3_hooks(module, names) -> bool:
