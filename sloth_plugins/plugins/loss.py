@@ -106,8 +106,8 @@ class LossPlugin:
                 # gathers and releases its weight where the unpatched model calls the head, through its own
                 # hooks and prefetch bookkeeping (a tied head is also the embedding, which DeepSpeed fetches
                 # and prefetches: a gather of our own beside that raced it on a GPU), and again for backward.
-                def head_loss(h, y):
-                    return fused_linear_cross_entropy(h, zero3.own_param(lm_head, "weight"), y, **kw)
+                def head_loss(h, y):      # the same Parameter, whole inside the head's forward
+                    return fused_linear_cross_entropy(h, weight, y, **kw)
                 return _run_as_forward(lm_head, lm_head, head_loss, hidden_states, labels)
             return fused_linear_cross_entropy(hidden_states, lm_head.weight, labels, **kw)
         return chunked_cross_entropy(hidden_states, lm_head, labels, _out_features(lm_head), **kw)
